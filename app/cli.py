@@ -1,0 +1,146 @@
+"""The `evq` command line (and `gen`, the same as `evq gen`): parses, then calls the app."""
+
+import asyncio
+import sys
+import uuid
+from collections.abc import Coroutine
+from typing import Annotated, Any, TypeVar
+
+import orjson
+import typer
+from pydantic import ValidationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from app import handlers, log
+from app.consumer import Consumer
+from app.generator import Pattern, longest_chain, lower_bound_s, push_workload, workload
+from app.queue import Queue, connect
+from app.settings import Settings
+
+T = TypeVar("T")
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        typer.echo(f"evq: bad configuration: {problems}", err=True)
+        raise typer.Exit(2) from exc
+
+
+def _run(coro: Coroutine[Any, Any, T], settings: Settings) -> T:
+    try:
+        return asyncio.run(coro)
+    except RedisConnectionError as exc:
+        typer.echo(f"evq: cannot reach Redis at {settings.redis_url}: {exc}", err=True)
+        raise typer.Exit(1) from exc
+
+
+@app.command()
+def consume(
+    burst: Annotated[bool, typer.Option(help="Exit once no account has work left.")] = False,
+) -> None:
+    """Run one consumer process with CONCURRENCY slots until SIGTERM or SIGINT."""
+    settings = _settings()
+    try:
+        handler = handlers.load(settings)
+    except handlers.HandlerNotFound as exc:
+        typer.echo(f"evq: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+    async def main() -> bool:
+        redis = connect(settings, max_connections=min(settings.concurrency, 256) + 4)
+        consumer = Consumer(
+            Queue(redis, settings), handler, settings, log.configure(settings.event_log)
+        )
+        await consumer.run(burst=burst)
+        await redis.aclose()
+        return consumer.forced
+
+    if _run(main(), settings):
+        raise typer.Exit(1)
+
+
+@app.command()
+def gen(
+    events: Annotated[int, typer.Option(min=1, help="How many events to push.")] = 10_000,
+    accounts: Annotated[
+        int, typer.Option(min=1, help="Accounts 1..N to spread them over.")
+    ] = 1_000,
+    pattern: Annotated[Pattern, typer.Option(help="Workload shape.")] = "bursty",
+    seed: Annotated[int, typer.Option(help="Random seed: same seed, same workload.")] = 42,
+    rate: Annotated[
+        float, typer.Option(min=0, help="Events per second; 0 = as fast as possible.")
+    ] = 0,
+    batch: Annotated[int, typer.Option(min=1, max=10_000, help="Events per round trip.")] = 1_000,
+    slots: Annotated[
+        int | None, typer.Option(min=1, help="W for the bound; default: live consumers' slots.")
+    ] = None,
+) -> None:
+    """Generate a workload and push it into Redis."""
+    settings = _settings()
+    plan = workload(pattern, events, accounts, seed)
+    run_id = uuid.uuid4().hex[:12]
+
+    async def main() -> None:
+        redis = connect(settings)
+        queue = Queue(redis, settings)
+        width = slots or await queue.live_slots(settings.lease_seconds) or settings.concurrency
+        chain = longest_chain(plan)
+        log.configure(settings.event_log).info(
+            "run_started",
+            run_id=run_id,
+            events=events,
+            accounts=accounts,
+            pattern=pattern,
+            seed=seed,
+            slots=width,
+            longest_chain=chain,
+            process_s=settings.process_seconds,
+        )
+        columns = (TextColumn("pushing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, disable=not sys.stderr.isatty()) as progress:
+            task = progress.add_task("push", total=events)
+            summary = await push_workload(
+                queue, plan, run_id, batch, rate, lambda n: progress.advance(task, n)
+            )
+        await redis.aclose()
+        bound = lower_bound_s(events, chain, width, settings.process_seconds)
+        typer.echo(
+            f"run {run_id}: {summary.accepted} accepted, {summary.duplicates} duplicates, "
+            f"{events / summary.elapsed_s:,.0f} events/s over {summary.elapsed_s:.2f} s\n"
+            f"longest chain {chain} events; lower bound with W={width} slots and "
+            f"PROCESS_SECONDS={settings.process_seconds:g}: {bound:.1f} s"
+        )
+
+    _run(main(), settings)
+
+
+@app.command()
+def stats() -> None:
+    """Print the queue counters as JSON."""
+    settings = _settings()
+
+    async def main() -> None:
+        redis = connect(settings)
+        typer.echo(orjson.dumps(await Queue(redis, settings).stats()).decode())
+        await redis.aclose()
+
+    _run(main(), settings)
+
+
+gen_app = typer.Typer(add_completion=False)
+gen_app.command()(gen)
+
+
+def main() -> None:
+    """Entry point of `evq`."""
+    app()
+
+
+def gen_main() -> None:
+    """Entry point of `gen`."""
+    gen_app()

@@ -1,0 +1,61 @@
+"""The only place key strings are built: namespace prefix plus the account's hash tag."""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Key names of one namespace; per-account keys share the tag ``{<account>}``."""
+
+    namespace: str
+
+    @property
+    def ready(self) -> str:
+        return f"{self.namespace}:ready"
+
+    @property
+    def stats(self) -> str:
+        return f"{self.namespace}:stats"
+
+    @property
+    def active(self) -> str:
+        return f"{self.namespace}:active"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.namespace}:dead"
+
+    @property
+    def reaper(self) -> str:
+        return f"{self.namespace}:reaper"
+
+    @property
+    def consumers(self) -> str:
+        return f"{self.namespace}:consumers"
+
+    def pending(self, account: int) -> str:
+        return f"{self.namespace}:user:{{{account}}}"
+
+    def in_flight(self, account: int) -> str:
+        return f"{self.namespace}:inflight:{{{account}}}"
+
+    def account(self, account: int) -> list[str]:
+        """KEYS of every account script, in the order `lua/_lib.lua` names them."""
+        tag = f"{{{account}}}"
+        ns = self.namespace
+        return [
+            f"{ns}:user:{tag}",
+            f"{ns}:inflight:{tag}",
+            f"{ns}:lock:{tag}",
+            f"{ns}:fence:{tag}",
+            f"{ns}:attempt:{tag}",
+            f"{ns}:seq:{tag}",
+            self.ready,
+            self.stats,
+            self.active,
+            self.dead,
+        ]
+
+    def dedupe(self, account: int, bucket: int) -> str:
+        """The hash of event ids an account accepted in one dedupe time bucket."""
+        return f"{self.namespace}:dedupe:{{{account}}}:{bucket}"

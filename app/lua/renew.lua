@@ -1,0 +1,7 @@
+-- renew: extend the owner's lease while its handler runs.
+-- KEYS: the account layout (_lib.lua)
+-- ARGV: 1 fencing token, 2 lease ms
+-- Returns 1 when renewed, 0 when the lease is already lost.
+if not owns(ARGV[1]) then return 0 end
+redis.call('PEXPIRE', lock, ARGV[2])
+return 1

@@ -1,0 +1,263 @@
+"""The engine: push, claim (MULTI INCR+EXPIRE), take, ack, nack, renew, release, reap."""
+
+import enum
+import functools
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import orjson
+from redis.asyncio import BlockingConnectionPool, Redis
+
+from app.keys import Keys
+from app.scripts import Scripts
+from app.settings import Settings
+
+LOCK, FENCE = 2, 3  # positions in Keys.account()
+REAP_CHUNK = 500
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One delivery of an event to a handler, with its attempt number and fencing token."""
+
+    account: int
+    seq: int
+    event_id: str
+    payload: Any
+    enqueued_ns: int
+    attempt: int
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event as a producer hands it in."""
+
+    account: int
+    event_id: str
+    payload: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class PushResult:
+    """What push made of one event: queued with its seq, or a duplicate of an earlier seq."""
+
+    queued: bool
+    seq: int
+
+
+class Step(enum.Enum):
+    """What a slot does after a script that did not hand it an event."""
+
+    RELEASED = "released"  # account given up with work left (another slot takes it)
+    DRAINED = "drained"  # account given up empty
+    RETRY = "retry"  # failed event back at the head, account still owned
+    LOST = "lost"  # the lease was gone: the script changed nothing
+
+
+Next = Event | Step
+_STEPS = {s.value.encode(): s for s in Step}
+
+
+def connect(settings: Settings, max_connections: int = 64) -> Redis:
+    """A client whose pool queues callers beyond `max_connections` instead of opening more."""
+    pool = BlockingConnectionPool.from_url(settings.redis_url, max_connections=max_connections)
+    return Redis(connection_pool=pool)
+
+
+def _random_score() -> str:
+    return repr(random.random())
+
+
+def _no_score() -> str:
+    return "0"
+
+
+class Queue:
+    """Per-account ordered queue on one Redis; every multi-key step is one Lua script."""
+
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.keys = Keys(settings.namespace)
+        self.scripts = Scripts(redis)
+        self._order = settings.claim_order
+        self._lease_ms = settings.lease_ms
+        self._dedupe_ms = max(1, round(settings.dedupe_seconds * 1000))
+        self._rand: Callable[[], str] = _random_score if self._order == "random" else _no_score
+        self._account_keys = functools.lru_cache(maxsize=1 << 16)(self.keys.account)
+
+    async def push(self, event: NewEvent) -> PushResult:
+        """Queue one event (or report it as a duplicate)."""
+        keys, args = self._push_call(event, time.time_ns())
+        return _push_result(await self.scripts.call("push", keys, args))
+
+    async def push_many(self, events: Sequence[NewEvent]) -> list[PushResult]:
+        """Queue events in one pipelined round trip; results in the order given."""
+        now = time.time_ns()
+        replies = await self.scripts.batch("push", [self._push_call(e, now) for e in events])
+        return [_push_result(r) for r in replies]
+
+    def _push_call(self, event: NewEvent, now_ns: int) -> tuple[list[str], tuple[Any, ...]]:
+        bucket = now_ns // 1_000_000 // self._dedupe_ms
+        account = event.account
+        keys = [
+            *self._account_keys(account),
+            self.keys.dedupe(account, bucket),
+            self.keys.dedupe(account, bucket - 1),
+        ]
+        body = b'"enq_ns":%d,"id":%b,"p":%b}' % (
+            now_ns,
+            orjson.dumps(event.event_id),
+            orjson.dumps(event.payload),
+        )
+        args = (account, body, event.event_id, 2 * self._dedupe_ms, self._order, self._rand())
+        return keys, args
+
+    async def claim(self, n: int, block_s: float) -> list[Event]:
+        """Claim up to `n` accounts, best first, and take the head event of each.
+
+        Pops the ready index without blocking; when it is empty, blocks up to `block_s` for one.
+        Each popped account is then locked by the MULTI INCR+EXPIRE block: the INCR that returns
+        1 wins, and the fence INCR beside it is the winner's token.
+        """
+        popped = cast(list[tuple[bytes, float]], await self.redis.zpopmin(self.keys.ready, n))
+        if not popped:
+            got = cast(
+                tuple[bytes, bytes, float] | None,
+                await self.redis.bzpopmin(self.keys.ready, timeout=block_s),
+            )
+            if got is None:
+                return []
+            popped = [(got[1], got[2])]
+        accounts = [int(member) for member, _ in popped]
+        async with self.redis.pipeline(transaction=True) as tx:
+            for account in accounts:
+                keys = self._account_keys(account)
+                tx.incr(keys[LOCK])
+                tx.pexpire(keys[LOCK], self._lease_ms, nx=True)
+                tx.incr(keys[FENCE])
+            replies = await tx.execute()
+        won = [(a, replies[3 * i + 2]) for i, a in enumerate(accounts) if replies[3 * i] == 1]
+        if not won:
+            return []
+        calls = [(self._account_keys(a), (a, token, self._order, self._rand())) for a, token in won]
+        replies = await self.scripts.batch("take", calls)
+        steps = (self._next(a, token, r) for (a, token), r in zip(won, replies, strict=True))
+        return [step for step in steps if isinstance(step, Event)]
+
+    async def take(self, account: int, token: int) -> Next:
+        """Take the head event of an owned account (after a retry backoff)."""
+        return await self._call("take", account, token, ())
+
+    async def ack(self, event: Event, want_next: bool = True) -> Next:
+        """Settle a handled event; hands back the account's next event when it should go on."""
+        return await self._call("ack", event.account, event.token, (b"1" if want_next else b"0",))
+
+    async def nack(self, event: Event, error: str, dead: bool, want_next: bool = True) -> Next:
+        """Settle a failed event: back to the head for a retry, or into dead letters when `dead`."""
+        entry = _dead_entry(event, error) if dead else b""
+        return await self._call(
+            "nack", event.account, event.token, (b"1" if want_next else b"0", entry)
+        )
+
+    async def release(self, account: int, token: int) -> Next:
+        """Give an owned account up; an in-flight event goes back to the head."""
+        return await self._call("release", account, token, ())
+
+    async def renew(self, held: Sequence[tuple[int, int]]) -> list[bool]:
+        """Extend the leases of (account, token) pairs; False where the lease was already lost."""
+        calls = [(self._account_keys(a), (token, self._lease_ms)) for a, token in held]
+        return [bool(r) for r in await self.scripts.batch("renew", calls)]
+
+    async def reap(self) -> int:
+        """Make orphaned accounts (work, no owner, not ready) ready again; returns how many."""
+        reaped = 0
+        cursor = 0
+        while True:
+            cursor, members = await self.redis.sscan(self.keys.active, cursor, count=REAP_CHUNK)
+            calls = [
+                (self._account_keys(int(m)), (int(m), self._order, self._rand())) for m in members
+            ]
+            if calls:
+                reaped += sum(await self.scripts.batch("reap", calls))
+            if cursor == 0:
+                return reaped
+
+    async def try_reaper_lock(self, ttl_s: float) -> bool:
+        """Whether this caller runs the reaper now (one consumer per interval)."""
+        ttl_ms = max(1, round(ttl_s * 1000))
+        return bool(await self.redis.set(self.keys.reaper, b"1", nx=True, px=ttl_ms))
+
+    async def register(self, member: str) -> None:
+        """Record a live consumer as `host:pid:slots` with the time of this heartbeat."""
+        await self.redis.zadd(self.keys.consumers, {member: time.time()})
+
+    async def unregister(self, member: str) -> None:
+        """Forget a consumer that stopped."""
+        await self.redis.zrem(self.keys.consumers, member)
+
+    async def live_slots(self, within_s: float) -> int:
+        """Total slots of the consumers that sent a heartbeat within the last `within_s`."""
+        since = time.time() - within_s
+        members = cast(
+            list[bytes], await self.redis.zrangebyscore(self.keys.consumers, since, "+inf")
+        )
+        return sum(int(m.rsplit(b":", 1)[1]) for m in members)
+
+    async def stats(self) -> dict[str, int]:
+        """Counters plus the sizes of the ready index, active set and dead letters."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.keys.stats)
+            pipe.zcard(self.keys.ready)
+            pipe.scard(self.keys.active)
+            pipe.llen(self.keys.dead)
+            counters, ready, active, dead_letters = await pipe.execute()
+        names = ("accepted", "acked", "nacked", "dead", "redelivered")
+        totals = {name: int(counters.get(name.encode(), 0)) for name in names}
+        return {**totals, "ready": ready, "active": active, "dead_letters": dead_letters}
+
+    async def drained(self) -> bool:
+        """True when no account has pending or in-flight events."""
+        return int(await self.redis.scard(self.keys.active)) == 0
+
+    async def _call(self, name: str, account: int, token: int, extra: tuple[bytes, ...]) -> Next:
+        args = (account, token, self._order, self._rand(), *extra)
+        reply = await self.scripts.call(name, self._account_keys(account), args)
+        return self._next(account, token, reply)
+
+    @staticmethod
+    def _next(account: int, token: int, reply: list[Any]) -> Next:
+        if reply[0] != b"event":
+            return _STEPS[reply[0]]
+        body = orjson.loads(reply[1])
+        return Event(
+            account=account,
+            seq=body["seq"],
+            event_id=body["id"],
+            payload=body["p"],
+            enqueued_ns=body["enq_ns"],
+            attempt=int(reply[2]),
+            token=token,
+        )
+
+
+def _push_result(reply: list[int]) -> PushResult:
+    return PushResult(queued=bool(reply[0]), seq=int(reply[1]))
+
+
+def _dead_entry(event: Event, error: str) -> bytes:
+    return orjson.dumps(
+        {
+            "account": event.account,
+            "seq": event.seq,
+            "event_id": event.event_id,
+            "attempts": event.attempt,
+            "error": error[:1000],
+            "payload": event.payload,
+            "enqueued_ns": event.enqueued_ns,
+            "dead_ns": time.time_ns(),
+        }
+    )

@@ -1,0 +1,46 @@
+"""Settings: one frozen object read from the environment and `.env`, built once per entrypoint."""
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ClaimOrder = Literal["longest", "oldest", "random"]
+
+
+class Settings(BaseSettings):
+    """Every knob of evq; `.env.example` documents each one."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", frozen=True, extra="ignore", populate_by_name=True
+    )
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    namespace: str = Field(
+        "evq", min_length=1, validation_alias=AliasChoices("EVQ_NAMESPACE", "namespace")
+    )
+    concurrency: int = Field(500, ge=1, le=10_000)
+    process_seconds: float = Field(1.0, ge=0)
+    lease_seconds: float = Field(30.0, gt=0)
+    max_attempts: int = Field(5, ge=1)
+    fail_rate: float = Field(0.0, ge=0, le=1)
+    handler: str = "app.handlers:reference"
+    event_log: Path = Path("var/log/event.log")
+    claim_order: ClaimOrder = "longest"
+    dedupe_seconds: float = Field(86_400.0, gt=0)
+    reaper_seconds: float = Field(5.0, gt=0)
+    retry_backoff_seconds: float = Field(0.1, ge=0)
+    retry_backoff_max_seconds: float = Field(10.0, ge=0)
+    claim_block_seconds: float = Field(1.0, gt=0)
+
+    @property
+    def lease_ms(self) -> int:
+        """The lease in milliseconds, as the scripts take it."""
+        return max(1, round(self.lease_seconds * 1000))
+
+    def backoff_s(self, attempt: int) -> float:
+        """Seconds to wait before retrying an event that failed its `attempt`-th try."""
+        return float(
+            min(self.retry_backoff_seconds * 2 ** (attempt - 1), self.retry_backoff_max_seconds)
+        )

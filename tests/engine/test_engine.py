@@ -1,0 +1,218 @@
+"""Semantics of every script: push, claim, take, ack, nack, renew, release, reap."""
+
+import pytest
+
+from app.queue import Event, NewEvent, Queue, Step
+from tests.engine.conftest import MakeQueue
+
+
+async def push(queue: Queue, account: int, *ids: str, **payload: object) -> None:
+    await queue.push_many([NewEvent(account, event_id, payload or None) for event_id in ids])
+
+
+async def claim_one(queue: Queue) -> Event:
+    events = await queue.claim(1, 0.01)
+    assert len(events) == 1
+    return events[0]
+
+
+async def test_push_assigns_seq_and_readies_account(make_queue: MakeQueue) -> None:
+    """Each accepted event gets the next seq; the account enters the ready index by backlog."""
+    queue = make_queue()
+    results = await queue.push_many([NewEvent(7, "a"), NewEvent(7, "b"), NewEvent(8, "c")])
+    assert [(r.queued, r.seq) for r in results] == [(True, 1), (True, 2), (True, 1)]
+    ready = await queue.redis.zrange(queue.keys.ready, 0, -1, withscores=True)
+    assert ready == [(b"7", -2.0), (b"8", -1.0)]
+    assert (await queue.stats())["accepted"] == 3
+
+
+async def test_duplicate_event_id_is_queued_once(make_queue: MakeQueue) -> None:
+    """I6: the same event_id for an account is reported as a duplicate with its first seq."""
+    queue = make_queue()
+    first = await queue.push(NewEvent(1, "same", {"v": 1}))
+    second = await queue.push(NewEvent(1, "same", {"v": 2}))
+    assert (first.queued, first.seq) == (True, 1)
+    assert (second.queued, second.seq) == (False, 1)
+    assert await queue.redis.llen(queue.keys.pending(1)) == 1
+
+
+async def test_claim_takes_longest_backlog_first(make_queue: MakeQueue) -> None:
+    """The claim pops the account with the most pending events and hands out its head."""
+    queue = make_queue()
+    await push(queue, 1, "x1")
+    await push(queue, 2, "y1", "y2", "y3")
+    event = await claim_one(queue)
+    assert (event.account, event.seq, event.event_id, event.attempt) == (2, 1, "y1", 1)
+    assert await queue.redis.lrange(queue.keys.in_flight(2), 0, -1) != []
+
+
+async def test_claim_loser_skips_locked_account(make_queue: MakeQueue) -> None:
+    """An account that is ready but locked by another owner is skipped by the MULTI loser."""
+    queue = make_queue()
+    await push(queue, 1, "a", "b")
+    owner = await claim_one(queue)
+    await queue.redis.zadd(queue.keys.ready, {"1": -1})
+    assert await queue.claim(1, 0.01) == []
+    assert (await queue.ack(owner)) != Step.LOST
+
+
+async def test_ack_hands_out_next_event_in_order(make_queue: MakeQueue) -> None:
+    """Ack settles the head and returns the next event of the same account."""
+    queue = make_queue()
+    await push(queue, 3, "a", "b")
+    first = await claim_one(queue)
+    second = await queue.ack(first)
+    assert isinstance(second, Event)
+    assert (second.seq, second.token) == (2, first.token)
+    assert await queue.ack(second) == Step.DRAINED
+    assert await queue.drained()
+    assert not await queue.redis.exists(queue.keys.account(3)[2])
+
+
+async def test_ack_switches_to_longer_backlog(make_queue: MakeQueue) -> None:
+    """With `longest`, a slot puts its account back when a longer backlog waits."""
+    queue = make_queue()
+    await push(queue, 1, "a1", "a2", "a3")
+    first = await claim_one(queue)
+    await push(queue, 2, "b1", "b2", "b3", "b4")
+    assert await queue.ack(first) == Step.RELEASED
+    assert await queue.redis.zscore(queue.keys.ready, "1") == -2.0
+    assert (await claim_one(queue)).account == 2
+
+
+async def test_random_order_drains_claimed_account(make_queue: MakeQueue) -> None:
+    """With `random`, a slot keeps its account until it is empty."""
+    queue = make_queue(claim_order="random")
+    await push(queue, 1, "a1", "a2")
+    first = await claim_one(queue)
+    await push(queue, 2, "b1", "b2", "b3", "b4")
+    assert isinstance(await queue.ack(first), Event)
+
+
+async def test_oldest_order_scores_by_head_age(make_queue: MakeQueue) -> None:
+    """With `oldest`, the account whose head event waited longest is claimed first."""
+    queue = make_queue(claim_order="oldest")
+    await push(queue, 1, "old")
+    await push(queue, 2, "new1", "new2", "new3")
+    assert (await claim_one(queue)).account == 1
+
+
+async def test_stale_token_is_refused_everywhere(make_queue: MakeQueue) -> None:
+    """I4: after the lease expires and another owner claims, the old token changes nothing."""
+    queue = make_queue()
+    await push(queue, 1, "a", "b")
+    stale = await claim_one(queue)
+    await queue.redis.delete(queue.keys.account(1)[2])  # the lease expiring
+    assert await queue.reap() == 1
+    fresh = await claim_one(queue)
+    assert fresh.token > stale.token
+    assert (fresh.seq, fresh.attempt) == (1, 2)
+    assert await queue.ack(stale) == Step.LOST
+    assert await queue.nack(stale, "boom", dead=False) == Step.LOST
+    assert await queue.renew([(1, stale.token)]) == [False]
+    assert await queue.release(1, stale.token) == Step.LOST
+    assert await queue.take(1, stale.token) == Step.LOST
+    assert await queue.redis.lrange(queue.keys.in_flight(1), 0, -1) != []
+    assert isinstance(await queue.ack(fresh), Event)
+
+
+async def test_renew_extends_lease(make_queue: MakeQueue) -> None:
+    """The owner's renew resets the lock TTL to the full lease."""
+    queue = make_queue(lease_seconds=5)
+    await push(queue, 1, "a")
+    event = await claim_one(queue)
+    lock = queue.keys.account(1)[2]
+    await queue.redis.pexpire(lock, 100)
+    assert await queue.renew([(1, event.token)]) == [True]
+    assert await queue.redis.pttl(lock) > 4000
+
+
+async def test_nack_retries_in_place(make_queue: MakeQueue) -> None:
+    """A nacked event goes back to the head and the next take is attempt 2 of it."""
+    queue = make_queue()
+    await push(queue, 1, "a", "b")
+    first = await claim_one(queue)
+    assert await queue.nack(first, "boom", dead=False) == Step.RETRY
+    again = await queue.take(1, first.token)
+    assert isinstance(again, Event)
+    assert (again.seq, again.attempt) == (1, 2)
+    assert (await queue.stats())["nacked"] == 1
+
+
+async def test_nack_dead_letters_and_goes_on(make_queue: MakeQueue) -> None:
+    """A dead nack stores the event with its error and hands out the next one."""
+    queue = make_queue()
+    await push(queue, 1, "a", "b")
+    first = await claim_one(queue)
+    nxt = await queue.nack(first, "ValueError: bad", dead=True)
+    assert isinstance(nxt, Event)
+    assert (nxt.seq, nxt.attempt) == (2, 1)
+    [entry] = await queue.redis.lrange(queue.keys.dead, 0, -1)
+    assert b'"event_id":"a"' in entry
+    assert b"ValueError: bad" in entry
+    assert (await queue.stats())["dead"] == 1
+
+
+async def test_nack_while_stopping_releases(make_queue: MakeQueue) -> None:
+    """A nack without want_next puts the event back at the head and releases the account."""
+    queue = make_queue()
+    await push(queue, 1, "a")
+    first = await claim_one(queue)
+    assert await queue.nack(first, "boom", dead=False, want_next=False) == Step.RELEASED
+    assert await queue.redis.zscore(queue.keys.ready, "1") == -1.0
+
+
+async def test_release_returns_in_flight_to_head(make_queue: MakeQueue) -> None:
+    """Releasing mid-event puts the event back first in line and readies the account."""
+    queue = make_queue()
+    await push(queue, 1, "a", "b")
+    first = await claim_one(queue)
+    assert await queue.release(1, first.token) == Step.RELEASED
+    again = await claim_one(queue)
+    assert (again.seq, again.attempt) == (1, 2)
+
+
+async def test_reap_recovers_orphan_after_crash(make_queue: MakeQueue) -> None:
+    """An account whose owner vanished is readied by the reaper; the event is redelivered."""
+    queue = make_queue()
+    await push(queue, 1, "a", "b")
+    await claim_one(queue)
+    assert await queue.reap() == 0
+    await queue.redis.delete(queue.keys.account(1)[2])
+    assert await queue.reap() == 1
+    again = await claim_one(queue)
+    assert (again.seq, again.attempt) == (1, 2)
+    assert (await queue.stats())["redelivered"] == 1
+
+
+async def test_reap_recovers_account_popped_but_never_locked(make_queue: MakeQueue) -> None:
+    """A consumer that died between the ready pop and the lock leaves nothing stranded."""
+    queue = make_queue()
+    await push(queue, 1, "a")
+    await queue.redis.zpopmin(queue.keys.ready)
+    assert await queue.reap() == 1
+    assert (await claim_one(queue)).seq == 1
+
+
+async def test_reap_forgets_accounts_without_work(make_queue: MakeQueue) -> None:
+    """The active set loses accounts with no pending and no in-flight event."""
+    queue = make_queue()
+    await queue.redis.sadd(queue.keys.active, "9")
+    assert await queue.reap() == 0
+    assert await queue.drained()
+
+
+@pytest.mark.parametrize("order", ["longest", "oldest", "random"])
+async def test_every_order_drains_everything_in_seq_order(make_queue: MakeQueue, order: str) -> None:
+    """Whatever the claim order, one slot acks every event of every account in seq order."""
+    queue = make_queue(claim_order=order)
+    for account in (1, 2, 3):
+        await push(queue, account, *[f"{account}-{i}" for i in range(account * 2)])
+    seen: dict[int, list[int]] = {}
+    while events := await queue.claim(1, 0.01):
+        step: Event | Step = events[0]
+        while isinstance(step, Event):
+            seen.setdefault(step.account, []).append(step.seq)
+            step = await queue.ack(step)
+    assert seen == {1: [1, 2], 2: [1, 2, 3, 4], 3: [1, 2, 3, 4, 5, 6]}
+    assert await queue.drained()

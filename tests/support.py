@@ -1,0 +1,164 @@
+"""Test helpers shared by the suites: a real redis-server, consumer processes, handlers."""
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis as sync_redis
+
+from app.queue import Event
+from app.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+INSTALL_HINT = (
+    "redis-server is not on PATH: install it with 'apt-get install redis-server' "
+    "(make test does this when run as root)"
+)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class RedisServer:
+    """A throwaway redis-server on a free port, with its own data dir."""
+
+    data_dir: Path
+    appendonly: bool = False
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError(INSTALL_HINT)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        args += ["--dir", str(self.data_dir), "--appendonly", "yes" if self.appendonly else "no"]
+        args += ["--appendfsync", "always"] if self.appendonly else []
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+        client = sync_redis.Redis(port=self.port)
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(sync_redis.ConnectionError, sync_redis.BusyLoadingError):
+                if client.ping():
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server on port {self.port} did not start")
+            time.sleep(0.02)
+        client.close()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+
+
+def settings(url: str, **overrides: object) -> Settings:
+    """Test settings: no .env file, short timings."""
+    values: dict[str, object] = {
+        "redis_url": url,
+        "concurrency": 4,
+        "process_seconds": 0.0,
+        "lease_seconds": 5.0,
+        "reaper_seconds": 0.2,
+        "claim_block_seconds": 0.1,
+        "retry_backoff_seconds": 0.001,
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[arg-type]
+
+
+@dataclass
+class Consumers:
+    """Starts `evq consume` processes against one server and one event log."""
+
+    url: str
+    event_log: Path
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def start(self, burst: bool = False, **env: object) -> subprocess.Popen[bytes]:
+        values = {
+            "REDIS_URL": self.url,
+            "EVENT_LOG": str(self.event_log),
+            "CONCURRENCY": "4",
+            "PROCESS_SECONDS": "0",
+            "LEASE_SECONDS": "5",
+            "REAPER_SECONDS": "0.2",
+            "CLAIM_BLOCK_SECONDS": "0.1",
+            "RETRY_BACKOFF_SECONDS": "0.001",
+            "PYTHONPATH": str(REPO),
+        }
+        values.update({k.upper(): str(v) for k, v in env.items()})
+        args = [sys.executable, "-m", "app", "consume", *(["--burst"] if burst else [])]
+        proc = subprocess.Popen(
+            args, env={**os.environ, **values}, cwd=self.event_log.parent, stderr=subprocess.PIPE
+        )
+        self.procs.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGCONT)
+                proc.kill()
+            proc.wait(timeout=10)
+            if proc.stderr:
+                proc.stderr.close()
+
+
+def wait_for(condition: "object", timeout: float, what: str) -> None:
+    """Poll `condition()` until true; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def failing_marked(settings: Settings) -> "object":
+    """Handler factory for tests: fails every event whose payload says `poison`."""
+
+    def handle(event: Event) -> None:
+        if isinstance(event.payload, dict) and event.payload.get("poison"):
+            raise ValueError(f"poison event {event.event_id}")
+
+    return handle
+
+
+def sleeping(settings: Settings) -> "object":
+    """Handler factory for tests: a sync handler that sleeps PROCESS_SECONDS."""
+
+    def handle(event: Event) -> None:
+        time.sleep(settings.process_seconds)
+
+    return handle
+
+
+@contextlib.contextmanager
+def running(server: RedisServer) -> Iterator[RedisServer]:
+    """Start `server` for the duration of the block."""
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
