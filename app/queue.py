@@ -119,12 +119,15 @@ class Queue:
     async def claim(self, n: int, block_s: float) -> list[Event]:
         """Claim up to `n` accounts, best first, and take the head event of each.
 
-        Pops the ready index without blocking; when it is empty, blocks up to `block_s` for one.
+        Pops the ready index without blocking; when it is empty, blocks up to `block_s` for one
+        (`block_s=0`: returns at once).
         Each popped account is then locked by the MULTI INCR+EXPIRE block: the INCR that returns
         1 wins, and the fence INCR beside it is the winner's token.
         """
         popped = cast(list[tuple[bytes, float]], await self.redis.zpopmin(self.keys.ready, n))
         if not popped:
+            if block_s <= 0:
+                return []
             got = cast(
                 tuple[bytes, bytes, float] | None,
                 await self.redis.bzpopmin(self.keys.ready, timeout=block_s),

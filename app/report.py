@@ -1,5 +1,6 @@
 """Reads the event log: proves per-account order (I1) and measures the run against its bound."""
 
+import itertools
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -61,7 +62,7 @@ def order_violations(attempts: Iterable[Attempt]) -> list[str]:
     problems: list[str] = []
     for account, acked in by_account.items():
         acked.sort(key=lambda a: a.started_ns)
-        for before, after in zip(acked, acked[1:], strict=False):
+        for before, after in itertools.pairwise(acked):
             if after.seq <= before.seq:
                 problems.append(f"account {account}: seq {after.seq} acked after seq {before.seq}")
             if after.started_ns < before.finished_ns:

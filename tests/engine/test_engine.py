@@ -203,7 +203,9 @@ async def test_reap_forgets_accounts_without_work(make_queue: MakeQueue) -> None
 
 
 @pytest.mark.parametrize("order", ["longest", "oldest", "random"])
-async def test_every_order_drains_everything_in_seq_order(make_queue: MakeQueue, order: str) -> None:
+async def test_every_order_drains_everything_in_seq_order(
+    make_queue: MakeQueue, order: str
+) -> None:
     """Whatever the claim order, one slot acks every event of every account in seq order."""
     queue = make_queue(claim_order=order)
     for account in (1, 2, 3):

@@ -1,0 +1,151 @@
+"""Ordering and no-loss under real consumer processes: many slots, kill -9, SIGSTOP, SIGTERM."""
+
+import os
+import signal
+
+import pytest
+import redis as sync_redis
+
+from app.queue import NewEvent
+from tests.integration.helpers import (
+    KEYS,
+    assert_all_acked_once_in_order,
+    attempts,
+    counter,
+    graceful_stop,
+    in_flight,
+    push,
+    push_workload,
+    wait_burst,
+    wait_settled,
+)
+from tests.support import Consumers, wait_for
+
+
+def test_many_consumers_keep_per_account_order(redis_url: str, consumers: Consumers) -> None:
+    """I1, I2: three processes x 40 slots ack 2,000 bursty events once each, in seq order."""
+    for _ in range(3):
+        consumers.start(concurrency=40, process_seconds=0.002)
+    push_workload(redis_url, 2000, 200, seed=1)
+    wait_settled(redis_url, 2000, timeout=90)
+    graceful_stop(consumers.procs)
+    found = assert_all_acked_once_in_order(consumers.event_log, 2000)
+    assert len({a.pid for a in found}) == 3
+
+
+def test_pushes_during_consumption_are_not_lost(redis_url: str, consumers: Consumers) -> None:
+    """No lost wake-up: events pushed while slots drain the same accounts are all handled."""
+    consumers.start(concurrency=20, process_seconds=0.001)
+    for wave in range(20):
+        push(redis_url, [NewEvent(a, f"w{wave}-{a}") for a in range(1, 31)])
+    wait_settled(redis_url, 600, timeout=60)
+    graceful_stop(consumers.procs)
+    assert_all_acked_once_in_order(consumers.event_log, 600)
+
+
+def test_kill_9_mid_handler_redelivers_attempt_2(redis_url: str, consumers: Consumers) -> None:
+    """I2, I3: events in flight when a consumer is killed are redelivered once, as attempt 2."""
+    push_workload(redis_url, 60, 6, seed=3)
+    victim = consumers.start(concurrency=6, process_seconds=0.3, lease_seconds=1)
+    wait_for(lambda: counter(redis_url, "acked") >= 3 and in_flight(redis_url), 30, "work")
+    victim.kill()
+    victim.wait()
+    lost = in_flight(redis_url)
+    assert lost
+    consumers.start(burst=True, concurrency=6, process_seconds=0.01, lease_seconds=1)
+    wait_burst(consumers.procs[1:])
+    found = assert_all_acked_once_in_order(consumers.event_log, 60)
+    redelivered = {(a.account, a.seq) for a in found if a.outcome == "ack" and a.attempt == 2}
+    assert redelivered == set(lost.items())
+    assert counter(redis_url, "redelivered") == len(lost)
+
+
+def test_stalled_consumer_loses_lease_and_its_ack_is_refused(
+    redis_url: str, consumers: Consumers
+) -> None:
+    """I4, I5: a SIGSTOPped owner is replaced after its lease; on SIGCONT its ack is refused."""
+    push_workload(redis_url, 30, 3, seed=4)
+    stalled = consumers.start(concurrency=3, process_seconds=0.5, lease_seconds=1)
+    wait_for(lambda: counter(redis_url, "acked") >= 1 and in_flight(redis_url), 30, "work")
+    os.kill(stalled.pid, signal.SIGSTOP)
+    taken = in_flight(redis_url)
+    taker = consumers.start(concurrency=3, process_seconds=0.05, lease_seconds=1)
+    wait_for(lambda: counter(redis_url, "redelivered") >= len(taken), 30, "takeover")
+    os.kill(stalled.pid, signal.SIGCONT)
+    wait_settled(redis_url, 30, timeout=60)
+    wait_for(
+        lambda: any(a.outcome == "lost_lease" for a in attempts(consumers.event_log)),
+        10,
+        "the stale ack to be refused",
+    )
+    graceful_stop(consumers.procs)
+    found = assert_all_acked_once_in_order(consumers.event_log, 30)
+    refused = {(a.account, a.seq) for a in found if a.outcome == "lost_lease"}
+    assert refused <= set(taken.items())
+    assert all(a.pid == stalled.pid for a in found if a.outcome == "lost_lease")
+    assert any(a.pid == taker.pid and a.attempt == 2 for a in found if a.outcome == "ack")
+
+
+def test_failures_retry_in_place_and_keep_order(redis_url: str, consumers: Consumers) -> None:
+    """With FAIL_RATE, events are retried where they stand and the account order holds."""
+    push_workload(redis_url, 300, 20, seed=5)
+    consumers.start(burst=True, concurrency=10, fail_rate=0.3, max_attempts=30)
+    consumers.start(burst=True, concurrency=10, fail_rate=0.3, max_attempts=30)
+    wait_burst(consumers.procs)
+    found = assert_all_acked_once_in_order(consumers.event_log, 300)
+    assert counter(redis_url, "nacked") == sum(a.outcome == "nack" for a in found) > 0
+    assert counter(redis_url, "dead") == 0
+
+
+def test_poison_event_is_dead_lettered_and_account_goes_on(
+    redis_url: str, consumers: Consumers
+) -> None:
+    """An always-failing event is tried MAX_ATTEMPTS times, dead-lettered; later ones run."""
+    push(
+        redis_url,
+        [NewEvent(1, "ok1"), NewEvent(1, "bad", {"poison": True}), NewEvent(1, "ok2")],
+    )
+    consumers.start(burst=True, handler="tests.support:failing_marked", max_attempts=3)
+    wait_burst(consumers.procs)
+    found = attempts(consumers.event_log)
+    assert [(a.seq, a.attempt, a.outcome) for a in found] == [
+        (1, 1, "ack"),
+        (2, 1, "nack"),
+        (2, 2, "nack"),
+        (2, 3, "dead"),
+        (3, 1, "ack"),
+    ]
+    client = sync_redis.Redis.from_url(redis_url)
+    [entry] = client.lrange(KEYS.dead, 0, -1)
+    client.close()
+    assert b'"event_id":"bad"' in entry
+    assert b"ValueError: poison event bad" in entry
+    assert b'"attempts":3' in entry
+
+
+def test_dedupe_across_processes(redis_url: str, consumers: Consumers) -> None:
+    """I6: a re-sent event_id is reported duplicate and handled once."""
+    first = push(redis_url, [NewEvent(5, "dup"), NewEvent(5, "next")])
+    again = push(redis_url, [NewEvent(5, "dup")])
+    assert [r.queued for r in first] == [True, True]
+    assert (again[0].queued, again[0].seq) == (False, 1)
+    consumers.start(burst=True)
+    wait_burst(consumers.procs)
+    assert_all_acked_once_in_order(consumers.event_log, 2)
+
+
+@pytest.mark.parametrize("handler", ["app.handlers:reference", "tests.support:sleeping"])
+def test_sigterm_finishes_current_events_and_loses_nothing(
+    redis_url: str, consumers: Consumers, handler: str
+) -> None:
+    """SIGTERM mid-run: current events finish and are acked, the process exits 0, no redelivery."""
+    push_workload(redis_url, 100, 10, seed=6)
+    consumers.start(concurrency=5, process_seconds=0.3, handler=handler)
+    wait_for(lambda: counter(redis_url, "acked") >= 5 and in_flight(redis_url), 30, "work")
+    graceful_stop(consumers.procs, timeout=5)
+    assert in_flight(redis_url) == {}
+    consumers.start(burst=True, concurrency=5, handler=handler)
+    wait_burst(consumers.procs[1:])
+    found = assert_all_acked_once_in_order(consumers.event_log, 100)
+    assert all(a.attempt == 1 for a in found)
+    assert counter(redis_url, "redelivered") == 0

@@ -1,0 +1,164 @@
+"""A hypothesis state machine drives the engine against real Redis and checks I1, I2, I4."""
+
+import asyncio
+import itertools
+from collections.abc import Coroutine
+from typing import Any, ClassVar, TypeVar
+
+import hypothesis.strategies as st
+from hypothesis import HealthCheck, settings
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+from redis.asyncio import Redis
+
+from app.queue import Event, NewEvent, Queue, Step
+from tests.support import RedisServer
+from tests.support import settings as evq_settings
+
+T = TypeVar("T")
+ACCOUNTS = st.integers(1, 3)
+SLOTS = st.integers(0, 2)
+
+
+class QueueMachine(RuleBasedStateMachine):
+    """Slots that claim, ack, nack, crash and lose leases, against a model of what is owed."""
+
+    url: ClassVar[str] = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.client = Redis.from_url(self.url)
+        self.queue = Queue(self.client, evq_settings(self.url, lease_seconds=60))
+        self.run(self.client.flushall())
+        self.ids = itertools.count()
+        self.pushed: dict[int, int] = {1: 0, 2: 0, 3: 0}
+        self.settled: dict[int, list[int]] = {1: [], 2: [], 3: []}
+        self.acked: set[tuple[int, int]] = set()
+        self.dead: set[tuple[int, int]] = set()
+        self.slots: dict[int, Event] = {}
+        self.stale: set[tuple[int, int]] = set()  # (account, token) whose lease expired
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self.loop.run_until_complete(coro)
+
+    def teardown(self) -> None:
+        self.run(self.client.aclose())
+        self.loop.close()
+
+    @rule(account=ACCOUNTS, n=st.integers(1, 3))
+    def push(self, account: int, n: int) -> None:
+        events = [NewEvent(account, f"e{next(self.ids)}") for _ in range(n)]
+        results = self.run(self.queue.push_many(events))
+        assert all(r.queued for r in results)
+        self.pushed[account] += n
+
+    @rule(slot=SLOTS)
+    def claim(self, slot: int) -> None:
+        if slot in self.slots:
+            return
+        for event in self.run(self.queue.claim(1, 0)):
+            self.hold(slot, event)
+
+    @precondition(lambda self: self.slots)
+    @rule(data=st.data())
+    def ack(self, data: st.DataObject) -> None:
+        slot = data.draw(st.sampled_from(sorted(self.slots)))
+        event = self.slots[slot]
+        step = self.run(self.queue.ack(event))
+        if self.check_lost(slot, event, step):
+            return
+        self.settle(event, self.acked)
+        self.follow(slot, step)
+
+    @precondition(lambda self: self.slots)
+    @rule(data=st.data(), dead=st.booleans())
+    def nack(self, data: st.DataObject, dead: bool) -> None:
+        slot = data.draw(st.sampled_from(sorted(self.slots)))
+        event = self.slots[slot]
+        step = self.run(self.queue.nack(event, "boom", dead=dead))
+        if self.check_lost(slot, event, step):
+            return
+        if dead:
+            self.settle(event, self.dead)
+        elif step is Step.RETRY:
+            step = self.run(self.queue.take(event.account, event.token))
+            assert isinstance(step, Event) and step.seq == event.seq
+            assert step.attempt == event.attempt + 1
+        self.follow(slot, step)
+
+    @precondition(lambda self: self.slots)
+    @rule(data=st.data())
+    def lease_expires(self, data: st.DataObject) -> None:
+        """The owner's lease runs out (its lock key vanishes) and the reaper sweeps."""
+        account = data.draw(st.sampled_from(sorted(self.slots.values(), key=repr))).account
+        self.run(self.client.delete(self.queue.keys.account(account)[2]))
+        self.stale |= {(e.account, e.token) for e in self.slots.values() if e.account == account}
+        self.run(self.queue.reap())
+
+    @precondition(lambda self: self.slots)
+    @rule(data=st.data())
+    def crash(self, data: st.DataObject) -> None:
+        del self.slots[data.draw(st.sampled_from(sorted(self.slots)))]
+
+    @rule()
+    def reap(self) -> None:
+        self.run(self.queue.reap())
+
+    def hold(self, slot: int, event: Event) -> None:
+        rivals = [
+            e
+            for e in self.slots.values()
+            if e.account == event.account and (e.account, e.token) not in self.stale
+        ]
+        assert not rivals, f"I4: account {event.account} handed to a second live owner"
+        assert event.seq == len(self.settled[event.account]) + 1, "I1: not the oldest event"
+        self.slots[slot] = event
+
+    def follow(self, slot: int, step: Event | Step) -> None:
+        del self.slots[slot]
+        if isinstance(step, Event):
+            self.hold(slot, step)
+
+    def check_lost(self, slot: int, event: Event, step: Event | Step) -> bool:
+        if step is not Step.LOST:
+            assert (event.account, event.token) not in self.stale, "I4: stale owner's call took"
+            return False
+        assert (event.account, event.token) in self.stale, "live owner refused"
+        del self.slots[slot]
+        return True
+
+    def settle(self, event: Event, into: set[tuple[int, int]]) -> None:
+        seqs = self.settled[event.account]
+        assert event.seq == len(seqs) + 1, f"I1: seq {event.seq} settled after {seqs[-1:]}"
+        seqs.append(event.seq)
+        into.add((event.account, event.seq))
+
+    @invariant()
+    def nothing_lost_or_doubled(self) -> None:
+        """I2: every pushed seq is in exactly one place: acked, dead, pending or in flight."""
+        for account, pushed in self.pushed.items():
+            pending = self.run(self.client.lrange(self.queue.keys.pending(account), 0, -1))
+            flying = self.run(self.client.lrange(self.queue.keys.in_flight(account), 0, -1))
+            queued = [int(b.split(b'"seq":')[1].split(b",")[0]) for b in pending + flying]
+            assert sorted(queued + self.settled[account]) == list(range(1, pushed + 1))
+            assert len(flying) <= 1
+
+
+def test_engine_state_machine(redis_server: RedisServer) -> None:
+    """Random interleavings of every engine step keep order, lose nothing, fence stale owners."""
+    QueueMachine.url = redis_server.url
+    run_state_machine_as_test(
+        QueueMachine,
+        settings=settings(
+            max_examples=60,
+            stateful_step_count=40,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow],
+        ),
+    )
