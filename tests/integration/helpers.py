@@ -49,6 +49,11 @@ def counter(url: str, name: str) -> int:
     return int(value or 0)
 
 
+def seq_of(body: bytes) -> int:
+    """The seq of a stored event body (the push script writes it first)."""
+    return int(body.split(b'"seq":')[1].split(b",")[0])
+
+
 def in_flight(url: str) -> dict[int, int]:
     """account -> seq of every event currently in flight."""
     client = sync_redis.Redis.from_url(url)
@@ -56,7 +61,7 @@ def in_flight(url: str) -> dict[int, int]:
     for key in client.scan_iter(match="evq:inflight:*"):
         for body in client.lrange(key, 0, -1):
             account = int(key.decode().split("{")[1].rstrip("}"))
-            found[account] = int(body.split(b'"seq":')[1].split(b",")[0])
+            found[account] = seq_of(body)
     client.close()
     return found
 

@@ -17,6 +17,7 @@ from hypothesis.stateful import (
 from redis.asyncio import Redis
 
 from app.queue import Event, NewEvent, Queue, Step
+from tests.integration.helpers import seq_of
 from tests.support import RedisServer
 from tests.support import settings as evq_settings
 
@@ -145,7 +146,7 @@ class QueueMachine(RuleBasedStateMachine):
         for account, pushed in self.pushed.items():
             pending = self.run(self.client.lrange(self.queue.keys.pending(account), 0, -1))
             flying = self.run(self.client.lrange(self.queue.keys.in_flight(account), 0, -1))
-            queued = [int(b.split(b'"seq":')[1].split(b",")[0]) for b in pending + flying]
+            queued = [seq_of(b) for b in pending + flying]
             assert sorted(queued + self.settled[account]) == list(range(1, pushed + 1))
             assert len(flying) <= 1
 
