@@ -40,6 +40,7 @@ class Consumer:
         self._idle = 0
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._lanes_done = asyncio.Event()
         self._held: dict[int, tuple[int, int]] = {}  # slot -> (account, token)
         self._lanes: list[asyncio.Task[None]] = []
         self.forced = False
@@ -77,9 +78,10 @@ class Consumer:
         for _ in self._lanes:
             self._claims.put_nowait(None)
         await asyncio.gather(*self._lanes, return_exceptions=True)
-        for task in helpers:
-            task.cancel()
-        await asyncio.gather(*helpers, return_exceptions=True)
+        # Helpers stop on this event, not by cancellation: on Python 3.11 a cancel that lands
+        # while a Redis call completes can be swallowed, leaving the helper running forever.
+        self._lanes_done.set()
+        await asyncio.gather(*helpers)
         with contextlib.suppress(RedisError):
             await self._queue.unregister(self._member)
         self._log.info("consumer_stopped", forced=self.forced)
@@ -95,7 +97,7 @@ class Consumer:
                 drained = not events and burst and await self._all_done()
             except RedisError as exc:
                 self._log.error("claim_failed", error=str(exc))
-                await self._sleep_unless_stopping(CLAIM_RETRY_S)
+                await _sleep_unless(self._stopping, CLAIM_RETRY_S)
                 continue
             for event in events:
                 self._idle -= 1
@@ -145,7 +147,7 @@ class Consumer:
         self._record(slot, event, outcome, started, finished, error=error[:500])
         if step is not Step.RETRY:
             return step
-        await self._sleep_unless_stopping(self._settings.backoff_s(event.attempt))
+        await _sleep_unless(self._stopping, self._settings.backoff_s(event.attempt))
         if self._stopping.is_set():
             return await self._queue.release(event.account, event.token)
         return await self._queue.take(event.account, event.token)
@@ -170,7 +172,7 @@ class Consumer:
 
     async def _renewer(self) -> None:
         period = self._settings.lease_seconds / 3
-        while True:
+        while not self._lanes_done.is_set():
             held = list(self._held.values())
             try:
                 await self._queue.register(self._member)
@@ -182,12 +184,11 @@ class Consumer:
             for (account, token), ok in zip(held, renewed, strict=False):
                 if not ok and (account, token) in still_held:
                     self._log.warning("lease_lost", account=account, token=token)
-            await asyncio.sleep(period)
+            await _sleep_unless(self._lanes_done, period)
 
     async def _reaper(self) -> None:
         interval = self._settings.reaper_seconds
-        while True:
-            await asyncio.sleep(interval)
+        while not await _sleep_unless(self._lanes_done, interval):
             try:
                 if await self._queue.try_reaper_lock(interval):
                     reaped = await self._queue.reap()
@@ -196,9 +197,12 @@ class Consumer:
             except RedisError as exc:
                 self._log.error("reap_failed", error=str(exc))
 
-    async def _sleep_unless_stopping(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+async def _sleep_unless(event: asyncio.Event, seconds: float) -> bool:
+    """Sleep `seconds` or until `event` is set; True when it was set."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), seconds)
+    return event.is_set()
 
 
 def _as_async(handler: Handler, threads: int) -> Callable[[Event], Awaitable[None]]:

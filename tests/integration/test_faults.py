@@ -60,10 +60,6 @@ def test_kill_9_mid_handler_redelivers_attempt_2(redis_url: str, consumers: Cons
     assert counter(redis_url, "redelivered") == len(lost)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open: a resumed consumer sometimes does not exit within 15 s of SIGTERM (issue 2)",
-)
 def test_stalled_consumer_loses_lease_and_its_ack_is_refused(
     redis_url: str, consumers: Consumers
 ) -> None:
