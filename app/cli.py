@@ -4,6 +4,7 @@ import asyncio
 import sys
 import uuid
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import orjson
@@ -12,13 +13,17 @@ from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from app import handlers, log
+from app import handlers, log, progress
 from app.consumer import Consumer
 from app.generator import Pattern, longest_chain, lower_bound_s, push_workload, workload
+from app.plot import PlotUnavailable, draw
 from app.queue import Queue, connect
+from app.report import read_log, render, summarize
 from app.settings import Settings
 
 T = TypeVar("T")
+# A lane holds a connection only for one round trip, so a few dozen serve hundreds of lanes.
+LANE_CONNECTIONS = 32
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 
 
@@ -52,7 +57,10 @@ def consume(
         raise typer.Exit(2) from exc
 
     async def main() -> bool:
-        redis = connect(settings, max_connections=min(settings.concurrency, 256) + 4)
+        pool_size = min(settings.concurrency, LANE_CONNECTIONS) + 4
+        redis = connect(settings, max_connections=pool_size)
+        # Open the pool before the first claim, so the first wave of acks does not pay for it.
+        await asyncio.gather(*(redis.ping() for _ in range(pool_size)))
         consumer = Consumer(
             Queue(redis, settings), handler, settings, log.configure(settings.event_log)
         )
@@ -88,9 +96,11 @@ def gen(
     async def main() -> None:
         redis = connect(settings)
         queue = Queue(redis, settings)
-        width = slots or await queue.live_slots(settings.lease_seconds) or settings.concurrency
+        live = await queue.live_consumers(settings.lease_seconds)
+        width = slots or sum(live.values()) or settings.concurrency
         chain = longest_chain(plan)
-        log.configure(settings.event_log).info(
+        run_log = log.configure(settings.event_log)
+        run_log.info(
             "run_started",
             run_id=run_id,
             events=events,
@@ -108,6 +118,7 @@ def gen(
                 queue, plan, run_id, batch, rate, lambda n: progress.advance(task, n)
             )
         await redis.aclose()
+        run_log.info("run_pushed", run_id=run_id, accepted=summary.accepted)
         bound = lower_bound_s(events, chain, width, settings.process_seconds)
         typer.echo(
             f"run {run_id}: {summary.accepted} accepted, {summary.duplicates} duplicates, "
@@ -130,6 +141,92 @@ def stats() -> None:
         await redis.aclose()
 
     _run(main(), settings)
+
+
+@app.command()
+def wait(
+    timeout: Annotated[
+        float, typer.Option(min=0, help="Give up after this many seconds; 0 = never.")
+    ] = 0,
+    consumers: Annotated[
+        int | None,
+        typer.Option(min=1, help="Instead: wait until this many consumers send heartbeats."),
+    ] = None,
+) -> None:
+    """Wait until no account has pending or in-flight events, showing progress."""
+    settings = _settings()
+
+    async def main() -> bool:
+        redis = connect(settings)
+        queue = Queue(redis, settings)
+        try:
+            if consumers:
+                return await progress.wait_consumers(queue, consumers, settings, timeout)
+            return await progress.wait_drained(queue, timeout, sys.stderr)
+        finally:
+            await redis.aclose()
+
+    if not _run(main(), settings):
+        what = f"{consumers} live consumers" if consumers else "drained"
+        typer.echo(f"evq: still not {what} after {timeout:g} s", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    log_path: Annotated[
+        Path | None, typer.Argument(metavar="[LOG]", help="Event log; default EVENT_LOG.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    plot: Annotated[
+        Path | None, typer.Option(help="Draw concurrency and the longest accounts to a PNG.")
+    ] = None,
+    all_runs: Annotated[
+        bool, typer.Option("--all", help="The whole log, not just the latest gen run.")
+    ] = False,
+    slots: Annotated[
+        int | None, typer.Option(min=1, help="W for the bound; default: what gen recorded.")
+    ] = None,
+) -> None:
+    """Prove per-account order from the event log and measure the run against its bound.
+
+    Exits 1 when an order violation or a lost event is found.
+    """
+    settings = _settings()
+    path = log_path or settings.event_log
+    if not path.is_file():
+        typer.echo(f"evq: no event log at {path}", err=True)
+        raise typer.Exit(2)
+    run = read_log(path, latest_run=not all_runs)
+    found = summarize(run, _waiting(settings, run.run_id), slots)
+    typer.echo(orjson.dumps(found.as_json()).decode() if as_json else render(found))
+    if plot:
+        try:
+            draw(run, found, plot)
+        except PlotUnavailable as exc:
+            typer.echo(f"evq: {exc}", err=True)
+            raise typer.Exit(2) from exc
+        typer.echo(f"plot written to {plot}", err=True)
+    if not found.ok:
+        raise typer.Exit(1)
+
+
+def _waiting(settings: Settings, run_id: str | None) -> int | None:
+    """Events of the run Redis still holds; None without a run or a reachable Redis."""
+    if run_id is None:
+        return None
+
+    async def main() -> int:
+        redis = connect(settings)
+        try:
+            return await Queue(redis, settings).waiting(f"{run_id}-")
+        finally:
+            await redis.aclose()
+
+    try:
+        return asyncio.run(main())
+    except RedisConnectionError:
+        return None
 
 
 gen_app = typer.Typer(add_completion=False)

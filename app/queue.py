@@ -10,6 +10,7 @@ from typing import Any, cast
 
 import orjson
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.driver_info import DriverInfo
 
 from app.keys import Keys
 from app.scripts import Scripts
@@ -63,8 +64,14 @@ _STEPS = {s.value.encode(): s for s in Step}
 
 
 def connect(settings: Settings, max_connections: int = 64) -> Redis:
-    """A client whose pool queues callers beyond `max_connections` instead of opening more."""
-    pool = BlockingConnectionPool.from_url(settings.redis_url, max_connections=max_connections)
+    """A client whose pool queues callers beyond `max_connections` instead of opening more.
+
+    The pool shares one DriverInfo: without it redis-py re-reads its package metadata for every
+    new connection (about 3 ms each), which stalled a consumer opening hundreds at once.
+    """
+    pool = BlockingConnectionPool.from_url(
+        settings.redis_url, max_connections=max_connections, driver_info=DriverInfo()
+    )
     return Redis(connection_pool=pool)
 
 
@@ -202,13 +209,13 @@ class Queue:
         """Forget a consumer that stopped."""
         await self.redis.zrem(self.keys.consumers, member)
 
-    async def live_slots(self, within_s: float) -> int:
-        """Total slots of the consumers that sent a heartbeat within the last `within_s`."""
+    async def live_consumers(self, within_s: float) -> dict[str, int]:
+        """`host:pid` -> slots of each consumer that sent a heartbeat within the last `within_s`."""
         since = time.time() - within_s
         members = cast(
             list[bytes], await self.redis.zrangebyscore(self.keys.consumers, since, "+inf")
         )
-        return sum(int(m.rsplit(b":", 1)[1]) for m in members)
+        return {name.decode(): int(slots) for name, slots in (m.rsplit(b":", 1) for m in members)}
 
     async def stats(self) -> dict[str, int]:
         """Counters plus the sizes of the ready index, active set and dead letters."""
@@ -221,6 +228,17 @@ class Queue:
         names = ("accepted", "acked", "nacked", "dead", "redelivered")
         totals = {name: int(counters.get(name.encode(), 0)) for name in names}
         return {**totals, "ready": ready, "active": active, "dead_letters": dead_letters}
+
+    async def waiting(self, id_prefix: str) -> int:
+        """How many pending or in-flight events have an event_id starting with `id_prefix`."""
+        accounts = [int(a) for a in cast(set[bytes], await self.redis.smembers(self.keys.active))]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for account in accounts:
+                pipe.lrange(self.keys.pending(account), 0, -1)
+                pipe.lrange(self.keys.in_flight(account), 0, -1)
+            lists = cast(list[list[bytes]], await pipe.execute())
+        needle = b'"id":' + orjson.dumps(id_prefix)[:-1]
+        return sum(needle in body for bodies in lists for body in bodies)
 
     async def drained(self) -> bool:
         """True when no account has pending or in-flight events."""

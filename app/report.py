@@ -1,13 +1,19 @@
 """Reads the event log: proves per-account order (I1) and measures the run against its bound."""
 
 import itertools
-from collections import defaultdict
+import math
+import statistics
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
+
+from app.generator import lower_bound_s
+
+SETTLED = ("ack", "dead")
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,9 +32,60 @@ class Attempt:
     finished_ns: int
 
 
-def read_log(path: Path, latest_run: bool = False) -> tuple[dict[str, Any] | None, list[Attempt]]:
-    """The last `run_started` marker and the attempts (only those after it when `latest_run`)."""
-    marker: dict[str, Any] | None = None
+@dataclass(frozen=True, slots=True)
+class Run:
+    """The attempts of one generator run (or of the whole log) and what `gen` said of it."""
+
+    attempts: list[Attempt]
+    run_id: str | None = None
+    accepted: int | None = None
+    slots: int | None = None
+    longest_chain: int | None = None
+    process_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """The figures `evq report` prints; `lost` is None when it could not be checked."""
+
+    run_id: str | None
+    events: int
+    accounts: int
+    acked: int
+    nacked: int
+    dead: int
+    redelivered: int
+    lost_lease: int
+    order_violations: int
+    lost: int | None
+    makespan_s: float
+    lower_bound_s: float
+    efficiency: float
+    wait_p50_s: float
+    wait_p95_s: float
+    wait_p99_s: float
+    peak_concurrency: int
+    slots: int
+    longest_chain: int
+    process_s: float
+    violations: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """No order violation and nothing lost."""
+        return self.order_violations == 0 and not self.lost
+
+    def as_json(self) -> dict[str, Any]:
+        """Every figure, rounded for reading; the violations themselves stay in the text form."""
+        out = asdict(self)
+        out.pop("violations")
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
+
+
+def read_log(path: Path, latest_run: bool = False) -> Run:
+    """All attempts in the log, or (`latest_run`) those of the run the last marker names."""
+    markers: dict[str, dict[str, Any]] = {}
+    pushed: dict[str, int] = {}
     attempts: list[Attempt] = []
     for record in _records(path):
         if "outcome" in record:
@@ -36,10 +93,21 @@ def read_log(path: Path, latest_run: bool = False) -> tuple[dict[str, Any] | Non
                 Attempt(**{name: record[name] for name in Attempt.__dataclass_fields__})
             )
         elif record.get("event") == "run_started":
-            marker = record
-            if latest_run:
-                attempts.clear()
-    return marker, attempts
+            markers[record["run_id"]] = record
+        elif record.get("event") == "run_pushed":
+            pushed[record["run_id"]] = record["accepted"]
+    if not latest_run or not markers:
+        return Run(attempts)
+    run_id, marker = list(markers.items())[-1]
+    prefix = f"{run_id}-"
+    return Run(
+        [a for a in attempts if a.event_id.startswith(prefix)],
+        run_id=run_id,
+        accepted=pushed.get(run_id),
+        slots=marker["slots"],
+        longest_chain=marker["longest_chain"],
+        process_s=marker["process_s"],
+    )
 
 
 def _records(path: Path) -> Iterator[dict[str, Any]]:
@@ -70,3 +138,133 @@ def order_violations(attempts: Iterable[Attempt]) -> list[str]:
                     f"account {account}: seq {after.seq} started before seq {before.seq} finished"
                 )
     return problems
+
+
+def summarize(run: Run, waiting: int | None, slots: int | None = None) -> Report:
+    """The report of `run`; `waiting` is how many of its events Redis still holds (None: unknown).
+
+    W is `slots`, else what `gen` recorded, else the distinct (pid, slot) pairs seen in the log;
+    d is what `gen` recorded, else the median duration of an acked attempt.
+    """
+    attempts = run.attempts
+    events = {(a.account, a.seq) for a in attempts}
+    outcomes = {o: {(a.account, a.seq) for a in attempts if a.outcome == o} for o in SETTLED}
+    violations = order_violations(attempts)
+    width = slots or run.slots or len({(a.pid, a.slot) for a in attempts}) or 1
+    chain = run.longest_chain or max(Counter(a for a, _ in events).values(), default=0)
+    process_s = run.process_s if run.process_s is not None else _median_duration_s(attempts)
+    total = run.accepted if run.accepted is not None else len(events)
+    bound = lower_bound_s(total, chain, width, process_s)
+    makespan = (
+        (max(a.finished_ns for a in attempts) - min(a.enqueued_ns for a in attempts)) / 1e9
+        if attempts
+        else 0.0
+    )
+    waits = _first_waits_s(attempts)
+    lost = None
+    if run.accepted is not None and waiting is not None:
+        lost = max(0, run.accepted - len(outcomes["ack"] | outcomes["dead"]) - waiting)
+    return Report(
+        run_id=run.run_id,
+        events=total,
+        accounts=len({a for a, _ in events}),
+        acked=len(outcomes["ack"]),
+        nacked=sum(a.outcome == "nack" for a in attempts),
+        dead=len(outcomes["dead"]),
+        redelivered=_redelivered(attempts),
+        lost_lease=sum(a.outcome == "lost_lease" for a in attempts),
+        order_violations=len(violations),
+        lost=lost,
+        makespan_s=makespan,
+        lower_bound_s=bound,
+        efficiency=bound / makespan if makespan else 0.0,
+        wait_p50_s=_percentile(waits, 50),
+        wait_p95_s=_percentile(waits, 95),
+        wait_p99_s=_percentile(waits, 99),
+        peak_concurrency=peak_concurrency(attempts),
+        slots=width,
+        longest_chain=chain,
+        process_s=process_s,
+        violations=violations,
+    )
+
+
+def _redelivered(attempts: list[Attempt]) -> int:
+    """Attempts handed out again without a nack of the one before: a crash or a lost lease."""
+    nacked = {(a.account, a.seq, a.attempt) for a in attempts if a.outcome == "nack"}
+    return sum(a.attempt > 1 and (a.account, a.seq, a.attempt - 1) not in nacked for a in attempts)
+
+
+def _first_waits_s(attempts: list[Attempt]) -> list[float]:
+    """Per event, the time from enqueue to the start of its first logged attempt."""
+    first: dict[tuple[int, int], Attempt] = {}
+    for a in attempts:
+        seen = first.get((a.account, a.seq))
+        if seen is None or a.started_ns < seen.started_ns:
+            first[(a.account, a.seq)] = a
+    return sorted((a.started_ns - a.enqueued_ns) / 1e9 for a in first.values())
+
+
+def _percentile(ordered: list[float], p: float) -> float:
+    """Nearest-rank percentile of an ascending list (0 for an empty one)."""
+    if not ordered:
+        return 0.0
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+def _median_duration_s(attempts: list[Attempt]) -> float:
+    durations = [(a.finished_ns - a.started_ns) / 1e9 for a in attempts if a.outcome == "ack"]
+    return statistics.median(durations) if durations else 0.0
+
+
+def concurrency_steps(attempts: Iterable[Attempt]) -> list[tuple[int, int]]:
+    """(time_ns, handlers running from then on) at every start and finish, in time order.
+
+    An attempt that ends as another starts does not count as overlapping it.
+    """
+    edges = sorted(
+        itertools.chain.from_iterable(((a.started_ns, 1), (a.finished_ns, -1)) for a in attempts)
+    )
+    running = itertools.accumulate(delta for _, delta in edges)
+    return list(zip((t for t, _ in edges), running, strict=True))
+
+
+def peak_concurrency(attempts: Iterable[Attempt]) -> int:
+    """The most handlers running at one instant."""
+    return max((running for _, running in concurrency_steps(attempts)), default=0)
+
+
+def render(report: Report) -> str:
+    """The report as aligned lines for a terminal."""
+    lost = "not checked (Redis unreachable or no gen run)" if report.lost is None else report.lost
+    lines = [
+        ("run", report.run_id or "whole log"),
+        ("events", report.events),
+        ("accounts", report.accounts),
+        ("acked", report.acked),
+        ("dead", report.dead),
+        ("nacked attempts", report.nacked),
+        ("redelivered", report.redelivered),
+        ("lost leases", report.lost_lease),
+        ("order violations", report.order_violations),
+        ("lost", lost),
+        ("makespan", f"{report.makespan_s:.2f} s (first enqueue to last finish)"),
+        (
+            "lower bound",
+            f"{report.lower_bound_s:.2f} s = {report.process_s:g} s x max(chain "
+            f"{report.longest_chain}, ceil({report.events} / W={report.slots}))",
+        ),
+        ("efficiency", f"{report.efficiency:.3f} (bound / makespan)"),
+        (
+            "wait p50/p95/p99",
+            f"{report.wait_p50_s:.3f} / {report.wait_p95_s:.3f} / {report.wait_p99_s:.3f} s",
+        ),
+        ("peak concurrency", f"{report.peak_concurrency} of W={report.slots}"),
+    ]
+    text = "\n".join(f"{name:<17} {value}" for name, value in lines)
+    shown = report.violations[:20]
+    if shown:
+        more = len(report.violations) - len(shown)
+        text += "\n\nviolations:\n" + "\n".join(f"  {v}" for v in shown)
+        text += f"\n  ... and {more} more" if more else ""
+    return text

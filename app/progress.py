@@ -1,0 +1,56 @@
+"""Watching a drain: a live progress line until no account has pending or in-flight events."""
+
+import asyncio
+import time
+from typing import TextIO
+
+from app.queue import Queue
+from app.settings import Settings
+
+POLL_S = 0.5
+PLAIN_EVERY_S = 5.0
+
+
+async def wait_drained(queue: Queue, timeout_s: float, out: TextIO) -> bool:
+    """Poll the counters until drained; False when `timeout_s` (0 = never) runs out first.
+
+    On a terminal the line is redrawn in place; otherwise one line is written every few seconds.
+    """
+    live = out.isatty()
+    started = time.monotonic()
+    first = await queue.stats()
+    done_before = first["acked"] + first["dead"]
+    shown_at = -PLAIN_EVERY_S
+    while True:
+        stats = await queue.stats()
+        elapsed = time.monotonic() - started
+        drained = stats["active"] == 0
+        settled = stats["acked"] + stats["dead"]
+        processed = settled - done_before
+        line = (
+            f"processed {processed:,} | backlog {stats['accepted'] - settled:,}"
+            f" | {processed / elapsed if elapsed else 0:,.0f} events/s | {elapsed:.1f} s"
+        )
+        if live:
+            out.write(f"\r{line}\033[K" + ("\n" if drained else ""))
+        elif drained or elapsed - shown_at >= PLAIN_EVERY_S:
+            out.write(line + "\n")
+            shown_at = elapsed
+        out.flush()
+        if drained:
+            return True
+        if timeout_s and elapsed >= timeout_s:
+            if live:
+                out.write("\n")
+            return False
+        await asyncio.sleep(POLL_S)
+
+
+async def wait_consumers(queue: Queue, count: int, settings: Settings, timeout_s: float) -> bool:
+    """Wait until `count` consumers have sent a heartbeat; False when `timeout_s` runs out."""
+    started = time.monotonic()
+    while len(await queue.live_consumers(settings.lease_seconds)) < count:
+        if timeout_s and time.monotonic() - started >= timeout_s:
+            return False
+        await asyncio.sleep(POLL_S / 5)
+    return True

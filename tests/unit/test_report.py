@@ -1,0 +1,157 @@
+"""The report counts exactly what hand-made event logs contain."""
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from app.cli import app
+from app.report import Report, read_log, summarize
+
+S = 1_000_000_000  # one second in ns
+RUN = "r1"
+NO_REDIS = {"REDIS_URL": "redis://127.0.0.1:1/0"}  # refused at once: lost is not checked
+
+
+def attempt(
+    account: int,
+    seq: int,
+    start_s: float,
+    end_s: float,
+    outcome: str = "ack",
+    attempt: int = 1,
+    slot: int = 0,
+    enqueued_s: float = 0.0,
+) -> dict[str, object]:
+    """One log line as the consumer writes it."""
+    return {
+        "event": f"event_{outcome}",
+        "account": account,
+        "seq": seq,
+        "event_id": f"{RUN}-{account}-{seq}",
+        "attempt": attempt,
+        "outcome": outcome,
+        "pid": 7,
+        "slot": slot,
+        "enqueued_ns": int(enqueued_s * S),
+        "started_ns": int(start_s * S),
+        "finished_ns": int(end_s * S),
+    }
+
+
+def write_log(tmp_path: Path, lines: list[dict[str, object]], accepted: int) -> Path:
+    marker = {"event": "run_started", "run_id": RUN, "slots": 2, "longest_chain": 2}
+    path = tmp_path / "event.log"
+    records = [
+        {"event": "run_started", "run_id": "r0", "slots": 9, "longest_chain": 9, "process_s": 9},
+        {**attempt(5, 1, 0, 1), "event_id": "r0-5-1"},
+        {**marker, "process_s": 1.0},
+        *lines,
+        {"event": "run_pushed", "run_id": RUN, "accepted": accepted},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + "not json\n")
+    return path
+
+
+def report_of(path: Path, waiting: int | None = 0) -> Report:
+    return summarize(read_log(path, latest_run=True), waiting)
+
+
+def test_clean_run_is_counted_and_bounded(tmp_path: Path) -> None:
+    """Two accounts drained in order on two slots: no violation, efficiency 1, waits measured."""
+    log = write_log(
+        tmp_path,
+        [attempt(1, 1, 0, 1), attempt(1, 2, 1, 2), attempt(2, 1, 0.5, 1.5, slot=1)],
+        accepted=3,
+    )
+    report = summarize(read_log(log, latest_run=True), waiting=0)
+    assert (report.events, report.accounts, report.acked, report.dead) == (3, 2, 3, 0)
+    assert (report.order_violations, report.lost, report.redelivered) == (0, 0, 0)
+    assert report.makespan_s == 2.0
+    assert report.lower_bound_s == 2.0  # 1 s x max(chain 2, ceil(3 / 2))
+    assert report.efficiency == 1.0
+    assert report.peak_concurrency == 2
+    assert (report.wait_p50_s, report.wait_p99_s) == (0.5, 1.0)
+    assert report.ok
+
+
+def test_overlap_is_one_violation(tmp_path: Path) -> None:
+    """Seq 2 starting before seq 1 finished breaks I1 once."""
+    log = write_log(tmp_path, [attempt(1, 1, 0, 1), attempt(1, 2, 0.5, 1.5, slot=1)], 2)
+    report = report_of(log)
+    assert report.order_violations == 1
+    assert "started before seq 1 finished" in report.violations[0]
+
+
+def test_out_of_seq_order_is_one_violation(tmp_path: Path) -> None:
+    """Seq 2 acked before seq 1, without overlap, breaks I1 once."""
+    log = write_log(tmp_path, [attempt(1, 2, 0, 1), attempt(1, 1, 1, 2)], 2)
+    report = report_of(log)
+    assert report.order_violations == 1
+    assert "seq 1 acked after seq 2" in report.violations[0]
+
+
+def test_redelivery_is_counted_but_a_nack_retry_is_not(tmp_path: Path) -> None:
+    """Attempt 2 after a lost lease is a redelivery; attempt 2 after a nack is a retry."""
+    lines = [
+        attempt(1, 1, 0, 1, outcome="lost_lease"),
+        attempt(1, 1, 1, 2, attempt=2),
+        attempt(2, 1, 0, 1, outcome="nack"),
+        attempt(2, 1, 1, 2, attempt=2),
+    ]
+    report = report_of(write_log(tmp_path, lines, 2))
+    assert report.redelivered == 1
+    assert report.lost_lease == 1
+    assert report.nacked == 1
+    assert report.acked == 2
+    assert report.order_violations == 0
+
+
+def test_dead_letter_is_settled_not_lost(tmp_path: Path) -> None:
+    """A dead-lettered event counts as dead, not acked and not lost."""
+    lines = [
+        attempt(1, 1, 0, 1, outcome="nack"),
+        attempt(1, 1, 1, 2, "dead", 2),
+        attempt(1, 2, 2, 3),
+    ]
+    report = report_of(write_log(tmp_path, lines, 2))
+    assert (report.acked, report.dead, report.lost) == (1, 1, 0)
+
+
+@pytest.mark.parametrize(("waiting", "lost"), [(0, 1), (1, 0), (None, None)])
+def test_lost_is_accepted_minus_settled_minus_waiting(
+    tmp_path: Path, waiting: int | None, lost: int | None
+) -> None:
+    """An accepted event neither settled nor still in Redis is lost; unknown without Redis."""
+    report = report_of(write_log(tmp_path, [attempt(1, 1, 0, 1)], accepted=2), waiting)
+    assert report.lost == lost
+
+
+def test_cli_json_and_exit_status(tmp_path: Path) -> None:
+    """`evq report --json --all` prints the documented keys and exits 1 on a violation."""
+    log = write_log(tmp_path, [attempt(1, 1, 0, 1), attempt(1, 2, 0.5, 1.5, slot=1)], 2)
+    result = CliRunner().invoke(app, ["report", str(log), "--json", "--all"], env=NO_REDIS)
+    assert result.exit_code == 1
+    found = json.loads(result.stdout)
+    keys = {"events", "accounts", "acked", "dead", "redelivered", "order_violations", "lost"}
+    keys |= {"makespan_s", "lower_bound_s", "efficiency", "wait_p50_s", "wait_p99_s"}
+    assert keys | {"peak_concurrency"} <= found.keys()
+    assert found["events"] == 3  # the whole log: the earlier run's event too
+    assert found["order_violations"] == 1
+
+
+def test_cli_plot_writes_a_png(tmp_path: Path) -> None:
+    """`--plot` writes a PNG file."""
+    log = write_log(tmp_path, [attempt(1, 1, 0, 1), attempt(2, 1, 0, 1, slot=1)], 2)
+    result = CliRunner().invoke(
+        app, ["report", str(log), "--plot", str(tmp_path / "run.png")], env=NO_REDIS
+    )
+    assert (tmp_path / "run.png").read_bytes()[:4] == b"\x89PNG", result.output
+
+
+def test_cli_missing_log_is_a_usage_error(tmp_path: Path) -> None:
+    """A missing log file gives exit 2 and a message, not a traceback."""
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "nope.log")])
+    assert result.exit_code == 2
+    assert "no event log" in result.output
