@@ -10,10 +10,11 @@ STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 VAR ?= var
 REDIS_PORT ?= 6379
 NUMPROCS ?= 2
+API_PORT ?= 8000
 STATE := $(abspath $(VAR))
 SUPERVISOR_CONF := docker/supervisor/supervisord.conf
 STACK := PATH="$(abspath $(BIN)):$$PATH" EVQ_VAR=$(STATE) NUMPROCS=$(NUMPROCS) \
-	REDIS_URL=redis://127.0.0.1:$(REDIS_PORT)/0 EVENT_LOG=$(STATE)/log/event.log
+	REDIS_URL=redis://127.0.0.1:$(REDIS_PORT)/0 EVENT_LOG=$(STATE)/log/event.log API_PORT=$(API_PORT)
 CTL := $(STACK) $(BIN)/supervisorctl -c $(SUPERVISOR_CONF)
 REDIS_UP := $(STACK) $(BIN)/evq stats >/dev/null 2>&1
 
@@ -58,7 +59,8 @@ up: venv redis-server
 	@if $(CTL) pid >/dev/null 2>&1; then \
 	  echo "supervisord: already running (make down first to change NUMPROCS)"; else \
 	  $(STACK) $(BIN)/supervisord -c $(SUPERVISOR_CONF) && \
-	  echo "supervisord: starting $(NUMPROCS) consumers, logs in $(STATE)/log"; fi
+	  echo "supervisord: starting $(NUMPROCS) consumers and the API on port $(API_PORT)," \
+	    "logs in $(STATE)/log"; fi
 	@$(STACK) $(BIN)/evq wait --consumers $(NUMPROCS) --timeout 60
 	@$(CTL) status
 

@@ -3,7 +3,8 @@
 import asyncio
 import sys
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -14,14 +15,25 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from app import handlers, log, progress
+from app.client import ApiError
 from app.consumer import Consumer
-from app.generator import Pattern, longest_chain, lower_bound_s, push_workload, workload
+from app.generator import (
+    Pattern,
+    PushSummary,
+    Via,
+    longest_chain,
+    lower_bound_s,
+    open_target,
+    push_workload,
+    workload,
+)
 from app.plot import PlotUnavailable, draw
 from app.queue import Queue, connect
 from app.report import read_log, render, summarize
 from app.settings import Settings
 
 T = TypeVar("T")
+DEFAULT_API = "http://127.0.0.1:8000"
 # A lane holds a connection only for one round trip, so a few dozen serve hundreds of lanes.
 LANE_CONNECTIONS = 32
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -41,6 +53,9 @@ def _run(coro: Coroutine[Any, Any, T], settings: Settings) -> T:
         return asyncio.run(coro)
     except RedisConnectionError as exc:
         typer.echo(f"evq: cannot reach Redis at {settings.redis_url}: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    except ApiError as exc:
+        typer.echo(f"evq: {exc}", err=True)
         raise typer.Exit(1) from exc
 
 
@@ -87,47 +102,65 @@ def gen(
     slots: Annotated[
         int | None, typer.Option(min=1, help="W for the bound; default: live consumers' slots.")
     ] = None,
+    via: Annotated[
+        Via, typer.Option(help="Push into Redis directly or through the API.")
+    ] = "redis",
+    api_url: Annotated[str, typer.Option(help="Base URL of the API (--via api).")] = DEFAULT_API,
 ) -> None:
-    """Generate a workload and push it into Redis."""
+    """Generate a workload and push it into Redis (or through the API)."""
     settings = _settings()
     plan = workload(pattern, events, accounts, seed)
+    chain = longest_chain(plan)
     run_id = uuid.uuid4().hex[:12]
+    run_log = log.configure(settings.event_log)
 
-    async def main() -> None:
-        redis = connect(settings)
-        queue = Queue(redis, settings)
-        live = await queue.live_consumers(settings.lease_seconds)
-        width = slots or sum(live.values()) or settings.concurrency
-        chain = longest_chain(plan)
-        run_log = log.configure(settings.event_log)
-        run_log.info(
-            "run_started",
-            run_id=run_id,
-            events=events,
-            accounts=accounts,
-            pattern=pattern,
-            seed=seed,
-            slots=width,
-            longest_chain=chain,
-            process_s=settings.process_seconds,
-        )
-        columns = (TextColumn("pushing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with Progress(*columns, disable=not sys.stderr.isatty()) as progress:
-            task = progress.add_task("push", total=events)
-            summary = await push_workload(
-                queue, plan, run_id, batch, rate, lambda n: progress.advance(task, n)
+    async def main() -> tuple[PushSummary, int]:
+        async with open_target(settings, via, api_url) as (push_many, live_slots):
+            width = slots or await live_slots() or settings.concurrency
+            run_log.info(
+                "run_started",
+                run_id=run_id,
+                events=events,
+                accounts=accounts,
+                pattern=pattern,
+                seed=seed,
+                slots=width,
+                longest_chain=chain,
+                process_s=settings.process_seconds,
             )
-        await redis.aclose()
+            with _progress_bar(events) as advance:
+                summary = await push_workload(push_many, plan, run_id, batch, rate, advance)
         run_log.info("run_pushed", run_id=run_id, accepted=summary.accepted)
-        bound = lower_bound_s(events, chain, width, settings.process_seconds)
-        typer.echo(
-            f"run {run_id}: {summary.accepted} accepted, {summary.duplicates} duplicates, "
-            f"{events / summary.elapsed_s:,.0f} events/s over {summary.elapsed_s:.2f} s\n"
-            f"longest chain {chain} events; lower bound with W={width} slots and "
-            f"PROCESS_SECONDS={settings.process_seconds:g}: {bound:.1f} s"
-        )
+        return summary, width
 
-    _run(main(), settings)
+    summary, width = _run(main(), settings)
+    bound = lower_bound_s(events, chain, width, settings.process_seconds)
+    typer.echo(
+        f"run {run_id}: {summary.accepted} accepted, {summary.duplicates} duplicates, "
+        f"{events / summary.elapsed_s:,.0f} events/s over {summary.elapsed_s:.2f} s\n"
+        f"longest chain {chain} events; lower bound with W={width} slots and "
+        f"PROCESS_SECONDS={settings.process_seconds:g}: {bound:.1f} s"
+    )
+
+
+@contextmanager
+def _progress_bar(total: int) -> Iterator[Callable[[int], None]]:
+    """A progress bar on a terminal (nothing otherwise); yields the function that advances it."""
+    columns = (TextColumn("pushing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, disable=not sys.stderr.isatty()) as bar:
+        task = bar.add_task("push", total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+@app.command()
+def api() -> None:
+    """Serve the HTTP API on API_HOST:API_PORT (OpenAPI docs at /docs)."""
+    settings = _settings()
+    import uvicorn  # noqa: PLC0415 (the web stack loads only for this command)
+
+    from app.api import create_app  # noqa: PLC0415
+
+    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port)
 
 
 @app.command()

@@ -5,14 +5,20 @@ import math
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import Literal
 
-from app.queue import NewEvent, Queue
+import httpx
+
+from app.client import ApiClient
+from app.queue import NewEvent, PushResult, Queue, connect
+from app.settings import Settings
 
 Pattern = Literal["bursty", "uniform", "zipf", "hot"]
+Via = Literal["redis", "api"]
 HOT_EVENTS = 300
 ZIPF_S = 1.1
 
@@ -58,8 +64,11 @@ class PushSummary:
     elapsed_s: float
 
 
+PushMany = Callable[[Sequence[NewEvent]], Awaitable[list[PushResult]]]
+
+
 async def push_workload(
-    queue: Queue,
+    push_many: PushMany,
     accounts: Sequence[int],
     run_id: str,
     batch: int,
@@ -80,7 +89,7 @@ async def push_workload(
             NewEvent(account, f"{run_id}-{i}", {"n": i})
             for i, account in enumerate(accounts[start : start + batch], start)
         ]
-        results = await queue.push_many(chunk)
+        results = await push_many(chunk)
         queued = sum(r.queued for r in results)
         accepted += queued
         duplicates += len(results) - queued
@@ -90,3 +99,25 @@ async def push_workload(
             if ahead_s > 0:
                 await asyncio.sleep(ahead_s)
     return PushSummary(accepted, duplicates, time.perf_counter() - started)
+
+
+@asynccontextmanager
+async def open_target(
+    settings: Settings, via: Via, api_url: str
+) -> AsyncIterator[tuple[PushMany, Callable[[], Awaitable[int]]]]:
+    """Where `gen` pushes: (push_many, live_slots) of the engine or of the API."""
+    if via == "api":
+        async with httpx.AsyncClient(base_url=api_url, timeout=60) as http:
+            api = ApiClient(http)
+            yield api.push_many, api.live_slots
+        return
+    redis = connect(settings)
+    queue = Queue(redis, settings)
+
+    async def live_slots() -> int:
+        return sum((await queue.live_consumers(settings.lease_seconds)).values())
+
+    try:
+        yield queue.push_many, live_slots
+    finally:
+        await redis.aclose()

@@ -54,7 +54,12 @@ class Keys:
             self.stats,
             self.active,
             self.dead,
+            self.totals(account),
         ]
+
+    def totals(self, account: int) -> str:
+        """The hash of an account's settled counts: acked, dead, last_acked_seq."""
+        return f"{self.namespace}:totals:{{{account}}}"
 
     def dedupe(self, account: int, bucket: int) -> str:
         """The hash of event ids an account accepted in one dedupe time bucket."""

@@ -72,7 +72,7 @@ def connect(settings: Settings, max_connections: int = 64) -> Redis:
     pool = BlockingConnectionPool.from_url(
         settings.redis_url, max_connections=max_connections, driver_info=DriverInfo()
     )
-    return Redis(connection_pool=pool)
+    return Redis.from_pool(pool)
 
 
 def _random_score() -> str:
@@ -102,9 +102,10 @@ class Queue:
         return _push_result(await self.scripts.call("push", keys, args))
 
     async def push_many(self, events: Sequence[NewEvent]) -> list[PushResult]:
-        """Queue events in one pipelined round trip; results in the order given."""
+        """Queue events in one atomic round trip (all or none); results in the order given."""
         now = time.time_ns()
-        replies = await self.scripts.batch("push", [self._push_call(e, now) for e in events])
+        calls = [self._push_call(e, now) for e in events]
+        replies = await self.scripts.batch("push", calls, atomic=True)
         return [_push_result(r) for r in replies]
 
     def _push_call(self, event: NewEvent, now_ns: int) -> tuple[list[str], tuple[Any, ...]]:
@@ -164,7 +165,8 @@ class Queue:
 
     async def ack(self, event: Event, want_next: bool = True) -> Next:
         """Settle a handled event; hands back the account's next event when it should go on."""
-        return await self._call("ack", event.account, event.token, (b"1" if want_next else b"0",))
+        want = b"1" if want_next else b"0"
+        return await self._call("ack", event.account, event.token, (want, event.seq))
 
     async def nack(self, event: Event, error: str, dead: bool, want_next: bool = True) -> Next:
         """Settle a failed event: back to the head for a retry, or into dead letters when `dead`."""
@@ -244,7 +246,9 @@ class Queue:
         """True when no account has pending or in-flight events."""
         return int(await self.redis.scard(self.keys.active)) == 0
 
-    async def _call(self, name: str, account: int, token: int, extra: tuple[bytes, ...]) -> Next:
+    async def _call(
+        self, name: str, account: int, token: int, extra: tuple[bytes | int, ...]
+    ) -> Next:
         args = (account, token, self._order, self._rand(), *extra)
         reply = await self.scripts.call(name, self._account_keys(account), args)
         return self._next(account, token, reply)

@@ -41,15 +41,20 @@ class Scripts:
             await self.load()
             return await self._redis.evalsha(self._sha[name], len(keys), *keys, *args)
 
-    async def batch(self, name: str, calls: Sequence[tuple[Sequence[str], Args]]) -> list[Any]:
-        """Run one script many times in one pipelined round trip; results in call order."""
+    async def batch(
+        self, name: str, calls: Sequence[tuple[Sequence[str], Args]], atomic: bool = False
+    ) -> list[Any]:
+        """Run one script many times in one pipelined round trip; results in call order.
+
+        `atomic`: inside MULTI/EXEC, so a connection lost mid-batch applies none of it.
+        """
         if not self._sha:
             await self.load()
-        results = await self._pipeline(name, calls)
+        results = await self._pipeline(name, calls, atomic)
         missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
         if missing:
             await self.load()
-            retried = await self._pipeline(name, [calls[i] for i in missing])
+            retried = await self._pipeline(name, [calls[i] for i in missing], atomic)
             for i, result in zip(missing, retried, strict=True):
                 results[i] = result
         for result in results:
@@ -57,9 +62,11 @@ class Scripts:
                 raise result
         return results
 
-    async def _pipeline(self, name: str, calls: Sequence[tuple[Sequence[str], Args]]) -> list[Any]:
+    async def _pipeline(
+        self, name: str, calls: Sequence[tuple[Sequence[str], Args]], atomic: bool
+    ) -> list[Any]:
         sha = self._sha[name]
-        async with self._redis.pipeline(transaction=False) as pipe:
+        async with self._redis.pipeline(transaction=atomic) as pipe:
             for keys, args in calls:
                 pipe.evalsha(sha, len(keys), *keys, *args)
             return list(await pipe.execute(raise_on_error=False))

@@ -1,9 +1,9 @@
 -- Shared by every account script; scripts.py prepends it to each one.
 -- KEYS layout (keys.py builds it, every per-account key shares the account's hash tag):
 --   1 pending list, 2 in-flight list, 3 lock, 4 fence, 5 attempt, 6 seq,
---   7 ready index, 8 stats, 9 active set, 10 dead letters
+--   7 ready index, 8 stats, 9 active set, 10 dead letters, 11 account totals
 local pending, in_flight, lock, fence, attempt_key, seq_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
-local ready, stats, active, dead = KEYS[7], KEYS[8], KEYS[9], KEYS[10]
+local ready, stats, active, dead, totals = KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11]
 
 -- The claim MULTI increments lock and fence together, so while the lock lives the owner's
 -- token is fence - lock + 1: no owner field to keep in sync, and a stale token never matches.

@@ -13,4 +13,5 @@ end
 redis.call('RPUSH', dead, ARGV[6])
 redis.call('DEL', in_flight, attempt_key)
 redis.call('HINCRBY', stats, 'dead', 1)
+redis.call('HINCRBY', totals, 'dead', 1)
 return next_step(ARGV[1], ARGV[3], ARGV[4], ARGV[5])

@@ -1,4 +1,4 @@
-"""The real local stack: make up (redis-server + supervisord + 2 consumers), gen, report, down."""
+"""The real local stack: make up (Redis, supervisord, 2 consumers, API), gen, report, down."""
 
 import json
 import os
@@ -6,9 +6,10 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
-from tests.support import REPO, free_port
+from tests.support import REPO, free_port, wait_for
 
 NUMPROCS = 2
 ENV = {"CONCURRENCY": "50", "PROCESS_SECONDS": "0.1", "LEASE_SECONDS": "5"}
@@ -20,6 +21,7 @@ class Stack:
     def __init__(self, var: Path) -> None:
         self.var = var
         self.port = free_port()
+        self.api = f"http://127.0.0.1:{free_port()}"
         self.env = {
             **os.environ,
             **ENV,
@@ -27,6 +29,7 @@ class Stack:
             "REDIS_URL": f"redis://127.0.0.1:{self.port}/0",
             "EVQ_VAR": str(var),
             "EVENT_LOG": str(var / "log" / "event.log"),
+            "API_PORT": self.api.rsplit(":", 1)[1],
         }
 
     def make(self, target: str) -> str:
@@ -72,9 +75,30 @@ def alive(pid: int) -> bool:
     return True
 
 
-def test_stack_drains_a_bursty_run_in_order_near_the_bound(stack: Stack) -> None:
+def api_up(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.mark.parametrize("via", ["redis", "api"])
+def test_stack_drains_a_bursty_run_in_order_near_the_bound(stack: Stack, via: str) -> None:
     """1,000 bursty events for 100 accounts: no violation, nothing lost, efficiency above 0.8."""
-    stack.run("gen", "--events", "1000", "--accounts", "100", "--seed", "7")
+    wait_for(lambda: api_up(stack.api), 20, "the API")
+    stack.run(
+        "gen",
+        "--events",
+        "1000",
+        "--accounts",
+        "100",
+        "--seed",
+        "7",
+        "--via",
+        via,
+        "--api-url",
+        stack.api,
+    )
     stack.run("evq", "wait", "--timeout", "60")
     report = json.loads(stack.run("evq", "report", "--json"))
     assert report["events"] == 1000
@@ -92,8 +116,8 @@ def test_up_is_idempotent_and_down_stops_everything(stack: Stack) -> None:
     supervisord, redis = stack.pid("supervisord"), stack.pid("redis")
     assert "already" in stack.make("up")
     assert (stack.pid("supervisord"), stack.pid("redis")) == (supervisord, redis)
-    status = stack.make("ps")
-    assert status.count("RUNNING") == NUMPROCS
-    consumers = [int(line.split("pid ")[1].split(",")[0]) for line in status.splitlines()[:2]]
+    status = [line for line in stack.make("ps").splitlines() if "RUNNING" in line]
+    assert len(status) == NUMPROCS + 1  # the consumers and the API
+    pids = [int(line.split("pid ")[1].split(",")[0]) for line in status]
     stack.make("down")
-    assert not any(alive(pid) for pid in [supervisord, redis, *consumers])
+    assert not any(alive(pid) for pid in [supervisord, redis, *pids])

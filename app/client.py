@@ -1,0 +1,49 @@
+"""The API's client: what `gen --via api` pushes through."""
+
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+import orjson
+
+from app.queue import NewEvent, PushResult
+
+JSON = {"content-type": "application/json"}
+
+
+class ApiError(Exception):
+    """The API answered with an error, or could not be reached."""
+
+
+class ApiClient:
+    """Pushes batches through `POST /events/batch` and reads `GET /stats`."""
+
+    def __init__(self, http: httpx.AsyncClient) -> None:
+        self._http = http
+
+    async def push_many(self, events: Sequence[NewEvent]) -> list[PushResult]:
+        """Queue events in one request; results in the order given."""
+        body = {
+            "events": [
+                {"account_id": e.account, "event_id": e.event_id, "payload": e.payload}
+                for e in events
+            ]
+        }
+        reply = await self._request("POST", "/events/batch", content=orjson.dumps(body))
+        return [PushResult(not r["duplicate"], r["seq"]) for r in reply["results"]]
+
+    async def live_slots(self) -> int:
+        """Total slots of the live consumers, as the API sees them."""
+        return int((await self._request("GET", "/stats"))["slots"])
+
+    async def _request(
+        self, method: str, path: str, content: bytes | None = None
+    ) -> dict[str, Any]:
+        try:
+            response = await self._http.request(method, path, content=content, headers=JSON)
+        except httpx.HTTPError as exc:
+            raise ApiError(f"cannot reach the API at {self._http.base_url}: {exc}") from exc
+        found: dict[str, Any] = orjson.loads(response.content) if response.content else {}
+        if response.is_error:
+            raise ApiError(f"{method} {path}: {response.status_code} {found.get('error', '')}")
+        return found

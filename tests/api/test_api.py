@@ -1,0 +1,217 @@
+"""The HTTP API against a real Redis: accepted, duplicate, batch, validation, Redis down."""
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from app.api import MAX_PAYLOAD_BYTES, create_app
+from app.queue import NewEvent, Queue
+from tests.support import RedisServer, settings
+
+
+@pytest.fixture
+async def api(redis_url: str) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the app, its lifespan running, on the test Redis."""
+    async with client_of(create_app(settings(redis_url))) as client:
+        yield client
+
+
+def client_of(app: FastAPI) -> "Lifespan":
+    return Lifespan(app)
+
+
+class Lifespan:
+    """Runs the app's lifespan around an httpx client on its ASGI transport."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+        self.context = app.router.lifespan_context(app)
+
+    async def __aenter__(self) -> httpx.AsyncClient:
+        await self.context.__aenter__()
+        transport = httpx.ASGITransport(app=self.app)
+        self.client = httpx.AsyncClient(transport=transport, base_url="http://evq")
+        return self.client
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.client.aclose()
+        await self.context.__aexit__(None, None, None)
+
+
+async def accepted(queue: Queue) -> int:
+    return (await queue.stats())["accepted"]
+
+
+async def test_event_is_queued_with_its_seq(api: httpx.AsyncClient, queue: Queue) -> None:
+    """POST /events answers 202 with the seq; the event is in the account's list."""
+    first = await api.post("/events", json={"account_id": 7, "event_id": "a", "payload": [1]})
+    second = await api.post("/events", json={"account_id": 7, "event_id": "b"})
+    assert first.status_code == second.status_code == 202
+    assert first.json() == {"account_id": 7, "event_id": "a", "seq": 1, "duplicate": False}
+    assert second.json()["seq"] == 2
+    assert await queue.redis.llen(queue.keys.pending(7)) == 2
+
+
+async def test_duplicate_is_200_and_not_queued_again(api: httpx.AsyncClient, queue: Queue) -> None:
+    """I6: the same event_id again answers 200, duplicate, with the first seq."""
+    await api.post("/events", json={"account_id": 7, "event_id": "a"})
+    again = await api.post("/events", json={"account_id": 7, "event_id": "a", "payload": 2})
+    assert again.status_code == 200
+    assert again.json()["duplicate"] is True
+    assert again.json()["seq"] == 1
+    assert await queue.redis.llen(queue.keys.pending(7)) == 1
+
+
+async def test_batch_results_in_request_order(api: httpx.AsyncClient, queue: Queue) -> None:
+    """A batch answers per event, in order, with seqs and duplicates."""
+    events = [
+        {"account_id": 1, "event_id": "x"},
+        {"account_id": 2, "event_id": "y"},
+        {"account_id": 1, "event_id": "z"},
+        {"account_id": 1, "event_id": "x"},
+    ]
+    reply = await api.post("/events/batch", json={"events": events})
+    assert reply.status_code == 202
+    body = reply.json()
+    assert (body["accepted"], body["duplicates"]) == (3, 1)
+    assert [(r["event_id"], r["seq"], r["duplicate"]) for r in body["results"]] == [
+        ("x", 1, False),
+        ("y", 1, False),
+        ("z", 2, False),
+        ("x", 1, True),
+    ]
+    assert await accepted(queue) == 3
+
+
+BAD_EVENTS: list[tuple[Any, str]] = [
+    ({"account_id": 0, "event_id": "a"}, "account_id"),
+    ({"account_id": -3, "event_id": "a"}, "account_id"),
+    ({"account_id": "seven", "event_id": "a"}, "account_id"),
+    ({"account_id": 2**53, "event_id": "a"}, "account_id"),
+    ({"account_id": 1}, "event_id"),
+    ({"account_id": 1, "event_id": ""}, "event_id"),
+    ({"account_id": 1, "event_id": "e" * 129}, "event_id"),
+    ({"account_id": 1, "event_id": 5}, "event_id"),
+    ({"account_id": 1, "event_id": "a", "colour": "red"}, "colour"),
+    ({"account_id": 1, "event_id": "a", "payload": "p" * MAX_PAYLOAD_BYTES}, "payload"),
+    ({"account_id": 1, "event_id": "a", "payload": {"n": 2**64}}, "payload"),
+    ([1, 2], "body"),
+]
+
+
+@pytest.mark.parametrize(("event", "field"), BAD_EVENTS)
+async def test_invalid_event_is_422_naming_the_field(
+    api: httpx.AsyncClient, queue: Queue, event: Any, field: str
+) -> None:
+    """Every validation error is a 422 whose message names the field; nothing is queued."""
+    reply = await api.post("/events", json=event)
+    assert reply.status_code == 422
+    assert field in reply.json()["error"]
+    assert await accepted(queue) == 0
+
+
+async def test_invalid_json_is_422(api: httpx.AsyncClient, queue: Queue) -> None:
+    """A body that is not JSON is a 422, not a 500."""
+    reply = await api.post(
+        "/events", content=b"{nope", headers={"content-type": "application/json"}
+    )
+    assert reply.status_code == 422
+    assert reply.json()["error"]
+    assert await accepted(queue) == 0
+
+
+async def test_bad_item_rejects_the_whole_batch(api: httpx.AsyncClient, queue: Queue) -> None:
+    """One bad event rejects the batch with its index, and none of it is queued."""
+    events = [{"account_id": 1, "event_id": f"e{i}"} for i in range(5)]
+    events[3]["account_id"] = 0
+    reply = await api.post("/events/batch", json={"events": events})
+    assert reply.status_code == 422
+    assert "events[3].account_id" in reply.json()["error"]
+    assert await accepted(queue) == 0
+
+
+@pytest.mark.parametrize("size", [0, 1001])
+async def test_batch_size_is_bounded(api: httpx.AsyncClient, size: int) -> None:
+    """A batch holds 1 to 1,000 events."""
+    events = [{"account_id": 1, "event_id": f"e{i}"} for i in range(size)]
+    reply = await api.post("/events/batch", json={"events": events})
+    assert reply.status_code == 422
+    assert "events" in reply.json()["error"]
+
+
+async def test_oversized_body_is_413(api: httpx.AsyncClient, queue: Queue) -> None:
+    """A body past the route's limit is refused with 413 before it is parsed."""
+    big = {"account_id": 1, "event_id": "a", "payload": "p" * (2 * MAX_PAYLOAD_BYTES)}
+    reply = await api.post("/events", json=big)
+    assert reply.status_code == 413
+    assert "larger than" in reply.json()["error"]
+    assert await accepted(queue) == 0
+
+
+async def test_account_view_follows_the_event(api: httpx.AsyncClient, queue: Queue) -> None:
+    """GET /accounts/{id}: backlog, in flight, owner, then last acked seq and counts."""
+    await queue.push_many([NewEvent(5, "a"), NewEvent(5, "b")])
+    (event,) = await queue.claim(1, 0)
+    view = (await api.get("/accounts/5")).json()
+    assert view["backlog"] == 1
+    assert view["in_flight"]["seq"] == 1
+    assert view["owner"]["token"] == event.token
+    assert view["last_acked_seq"] is None
+    await queue.ack(event, want_next=False)
+    view = (await api.get("/accounts/5")).json()
+    assert (view["owner"], view["in_flight"], view["last_acked_seq"], view["acked"]) == (
+        None,
+        None,
+        1,
+        1,
+    )
+
+
+async def test_dead_letters_are_paged_with_errors(api: httpx.AsyncClient, queue: Queue) -> None:
+    """GET /dead lists dead letters with their error text, a page at a time."""
+    await queue.push_many([NewEvent(a, f"p{a}") for a in (1, 2, 3)])
+    for event in await queue.claim(3, 0):
+        await queue.nack(event, f"boom {event.account}", dead=True)
+    page = (await api.get("/dead", params={"offset": 1, "limit": 1})).json()
+    assert page["total"] == 3
+    assert len(page["items"]) == 1
+    assert page["items"][0]["error"].startswith("boom")
+    assert (await api.get("/dead", params={"limit": 0})).status_code == 422
+
+
+async def test_stats_health_and_unknown_route(api: httpx.AsyncClient) -> None:
+    """GET /stats has the totals; /healthz and /readyz answer; an unknown route is a JSON 404."""
+    await api.post("/events", json={"account_id": 1, "event_id": "a"})
+    stats = (await api.get("/stats")).json()
+    assert (stats["accepted"], stats["ready"]) == (1, 1)
+    assert (await api.get("/healthz")).status_code == 200
+    assert (await api.get("/readyz")).json() == {"status": "ready"}
+    missing = await api.get("/nope")
+    assert missing.status_code == 404
+    assert missing.json()["error"]
+
+
+async def test_redis_down_is_503_and_queues_nothing(tmp_path: Path) -> None:
+    """With Redis stopped, writes and readyz answer 503; after a restart nothing half-written."""
+    server = RedisServer(tmp_path / "redis", appendonly=True)
+    server.start()
+    try:
+        async with client_of(create_app(settings(server.url))) as api:
+            ok = await api.post("/events", json={"account_id": 1, "event_id": "kept"})
+            assert ok.status_code == 202
+            server.stop()
+            batch = [{"account_id": a, "event_id": f"lost{a}"} for a in range(1, 50)]
+            down = await api.post("/events/batch", json={"events": batch})
+            assert down.status_code == 503
+            assert "Redis unavailable" in down.json()["error"]
+            assert (await api.get("/readyz")).status_code == 503
+            assert (await api.get("/healthz")).status_code == 200
+            server.start()
+            stats = (await api.get("/stats")).json()
+            assert stats["accepted"] == 1
+    finally:
+        server.stop()
