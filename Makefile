@@ -18,7 +18,7 @@ STACK := PATH="$(abspath $(BIN)):$$PATH" EVQ_VAR=$(STATE) NUMPROCS=$(NUMPROCS) \
 CTL := $(STACK) $(BIN)/supervisorctl -c $(SUPERVISOR_CONF)
 REDIS_UP := $(STACK) $(BIN)/evq stats >/dev/null 2>&1
 
-.PHONY: venv redis-server test lint clean up down ps demo
+.PHONY: venv redis-server wrk test lint clean up down ps demo bench bench-full
 
 venv: $(STAMP)
 
@@ -28,16 +28,22 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test,plot]'
 	@rm -f $(VENV)/.installed-* && touch $@
 
-# A redis-server on PATH: installed from the system packages when missing and we are root.
+# $(call need,COMMAND,PACKAGE): install PACKAGE from the system packages when COMMAND is
+# missing and we are root; otherwise say what to install.
+need = @command -v $(1) >/dev/null 2>&1 || { \
+  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+    echo "installing $(2) from the system packages"; \
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2) >/dev/null; \
+  else \
+    echo "$(1) is missing: run 'sudo apt-get install $(2)' (or put one on PATH)" >&2; exit 1; \
+  fi; }
+
 redis-server:
-	@command -v redis-server >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing redis-server from the system packages"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
-	  else \
-	    echo "redis-server is missing: run 'sudo apt-get install redis-server' (or put one on PATH)" >&2; \
-	    exit 1; \
-	  fi; }
+	$(call need,redis-server,redis-server)
+
+# The HTTP load tool of the API benchmark.
+wrk:
+	$(call need,wrk,wrk)
 
 lint: venv
 	$(BIN)/ruff check .
@@ -84,6 +90,13 @@ demo: up
 	@$(STACK) $(BIN)/evq wait
 	$(STACK) $(BIN)/evq report --plot $(STATE)/report.png
 	@echo "The stack is still running: 'make ps' shows it, 'make down' stops it."
+
+# Benchmarks: own redis-server and processes; results in bench/results/, docs/benchmarks.md.
+bench: venv redis-server wrk
+	$(BIN)/python -m bench.run
+
+bench-full: venv redis-server wrk
+	$(BIN)/python -m bench.run --full
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -10,6 +10,7 @@ from typing import Annotated, Any, TypeVar
 
 import orjson
 import typer
+import uvloop
 from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -50,7 +51,8 @@ def _settings() -> Settings:
 
 def _run(coro: Coroutine[Any, Any, T], settings: Settings) -> T:
     try:
-        return asyncio.run(coro)
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(coro)
     except RedisConnectionError as exc:
         typer.echo(f"evq: cannot reach Redis at {settings.redis_url}: {exc}", err=True)
         raise typer.Exit(1) from exc
@@ -257,8 +259,8 @@ def _waiting(settings: Settings, run_id: str | None) -> int | None:
             await redis.aclose()
 
     try:
-        return asyncio.run(main())
-    except RedisConnectionError:
+        return _run(main(), settings)
+    except typer.Exit:
         return None
 
 

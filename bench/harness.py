@@ -1,0 +1,173 @@
+"""What every scenario needs: a throwaway redis-server, evq processes, gen, and the report."""
+
+import contextlib
+import json
+import os
+import platform
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import redis as sync_redis
+
+from tests.support import REPO, RedisServer, free_port, wait_for
+
+BIN = REPO / ".venv" / "bin"
+SCRATCH = REPO / "bench" / "scratch"
+RESULTS = REPO / "bench" / "results"
+
+
+class Bench:
+    """One redis-server and an event log in bench/scratch; starts evq processes against them."""
+
+    def __init__(self, server: RedisServer, name: str) -> None:
+        self.server = server
+        self.log = SCRATCH / f"{name}.log"
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def env(self, **settings: object) -> dict[str, str]:
+        """The process environment: production defaults plus `settings` (upper-cased)."""
+        env = {**os.environ, "REDIS_URL": self.server.url, "EVENT_LOG": str(self.log)}
+        env.update({k.upper(): str(v) for k, v in settings.items()})
+        return env
+
+    def fresh(self) -> None:
+        """Empty Redis and the event log before a cell."""
+        client = sync_redis.Redis.from_url(self.server.url)
+        client.flushall()
+        client.close()
+        self.log.unlink(missing_ok=True)
+
+    def start(self, *args: str, **settings: object) -> subprocess.Popen[bytes]:
+        """Start `evq <args>` in the background."""
+        proc = subprocess.Popen(
+            [str(BIN / "evq"), *args],
+            env=self.env(**settings),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def consumers(self, slots: int, burst: bool = False, **settings: object) -> int:
+        """Start consumers for `slots` in total: one process up to 100 slots, else two."""
+        procs = 1 if slots <= 100 else 2
+        for _ in range(procs):
+            self.start(
+                "consume", *(["--burst"] if burst else []), concurrency=slots // procs, **settings
+            )
+        return procs
+
+    def evq(self, *args: str, **settings: object) -> str:
+        """Run `evq <args>` to completion; its stdout."""
+        done = subprocess.run(
+            [str(BIN / "evq"), *args],
+            env=self.env(**settings),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode not in (0, 1):
+            raise RuntimeError(f"evq {' '.join(args)} failed: {done.stderr.strip()}")
+        return done.stdout
+
+    def gen(
+        self, events: int, accounts: int, pattern: str, slots: int, **settings: object
+    ) -> float:
+        """Push a workload with `gen`; the push rate it reported, in events per second."""
+        out = self.evq(
+            "gen",
+            f"--events={events}",
+            f"--accounts={accounts}",
+            f"--pattern={pattern}",
+            "--seed=1",
+            f"--slots={slots}",
+            **settings,
+        )
+        found = re.search(r"([\d,]+) events/s", out)
+        if found is None:
+            raise RuntimeError(f"gen printed no rate: {out}")
+        return float(found.group(1).replace(",", ""))
+
+    def report(self) -> dict[str, Any]:
+        found: dict[str, Any] = json.loads(self.evq("report", str(self.log), "--json"))
+        return found
+
+    def stop(self) -> None:
+        """SIGTERM every process started here and wait for it."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs.clear()
+
+    def used_memory(self) -> int:
+        client = sync_redis.Redis.from_url(self.server.url)
+        used = int(client.info("memory")["used_memory"])  # type: ignore[index]
+        client.close()
+        return used
+
+
+@contextlib.contextmanager
+def bench(name: str) -> Iterator[Bench]:
+    """A Bench on its own redis-server; every process and the server stop at the end."""
+    SCRATCH.mkdir(parents=True, exist_ok=True)
+    server = RedisServer(SCRATCH / f"redis-{name}")
+    server.start()
+    running = Bench(server, name)
+    try:
+        yield running
+    finally:
+        running.stop()
+        server.stop()
+
+
+def api_url_when_up(running: Bench, **settings: object) -> str:
+    """Start `evq api` on a free port and wait until it answers."""
+    port = free_port()
+    running.start("api", api_port=port, **settings)
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        import httpx  # noqa: PLC0415
+
+        try:
+            return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(up, 30, "evq api")
+    return url
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    version = subprocess.run(
+        ["redis-server", "--version"], capture_output=True, text=True, check=False
+    ).stdout
+    return {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "redis": version.split("v=")[1].split()[0] if "v=" in version else version.strip(),
+        "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def write(name: str, cells: list[dict[str, Any]], **extra: Any) -> Path:
+    """bench/results/<name>.json: the machine, the cells and any extra figures."""
+    path = RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        json.dumps({"scenario": name, "machine": machine(), **extra, "cells": cells}, indent=1)
+        + "\n"
+    )
+    return path

@@ -1,0 +1,75 @@
+"""Runs the benchmark scenarios and rewrites bench/results/<set>/ and docs/benchmarks.md.
+
+python -m bench.run            the short set (make bench, under 10 minutes)
+python -m bench.run --full     everything (make bench-full)
+python -m bench.run --only noop --only push
+"""
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from bench import docs, scenarios
+from bench.harness import Bench, bench, write
+
+ORDERS = ("longest", "oldest", "random")
+Cell = Callable[[Bench], dict[str, Any]]
+
+
+def plan(full: bool) -> dict[str, list[Cell]]:
+    """Scenario name -> its cells, for the short or the full set."""
+    patterns = ("bursty", "uniform", "zipf", "hot") if full else ("bursty",)
+    widths = (10, 50, 100, 200, 500, 1000) if full else (100, 1000)
+    return {
+        "grid": [
+            _cell(scenarios.makespan, pattern, w, order, 0.1)
+            for pattern in patterns
+            for w in widths
+            for order in ORDERS
+        ],
+        "headline": [
+            _cell(scenarios.makespan, "bursty", w, "longest", 1.0)
+            for w in ((100, 1000) if full else (1000,))
+        ],
+        "noop": [
+            _cell(scenarios.noop_drain, w) for w in ((64, 128, 256, 512, 1024) if full else (1024,))
+        ],
+        "push": [_cell(scenarios.push)],
+        "api": [_cell(scenarios.api)],
+        "growth": [
+            _cell(scenarios.growth, n)
+            for n in ((10_000, 100_000, 1_000_000) if full else (10_000,))
+        ],
+    }
+
+
+def _cell(scenario: Callable[..., dict[str, Any]], *args: Any) -> Cell:
+    return lambda b: scenario(b, *args)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true", help="every scenario and cell")
+    parser.add_argument("--only", action="append", help="run just these scenarios")
+    args = parser.parse_args()
+    name = "full" if args.full else "short"
+    scenarios_to_run = plan(args.full)
+    unknown = set(args.only or ()) - scenarios_to_run.keys()
+    if unknown:
+        known = ", ".join(scenarios_to_run)
+        parser.error(f"unknown scenario {', '.join(sorted(unknown))}; pick from {known}")
+    for scenario, cells in scenarios_to_run.items():
+        if args.only and scenario not in args.only:
+            continue
+        results = []
+        with bench(scenario) as b:
+            for i, cell in enumerate(cells, 1):
+                results.append(cell(b))
+                print(f"{scenario} {i}/{len(cells)}: {results[-1]}", file=sys.stderr, flush=True)
+        print(f"wrote {write(f'{name}/{scenario}', results)}", file=sys.stderr)
+    print(f"wrote {docs.render()}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

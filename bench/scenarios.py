@@ -1,0 +1,129 @@
+"""The scenarios: each runs evq as production does and returns one result cell."""
+
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from app.report import read_log
+from bench.harness import Bench, api_url_when_up
+
+WRK_SCRIPT = Path(__file__).parent / "wrk" / "events.lua"
+REPORTED = ("events", "acked", "order_violations", "lost", "makespan_s", "lower_bound_s")
+REPORTED += ("efficiency", "wait_p50_s", "wait_p99_s", "peak_concurrency", "longest_chain")
+
+
+def makespan(b: Bench, pattern: str, slots: int, order: str, process_s: float) -> dict[str, Any]:
+    """10,000 events over 1,000 accounts pushed into running consumers; the report of the run."""
+    b.fresh()
+    procs = b.consumers(slots, claim_order=order, process_seconds=process_s)
+    b.evq("wait", f"--consumers={procs}", "--timeout=60")
+    b.gen(10_000, 1_000, pattern, slots, process_seconds=process_s)
+    b.evq("wait", "--timeout=900")
+    b.stop()
+    report = b.report()
+    cell = {"pattern": pattern, "slots": slots, "claim_order": order, "process_s": process_s}
+    return cell | {key: report[key] for key in REPORTED}
+
+
+def noop_drain(b: Bench, slots: int, events: int = 50_000, accounts: int = 5_000) -> dict[str, Any]:
+    """A backlog drained by burst consumers whose handler returns at once; events per second."""
+    b.fresh()
+    b.gen(events, accounts, "uniform", slots, process_seconds=0)
+    b.consumers(slots, burst=True, process_seconds=0)
+    for proc in b.procs:
+        proc.wait(timeout=900)
+    b.procs.clear()
+    report = b.report()
+    window_s = _handling_window_s(b.log)
+    return {
+        "slots": slots,
+        "events": events,
+        "accounts": accounts,
+        "acked": report["acked"],
+        "order_violations": report["order_violations"],
+        "lost": report["lost"],
+        "drain_s": round(window_s, 3),
+        "events_per_s": round(report["acked"] / window_s),
+    }
+
+
+def _handling_window_s(log: Path) -> float:
+    """From the first handler start to the last finish in the latest run."""
+    attempts = read_log(log, latest_run=True).attempts
+    return (max(a.finished_ns for a in attempts) - min(a.started_ns for a in attempts)) / 1e9
+
+
+def push(b: Bench, events: int = 100_000, accounts: int = 10_000) -> dict[str, Any]:
+    """`gen` straight into Redis, as fast as it goes."""
+    b.fresh()
+    rate = b.gen(events, accounts, "uniform", 1)
+    return {"events": events, "accounts": accounts, "events_per_s": round(rate)}
+
+
+def growth(b: Bench, events: int, accounts: int = 100_000) -> dict[str, Any]:
+    """Redis memory per queued event, then the no-op drain rate and the consumer's peak RSS."""
+    b.fresh()
+    before = b.used_memory()
+    b.gen(events, accounts, "uniform", 1024, process_seconds=0)
+    per_event = (b.used_memory() - before) / events
+    b.start("consume", concurrency=1024, process_seconds=0)
+    started = time.monotonic()
+    b.evq("wait", "--timeout=3600")
+    drain_s = time.monotonic() - started
+    rss_kib = _peak_rss_kib(b.procs[0].pid)
+    b.stop()
+    return {
+        "events": events,
+        "accounts": accounts,
+        "redis_bytes_per_event": round(per_event, 1),
+        "drain_s": round(drain_s, 2),
+        "events_per_s": round(events / drain_s),
+        "consumer_rss_mib": round(rss_kib / 1024, 1),
+    }
+
+
+def _peak_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def api(b: Bench, seconds: int = 10) -> dict[str, Any]:
+    """Accepted events per second through POST /events and POST /events/batch, driven by wrk."""
+    b.fresh()
+    url = api_url_when_up(b)
+    singles = _wrk(url, connections=32, seconds=seconds)
+    batches = _wrk(url, connections=4, seconds=seconds, batch=True)
+    accepted = int(b.evq("stats").split('"accepted":')[1].split(",")[0])
+    b.stop()
+    return {
+        "single_connections": 32,
+        "single_events_per_s": round(singles["requests_per_s"]),
+        "single_mean_latency": singles["latency"],
+        "batch_connections": 4,
+        "batch_events_per_s": round(batches["requests_per_s"] * 1000),
+        "batch_mean_latency": batches["latency"],
+        "errors": singles["errors"] + batches["errors"],
+        "accepted_in_redis": accepted,
+    }
+
+
+def _wrk(url: str, connections: int, seconds: int, batch: bool = False) -> dict[str, Any]:
+    """Run wrk with bench/wrk/events.lua; requests per second, mean latency, error count."""
+    if shutil.which("wrk") is None:
+        raise RuntimeError("wrk is missing: apt-get install wrk (make bench installs it as root)")
+    out = subprocess.run(
+        ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "-s", str(WRK_SCRIPT), url]
+        + (["--", "batch"] if batch else []),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    latency = re.search(r"Latency\s+(\S+)", out).group(1)  # type: ignore[union-attr]
+    errors = sum(int(n) for n in re.findall(r"(?:Non-2xx or 3xx responses|timeout) (\d+)", out))
+    return {"requests_per_s": rate, "latency": latency, "errors": errors}
