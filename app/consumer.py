@@ -24,6 +24,7 @@ OUTCOME_EVENTS = {
     "lost_lease": "event_lease_lost",
 }
 CLAIM_RETRY_S = 1.0
+ACK_CHECK_RETRY_S = 0.2
 
 
 class Consumer:
@@ -134,9 +135,27 @@ class Consumer:
         except Exception as exc:
             return await self._failed(slot, event, started, exc)
         finished = time.time_ns()
-        step = await self._queue.ack(event, want_next=not self._stopping.is_set())
+        try:
+            step = await self._queue.ack(event, want_next=not self._stopping.is_set())
+        except RedisError:
+            # The reply was lost (say, Redis restarted), but the ack may have landed: ask, so
+            # that the log holds every ack Redis holds. Then the lane gives the account up.
+            if await self._ack_landed(event):
+                self._record(slot, event, "ack", started, finished)
+            raise
         self._record(slot, event, "lost_lease" if step is Step.LOST else "ack", started, finished)
         return step
+
+    async def _ack_landed(self, event: Event) -> bool:
+        """Whether Redis holds the ack of `event`, asking until it answers or the lease is up."""
+        deadline = time.monotonic() + self._settings.lease_seconds
+        while True:
+            try:
+                return await self._queue.acked_through(event.account) >= event.seq
+            except RedisError:
+                if time.monotonic() > deadline:
+                    return False
+                await asyncio.sleep(ACK_CHECK_RETRY_S)
 
     async def _failed(self, slot: int, event: Event, started: int, exc: Exception) -> Next:
         finished = time.time_ns()

@@ -175,6 +175,10 @@ class Queue:
             "nack", event.account, event.token, (b"1" if want_next else b"0", entry)
         )
 
+    async def acked_through(self, account: int) -> int:
+        """The seq of the account's last acked event (0 before the first)."""
+        return int(await self.redis.hget(self.keys.totals(account), "last_acked_seq") or 0)
+
     async def release(self, account: int, token: int) -> Next:
         """Give an owned account up; an in-flight event goes back to the head."""
         return await self._call("release", account, token, ())

@@ -1,8 +1,14 @@
 """Semantics of every script: push, claim, take, ack, nack, renew, release, reap."""
 
+import asyncio
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
 import pytest
 
 from app.queue import Event, NewEvent, Queue, Step
+from app.scripts import Call
 from tests.engine.conftest import MakeQueue
 
 
@@ -218,3 +224,27 @@ async def test_every_order_drains_everything_in_seq_order(
             step = await queue.ack(step)
     assert seen == {1: [1, 2], 2: [1, 2, 3, 4], 3: [1, 2, 3, 4, 5, 6]}
     assert await queue.drained()
+
+
+async def test_concurrent_calls_share_a_round_trip_and_keep_their_answers(
+    make_queue: MakeQueue,
+) -> None:
+    """Acks issued in one loop turn go out together; each caller gets its own account's step."""
+    queue = make_queue()
+    for account in range(1, 31):
+        await push(queue, account, "a", "b")
+    events = await queue.claim(30, 0.01)
+    stale = dataclasses.replace(events[0], token=events[0].token + 1)
+    sizes: list[int] = []
+    send = queue.scripts._pipeline
+
+    async def counted(calls: Sequence[Call], atomic: bool) -> list[Any]:
+        sizes.append(len(calls))
+        return await send(calls, atomic)
+
+    queue.scripts._pipeline = counted  # type: ignore[method-assign]
+    steps = await asyncio.gather(*(queue.ack(e) for e in events), queue.ack(stale))
+    assert sizes == [31]
+    assert steps[-1] is Step.LOST
+    assert [(s.account, s.seq) for s in steps[:-1]] == [(e.account, 2) for e in events]
+    assert await queue.acked_through(events[0].account) == 1
