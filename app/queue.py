@@ -11,6 +11,7 @@ from typing import Any, cast
 import orjson
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.driver_info import DriverInfo
+from redis.exceptions import NoScriptError
 
 from app.keys import Keys
 from app.scripts import Scripts
@@ -92,6 +93,8 @@ class Queue:
         self.scripts = Scripts(redis)
         self._order = settings.claim_order
         self._lease_ms = settings.lease_ms
+        # Score difference that makes a slot switch accounts: events of backlog for `longest`.
+        self._margin = settings.switch_margin if self._order == "longest" else 1
         self._dedupe_ms = max(1, round(settings.dedupe_seconds * 1000))
         self._rand: Callable[[], str] = _random_score if self._order == "random" else _no_score
         self._account_keys = functools.lru_cache(maxsize=1 << 16)(self.keys.account)
@@ -130,7 +133,8 @@ class Queue:
         Pops the ready index without blocking; when it is empty, blocks up to `block_s` for one
         (`block_s=0`: returns at once).
         Each popped account is then locked by the MULTI INCR+EXPIRE block: the INCR that returns
-        1 wins, and the fence INCR beside it is the winner's token.
+        1 wins, and the fence INCR beside it is the winner's token. The take script runs in the
+        same block, so a claim costs two round trips.
         """
         popped = cast(list[tuple[bytes, float]], await self.redis.zpopmin(self.keys.ready, n))
         if not popped:
@@ -144,19 +148,27 @@ class Queue:
                 return []
             popped = [(got[1], got[2])]
         accounts = [int(member) for member, _ in popped]
+        take = await self.scripts.sha("take")
         async with self.redis.pipeline(transaction=True) as tx:
             for account in accounts:
                 keys = self._account_keys(account)
                 tx.incr(keys[LOCK])
                 tx.pexpire(keys[LOCK], self._lease_ms, nx=True)
                 tx.incr(keys[FENCE])
-            replies = await tx.execute()
-        won = [(a, replies[3 * i + 2]) for i, a in enumerate(accounts) if replies[3 * i] == 1]
-        if not won:
-            return []
-        calls = [(self._account_keys(a), (a, token, self._order, self._rand())) for a, token in won]
-        replies = await self.scripts.batch("take", calls)
-        steps = (self._next(a, token, r) for (a, token), r in zip(won, replies, strict=True))
+                tx.evalsha(take, len(keys), *keys, account, "", self._order, self._rand())
+            replies = await tx.execute(raise_on_error=False)
+        steps = []
+        for i, account in enumerate(accounts):
+            lock, token, taken = replies[4 * i], replies[4 * i + 2], replies[4 * i + 3]
+            if lock != 1:
+                continue
+            if isinstance(taken, NoScriptError):  # Redis restarted: load, take by token
+                taken = await self.scripts.call(
+                    "take", self._account_keys(account), (account, token, self._order, self._rand())
+                )
+            elif isinstance(taken, Exception):
+                raise taken
+            steps.append(self._next(account, token, taken))
         return [step for step in steps if isinstance(step, Event)]
 
     async def take(self, account: int, token: int) -> Next:
@@ -166,14 +178,13 @@ class Queue:
     async def ack(self, event: Event, want_next: bool = True) -> Next:
         """Settle a handled event; hands back the account's next event when it should go on."""
         want = b"1" if want_next else b"0"
-        return await self._call("ack", event.account, event.token, (want, event.seq))
+        return await self._call("ack", event.account, event.token, (want, event.seq, self._margin))
 
     async def nack(self, event: Event, error: str, dead: bool, want_next: bool = True) -> Next:
         """Settle a failed event: back to the head for a retry, or into dead letters when `dead`."""
         entry = _dead_entry(event, error) if dead else b""
-        return await self._call(
-            "nack", event.account, event.token, (b"1" if want_next else b"0", entry)
-        )
+        want = b"1" if want_next else b"0"
+        return await self._call("nack", event.account, event.token, (want, entry, self._margin))
 
     async def acked_through(self, account: int) -> int:
         """The seq of the account's last acked event (0 before the first)."""

@@ -40,6 +40,12 @@ class Scripts:
         for name, source in SOURCES.items():
             self._sha[name] = await self._redis.script_load(source)
 
+    async def sha(self, name: str) -> str:
+        """The SHA of a loaded script, for a caller that puts it in its own transaction."""
+        if not self._sha:
+            await self.load()
+        return self._sha[name]
+
     async def call(self, name: str, keys: Sequence[str], args: Args) -> Any:
         """Run one script (in the same round trip as the other calls of this loop turn)."""
         loop = asyncio.get_running_loop()

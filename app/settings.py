@@ -28,6 +28,7 @@ class Settings(BaseSettings):
     handler: str = "app.handlers:reference"
     event_log: Path = Path("var/log/event.log")
     claim_order: ClaimOrder = "longest"
+    switch_margin: int = Field(3, ge=1)
     dedupe_seconds: float = Field(86_400.0, gt=0)
     reaper_seconds: float = Field(5.0, gt=0)
     retry_backoff_seconds: float = Field(0.1, ge=0)

@@ -60,15 +60,15 @@ local function release(account, order, rand)
   return {'drained'}
 end
 
--- After an event is settled: take the next one while this account is still the best choice
--- (its score no worse than the best waiting account), otherwise put it back.
-local function next_step(account, order, rand, want_next)
+-- After an event is settled: take the next one while this account is still the best choice,
+-- otherwise put it back. The best waiting account must beat this one's score by `margin`.
+local function next_step(account, order, rand, want_next, margin)
   if want_next ~= '1' or redis.call('LLEN', pending) == 0 then
     return release(account, order, rand)
   end
   if order ~= 'random' then
     local best = redis.call('ZRANGE', ready, 0, 0, 'WITHSCORES')
-    if best[2] and tonumber(best[2]) < tonumber(ready_score(order, rand)) then
+    if best[2] and tonumber(best[2]) <= tonumber(ready_score(order, rand)) - tonumber(margin) then
       return release(account, order, rand)
     end
   end

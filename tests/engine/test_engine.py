@@ -75,13 +75,23 @@ async def test_ack_hands_out_next_event_in_order(make_queue: MakeQueue) -> None:
     assert not await queue.redis.exists(queue.keys.account(3)[2])
 
 
-async def test_ack_switches_to_longer_backlog(make_queue: MakeQueue) -> None:
-    """With `longest`, a slot puts its account back when a longer backlog waits."""
-    queue = make_queue()
+@pytest.mark.parametrize(
+    ("margin", "waiting", "switches"), [(1, 3, True), (3, 4, False), (3, 5, True)]
+)
+async def test_ack_switches_to_a_backlog_longer_by_the_margin(
+    make_queue: MakeQueue, margin: int, waiting: int, switches: bool
+) -> None:
+    """With `longest`, a slot puts its account back when a backlog SWITCH_MARGIN longer waits."""
+    queue = make_queue(switch_margin=margin)
     await push(queue, 1, "a1", "a2", "a3")
     first = await claim_one(queue)
-    await push(queue, 2, "b1", "b2", "b3", "b4")
-    assert await queue.ack(first) == Step.RELEASED
+    await push(queue, 2, *(f"b{i}" for i in range(waiting)))
+    step = await queue.ack(first)
+    if not switches:
+        assert isinstance(step, Event)
+        assert (step.account, step.seq) == (1, 2)
+        return
+    assert step == Step.RELEASED
     assert await queue.redis.zscore(queue.keys.ready, "1") == -2.0
     assert (await claim_one(queue)).account == 2
 
@@ -248,3 +258,14 @@ async def test_concurrent_calls_share_a_round_trip_and_keep_their_answers(
     assert steps[-1] is Step.LOST
     assert [(s.account, s.seq) for s in steps[:-1]] == [(e.account, 2) for e in events]
     assert await queue.acked_through(events[0].account) == 1
+
+
+async def test_claim_after_scripts_were_flushed(make_queue: MakeQueue) -> None:
+    """A claim whose in-MULTI take hits NOSCRIPT (Redis restarted) still takes the event."""
+    queue = make_queue()
+    await push(queue, 4, "a")
+    await queue.scripts.sha("take")
+    await queue.redis.script_flush()
+    event = await claim_one(queue)
+    assert (event.account, event.seq, event.attempt) == (4, 1, 1)
+    assert await queue.redis.llen(queue.keys.in_flight(4)) == 1
