@@ -97,7 +97,10 @@ class Queue:
         self._margin = settings.switch_margin if self._order == "longest" else 1
         self._dedupe_ms = max(1, round(settings.dedupe_seconds * 1000))
         self._rand: Callable[[], str] = _random_score if self._order == "random" else _no_score
-        self._account_keys = functools.lru_cache(maxsize=1 << 16)(self.keys.account)
+        # Encoded once per account: redis-py would encode every key of every call again.
+        self._account_keys: Callable[[int], list[bytes]] = functools.lru_cache(maxsize=1 << 16)(
+            lambda account: [key.encode() for key in self.keys.account(account)]
+        )
 
     async def push(self, event: NewEvent) -> PushResult:
         """Queue one event (or report it as a duplicate)."""
@@ -111,10 +114,10 @@ class Queue:
         replies = await self.scripts.batch("push", calls, atomic=True)
         return [_push_result(r) for r in replies]
 
-    def _push_call(self, event: NewEvent, now_ns: int) -> tuple[list[str], tuple[Any, ...]]:
+    def _push_call(self, event: NewEvent, now_ns: int) -> tuple[list[str | bytes], tuple[Any, ...]]:
         bucket = now_ns // 1_000_000 // self._dedupe_ms
         account = event.account
-        keys = [
+        keys: list[str | bytes] = [
             *self._account_keys(account),
             self.keys.dedupe(account, bucket),
             self.keys.dedupe(account, bucket - 1),

@@ -9,7 +9,7 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
 Args = Sequence[str | int | float | bytes]
-Call = tuple[str, Sequence[str], Args]  # script name, KEYS, ARGV
+Call = tuple[str, Sequence[str | bytes], Args]  # script name, KEYS, ARGV
 NAMES = ("push", "take", "ack", "nack", "renew", "release", "reap")
 
 
@@ -46,7 +46,7 @@ class Scripts:
             await self.load()
         return self._sha[name]
 
-    async def call(self, name: str, keys: Sequence[str], args: Args) -> Any:
+    async def call(self, name: str, keys: Sequence[str | bytes], args: Args) -> Any:
         """Run one script (in the same round trip as the other calls of this loop turn)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
@@ -75,7 +75,7 @@ class Scripts:
                 future.set_result(result)
 
     async def batch(
-        self, name: str, calls: Sequence[tuple[Sequence[str], Args]], atomic: bool = False
+        self, name: str, calls: Sequence[tuple[Sequence[str | bytes], Args]], atomic: bool = False
     ) -> list[Any]:
         """Run one script many times in one pipelined round trip; results in call order.
 
