@@ -12,7 +12,7 @@ import pytest
 from tests.support import REPO, free_port, wait_for
 
 NUMPROCS = 2
-ENV = {"CONCURRENCY": "50", "PROCESS_SECONDS": "0.1", "LEASE_SECONDS": "5"}
+ENV = {"CONCURRENCY": "50", "PROCESS_SECONDS": "0.2", "LEASE_SECONDS": "5"}
 
 
 class Stack:
