@@ -14,7 +14,7 @@ from redis.driver_info import DriverInfo
 from redis.exceptions import NoScriptError
 
 from app.keys import Keys
-from app.scripts import Scripts
+from app.scripts import SHAS, Scripts
 from app.settings import Settings
 
 LOCK, FENCE = 2, 3  # positions in Keys.account()
@@ -151,14 +151,13 @@ class Queue:
                 return []
             popped = [(got[1], got[2])]
         accounts = [int(member) for member, _ in popped]
-        take = await self.scripts.sha("take")
         async with self.redis.pipeline(transaction=True) as tx:
             for account in accounts:
                 keys = self._account_keys(account)
                 tx.incr(keys[LOCK])
                 tx.pexpire(keys[LOCK], self._lease_ms, nx=True)
                 tx.incr(keys[FENCE])
-                tx.evalsha(take, len(keys), *keys, account, "", self._order, self._rand())
+                tx.evalsha(SHAS["take"], len(keys), *keys, account, "", self._order, self._rand())
             replies = await tx.execute(raise_on_error=False)
         steps = []
         for i, account in enumerate(accounts):

@@ -1,6 +1,7 @@
 """Loads `lua/` once per client and runs the scripts by SHA, reloading after a Redis restart."""
 
 import asyncio
+import hashlib
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any
@@ -19,6 +20,8 @@ def _source(name: str) -> str:
 
 
 SOURCES = {name: _source(name) for name in NAMES}
+# Redis names a script by the SHA1 of its source, so the names are known before any load.
+SHAS = {name: hashlib.sha1(source.encode()).hexdigest() for name, source in SOURCES.items()}
 
 
 class Scripts:
@@ -31,20 +34,15 @@ class Scripts:
 
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
-        self._sha: dict[str, str] = {}
         self._queued: list[tuple[Call, asyncio.Future[Any]]] = []
         self._sending: set[asyncio.Task[None]] = set()
 
     async def load(self) -> None:
-        """Register every script with the server (again after a restart flushed them)."""
-        for name, source in SOURCES.items():
-            self._sha[name] = await self._redis.script_load(source)
-
-    async def sha(self, name: str) -> str:
-        """The SHA of a loaded script, for a caller that puts it in its own transaction."""
-        if not self._sha:
-            await self.load()
-        return self._sha[name]
+        """Register every script with the server (after a restart flushed them)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for source in SOURCES.values():
+                pipe.script_load(source)
+            await pipe.execute()
 
     async def call(self, name: str, keys: Sequence[str | bytes], args: Args) -> Any:
         """Run one script (in the same round trip as the other calls of this loop turn)."""
@@ -89,8 +87,6 @@ class Scripts:
 
     async def _execute(self, calls: Sequence[Call], atomic: bool) -> list[Any]:
         """Results in call order, errors as exception objects; NOSCRIPT ones run again."""
-        if not self._sha:
-            await self.load()
         results = await self._pipeline(calls, atomic)
         missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
         if missing:
@@ -103,5 +99,5 @@ class Scripts:
     async def _pipeline(self, calls: Sequence[Call], atomic: bool) -> list[Any]:
         async with self._redis.pipeline(transaction=atomic) as pipe:
             for name, keys, args in calls:
-                pipe.evalsha(self._sha[name], len(keys), *keys, *args)
+                pipe.evalsha(SHAS[name], len(keys), *keys, *args)
             return list(await pipe.execute(raise_on_error=False))

@@ -264,8 +264,20 @@ async def test_claim_after_scripts_were_flushed(make_queue: MakeQueue) -> None:
     """A claim whose in-MULTI take hits NOSCRIPT (Redis restarted) still takes the event."""
     queue = make_queue()
     await push(queue, 4, "a")
-    await queue.scripts.sha("take")
+    await queue.scripts.load()
     await queue.redis.script_flush()
     event = await claim_one(queue)
     assert (event.account, event.seq, event.attempt) == (4, 1, 1)
     assert await queue.redis.llen(queue.keys.in_flight(4)) == 1
+
+
+async def test_first_calls_on_a_flushed_server_all_succeed(make_queue: MakeQueue) -> None:
+    """Different scripts called at once on a server without them all load and run."""
+    queue = make_queue()
+    await push(queue, 1, "a")
+    await queue.redis.script_flush()
+    pushed, _, events = await asyncio.gather(
+        queue.push_many([NewEvent(2, "b")]), queue.reap(), queue.claim(2, 0)
+    )
+    assert pushed[0].queued
+    assert {e.account for e in events} <= {1, 2}

@@ -49,6 +49,14 @@ def counter(url: str, name: str) -> int:
     return int(value or 0)
 
 
+def live_consumers(url: str) -> int:
+    """How many consumer processes have registered their heartbeat."""
+    client = sync_redis.Redis.from_url(url)
+    count = int(client.zcard(KEYS.consumers))
+    client.close()
+    return count
+
+
 def seq_of(body: bytes) -> int:
     """The seq of a stored event body (the push script writes it first)."""
     return int(body.split(b'"seq":')[1].split(b",")[0])

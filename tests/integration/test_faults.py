@@ -14,6 +14,7 @@ from tests.integration.helpers import (
     counter,
     graceful_stop,
     in_flight,
+    live_consumers,
     push,
     push_workload,
     wait_burst,
@@ -26,6 +27,8 @@ def test_many_consumers_keep_per_account_order(redis_url: str, consumers: Consum
     """I1, I2: three processes x 40 slots ack 2,000 bursty events once each, in seq order."""
     for _ in range(3):
         consumers.start(concurrency=40, process_seconds=0.002)
+    # All three running first: one still importing when SIGTERM comes would die by the signal.
+    wait_for(lambda: live_consumers(redis_url) == 3, 30, "three consumers' heartbeats")
     push_workload(redis_url, 2000, 200, seed=1)
     wait_settled(redis_url, 2000, timeout=90)
     graceful_stop(consumers.procs)
