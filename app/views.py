@@ -5,7 +5,7 @@ from typing import Any, cast
 
 import orjson
 
-from app.queue import Queue
+from app.queue import FENCE, LOCK, Queue
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,7 +24,8 @@ class AccountState:
 async def account_state(queue: Queue, account: int) -> AccountState:
     """Backlog, the event in flight, the owner's fencing token and lease, and settled counts."""
     keys = queue.keys
-    lock, fence = queue.keys.account(account)[2:4]
+    layout = keys.account(account)
+    lock, fence = layout[LOCK], layout[FENCE]
     async with queue.redis.pipeline(transaction=True) as tx:
         tx.llen(keys.pending(account))
         tx.lindex(keys.in_flight(account), 0)

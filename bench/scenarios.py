@@ -1,5 +1,6 @@
 """The scenarios: each runs evq as production does and returns one result cell."""
 
+import json
 import re
 import shutil
 import subprocess
@@ -98,7 +99,7 @@ def api(b: Bench, seconds: int = 10) -> dict[str, Any]:
     url = api_url_when_up(b)
     singles = _wrk(url, connections=32, seconds=seconds)
     batches = _wrk(url, connections=4, seconds=seconds, batch=True)
-    accepted = int(b.evq("stats").split('"accepted":')[1].split(",")[0])
+    accepted = json.loads(b.evq("stats"))["accepted"]
     b.stop()
     return {
         "single_connections": 32,

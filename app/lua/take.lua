@@ -3,7 +3,7 @@
 -- ARGV: 1 account, 2 fencing token, or '' inside the claim's MULTI right after its INCR of the
 --       lock: then a lock of 1 means that INCR won, and the token is the fence, 3 claim order,
 --       4 random score
--- Returns {'event', body, attempt, token}, {'drained'} (nothing to do, released) or {'lost'}.
+-- Returns {'event', body, attempt}, {'drained'} (nothing to do, released) or {'lost'}.
 local token = ARGV[2]
 if token == '' then
   if redis.call('GET', lock) ~= '1' then return {'lost'} end

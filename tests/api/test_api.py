@@ -16,12 +16,8 @@ from tests.support import RedisServer, settings
 @pytest.fixture
 async def api(redis_url: str) -> AsyncIterator[httpx.AsyncClient]:
     """A client of the app, its lifespan running, on the test Redis."""
-    async with client_of(create_app(settings(redis_url))) as client:
+    async with Lifespan(create_app(settings(redis_url))) as client:
         yield client
-
-
-def client_of(app: FastAPI) -> "Lifespan":
-    return Lifespan(app)
 
 
 class Lifespan:
@@ -200,7 +196,7 @@ async def test_redis_down_is_503_and_queues_nothing(tmp_path: Path) -> None:
     server = RedisServer(tmp_path / "redis", appendonly=True)
     server.start()
     try:
-        async with client_of(create_app(settings(server.url))) as api:
+        async with Lifespan(create_app(settings(server.url))) as api:
             ok = await api.post("/events", json={"account_id": 1, "event_id": "kept"})
             assert ok.status_code == 202
             server.stop()
