@@ -61,6 +61,7 @@ class Keys:
         """The hash of an account's settled counts: acked, dead, last_acked_seq."""
         return f"{self.namespace}:totals:{{{account}}}"
 
-    def dedupe(self, account: int, bucket: int) -> str:
-        """The hash of event ids an account accepted in one dedupe time bucket."""
-        return f"{self.namespace}:dedupe:{{{account}}}:{bucket}"
+    def push_prefixes(self) -> list[str]:
+        """What push.lua completes with an account's tag: the pending list, lock and seq keys,
+        and (with `:<time bucket>` after the tag) the hash of event ids accepted per bucket."""
+        return [f"{self.namespace}:{kind}:" for kind in ("user", "lock", "seq", "dedupe")]

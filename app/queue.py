@@ -96,39 +96,29 @@ class Queue:
         # Score difference that makes a slot switch accounts: events of backlog for `longest`.
         self._margin = settings.switch_margin if self._order == "longest" else 1
         self._dedupe_ms = max(1, round(settings.dedupe_seconds * 1000))
+        self._push_keys = [self.keys.ready, self.keys.stats, self.keys.active]
+        self._push_prefixes = self.keys.push_prefixes()
         self._rand: Callable[[], str] = _random_score if self._order == "random" else _no_score
         # Encoded once per account: redis-py would encode every key of every call again.
         self._account_keys: Callable[[int], list[bytes]] = functools.lru_cache(maxsize=1 << 16)(
             lambda account: [key.encode() for key in self.keys.account(account)]
         )
 
-    async def push(self, event: NewEvent) -> PushResult:
-        """Queue one event (or report it as a duplicate)."""
-        keys, args = self._push_call(event, time.time_ns())
-        return _push_result(await self.scripts.call("push", keys, args))
-
     async def push_many(self, events: Sequence[NewEvent]) -> list[PushResult]:
-        """Queue events in one atomic round trip (all or none); results in the order given."""
-        now = time.time_ns()
-        calls = [self._push_call(e, now) for e in events]
-        replies = await self.scripts.batch("push", calls, atomic=True)
-        return [_push_result(r) for r in replies]
-
-    def _push_call(self, event: NewEvent, now_ns: int) -> tuple[list[str | bytes], tuple[Any, ...]]:
+        """Queue events in one script call (all or none); results in the order given."""
+        now_ns = time.time_ns()
         bucket = now_ns // 1_000_000 // self._dedupe_ms
-        account = event.account
-        keys: list[str | bytes] = [
-            *self._account_keys(account),
-            self.keys.dedupe(account, bucket),
-            self.keys.dedupe(account, bucket - 1),
-        ]
-        body = b'"enq_ns":%d,"id":%b,"p":%b}' % (
-            now_ns,
-            orjson.dumps(event.event_id),
-            orjson.dumps(event.payload),
-        )
-        args = (account, body, event.event_id, 2 * self._dedupe_ms, self._order, self._rand())
-        return keys, args
+        args: list[str | int | bytes] = [*self._push_prefixes, bucket, bucket - 1]
+        args += (2 * self._dedupe_ms, self._order, random.randrange(1 << 31))
+        for event in events:
+            body = b'"enq_ns":%d,"id":%b,"p":%b}' % (
+                now_ns,
+                orjson.dumps(event.event_id),
+                orjson.dumps(event.payload),
+            )
+            args += (event.account, event.event_id, body)
+        reply: list[int] = await self.scripts.call("push", self._push_keys, args)
+        return [PushResult(bool(reply[i]), int(reply[i + 1])) for i in range(0, len(reply), 2)]
 
     async def claim(self, n: int, block_s: float) -> list[Event]:
         """Claim up to `n` accounts, best first, and take the head event of each.
@@ -284,10 +274,6 @@ class Queue:
             attempt=int(reply[2]),
             token=token,
         )
-
-
-def _push_result(reply: list[int]) -> PushResult:
-    return PushResult(queued=bool(reply[0]), seq=int(reply[1]))
 
 
 def _dead_entry(event: Event, error: str) -> bytes:

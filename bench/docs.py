@@ -1,12 +1,18 @@
-"""Writes docs/benchmarks.md (and its grid plot) from the result files under bench/results/."""
+"""Writes docs/benchmarks.md and its PNG plots from the result files under bench/results/."""
 
 import json
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
 from bench.harness import RESULTS
 from tests.support import REPO
 
+GROWTH_TARGET_EVENTS = 1_000_000
 DOC = REPO / "docs" / "benchmarks.md"
 TARGETS = {
     "grid": ("efficiency, CLAIM_ORDER=longest, worst cell", 0.98),
@@ -47,38 +53,63 @@ def _section(name: str, found: dict[str, dict[str, Any]]) -> str:
         "headline": _headline,
         "noop": _plain,
         "push": _plain,
+        "peers": _peers,
         "api": _plain,
         "growth": _plain,
     }
     for scenario, table in tables.items():
         if scenario in found:
             out.append(f"### {scenario}\n\n{table(found[scenario]['cells'])}\n")
+            if scenario in PLOTS:
+                png = DOC.parent / f"bench-{name}-{scenario}.png"
+                PLOTS[scenario](found[scenario]["cells"], png)
+                out.append(f"![{scenario}]({png.name})\n")
     return "\n".join(out)
 
 
 def _targets(found: dict[str, dict[str, Any]]) -> str:
     rows = ["| target | wanted | measured | met |", "| --- | --- | --- | --- |"]
-    for scenario, (what, wanted) in TARGETS.items():
+    for scenario in TARGETS:
         if scenario not in found:
             continue
-        cells = found[scenario]["cells"]
-        measured = _measured(scenario, cells)
-        met = measured <= wanted if scenario == "growth" else measured >= wanted
-        shown = f"{measured:,}"
+        t = target(scenario, found[scenario]["cells"])
+        assert t is not None
+        shown = f"{t['measured']:,}"
         if scenario == "growth":
-            shown += f" at {max(c['events'] for c in cells):,} events (target: at 1,000,000)"
-        rows.append(f"| {what} | {wanted:,} | {shown} | {'yes' if met else 'no'} |")
+            shown += f" at {t['at_events']:,} events"
+        met = {True: "yes", None: f"not judged below {GROWTH_TARGET_EVENTS:,} events"}.get(
+            t["met"], f"no: short by {t['short_by_pct']}%"
+        )
+        rows.append(f"| {t['what']} | {t['wanted']:,} | {shown} | {met} |")
     return "\n".join(rows) + "\n"
+
+
+def target(scenario: str, cells: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The issue's target for `scenario`, what the cells measured, and by how much it missed."""
+    if scenario not in TARGETS or not cells:
+        return None
+    what, wanted = TARGETS[scenario]
+    measured = _measured(scenario, cells)
+    lower_is_better = scenario == "growth"
+    met = measured <= wanted if lower_is_better else measured >= wanted
+    gap = (measured - wanted) if lower_is_better else (wanted - measured)
+    found: dict[str, Any] = {"what": what, "wanted": wanted, "measured": measured, "met": met}
+    found["short_by_pct"] = 0.0 if met else round(100 * gap / wanted, 1)
+    if scenario == "growth":
+        found["at_events"] = max(c["events"] for c in cells)
+        if found["at_events"] < GROWTH_TARGET_EVENTS:  # not the size the target is set at
+            found["met"] = found["short_by_pct"] = None
+    return found
 
 
 def _measured(scenario: str, cells: list[dict[str, Any]]) -> float:
     if scenario == "grid":
-        return min(c["efficiency"] for c in cells if c["claim_order"] == "longest")
+        return min(float(c["efficiency"]) for c in cells if c["claim_order"] == "longest")
     if scenario == "headline":
-        return min(c["efficiency"] for c in cells)
+        return min(float(c["efficiency"]) for c in cells)
     if scenario == "growth":
-        return max(cells, key=lambda c: c["events"])["redis_bytes_per_event"]
-    return max(c["events_per_s"] for c in cells)
+        return float(max(cells, key=lambda c: c["events"])["redis_bytes_per_event"])
+    return max(float(c["events_per_s"]) for c in cells)
 
 
 def _grid(cells: list[dict[str, Any]]) -> str:
@@ -114,3 +145,56 @@ def _plain(cells: list[dict[str, Any]]) -> str:
         for c in cells
     ]
     return "\n".join(rows)
+
+
+def _peers(cells: list[dict[str, Any]]) -> str:
+    rows = [
+        "| system | no-op jobs/s | no-op violations | makespan s (bound) | efficiency "
+        "| violations | lost | settings |",
+        "| --- " * 8 + "|",
+    ]
+    for c in cells:
+        rows.append(
+            f"| {c['system']} | {c['noop_jobs_per_s']:,} | {c['noop_violations']:,} | "
+            f"{c['makespan_s']:.2f} ({c['lower_bound_s']:.1f}) | {c['efficiency']:.3f} | "
+            f"{c['violations']:,} | {c['lost'] + c['noop_lost']:,} | `{c['settings']}` |"
+        )
+    return "\n".join(rows)
+
+
+def _plot_grid(cells: list[dict[str, Any]], png: Path) -> None:
+    """Efficiency against W, one panel per pattern, one line per claim order."""
+    patterns = list(dict.fromkeys(c["pattern"] for c in cells))
+    fig, axes = plt.subplots(1, len(patterns), figsize=(4 * len(patterns), 3.6), sharey=True)
+    for ax, pattern in zip(fig.axes if len(patterns) > 1 else [axes], patterns, strict=True):
+        for order in dict.fromkeys(c["claim_order"] for c in cells):
+            line = [c for c in cells if c["pattern"] == pattern and c["claim_order"] == order]
+            ax.plot([c["slots"] for c in line], [c["efficiency"] for c in line], "o-", label=order)
+        ax.axhline(TARGETS["grid"][1], color="tab:red", linestyle="--", linewidth=1)
+        ax.set(xscale="log", title=pattern, xlabel="W (slots)")
+    fig.axes[0].set_ylabel("efficiency = bound / makespan")
+    fig.axes[0].legend()
+    _save(fig, png)
+
+
+def _plot_peers(cells: list[dict[str, Any]], png: Path) -> None:
+    """No-op jobs per second and efficiency at W=100, one bar per system."""
+    names = [c["system"] for c in cells]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    left.bar(names, [c["noop_jobs_per_s"] for c in cells])
+    left.set(title="no-op jobs per second", ylabel="jobs/s")
+    right.bar(names, [c["efficiency"] for c in cells])
+    right.set(title="efficiency, 0.1 s jobs, W=100", ylim=(0, 1))
+    for ax, key in ((left, "noop_violations"), (right, "violations")):
+        for x, c in enumerate(cells):
+            ax.annotate(f"{c[key]:,} viol.", (x, 0), ha="center", va="bottom", fontsize=8)
+    _save(fig, png)
+
+
+def _save(fig: Any, png: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+
+
+PLOTS = {"grid": _plot_grid, "peers": _plot_peers}

@@ -62,6 +62,13 @@ class Bench:
             )
         return procs
 
+    def drain(self, slots: int, **settings: object) -> None:
+        """Drain what Redis holds with burst consumers for `slots`; returns when they exit."""
+        self.consumers(slots, burst=True, **settings)
+        for proc in self.procs:
+            proc.wait(timeout=900)
+        self.procs.clear()
+
     def evq(self, *args: str, **settings: object) -> str:
         """Run `evq <args>` to completion; its stdout."""
         done = subprocess.run(
@@ -112,7 +119,7 @@ class Bench:
 
     def used_memory(self) -> int:
         client = sync_redis.Redis.from_url(self.server.url)
-        used = int(client.info("memory")["used_memory"])  # type: ignore[index]
+        used = int(client.info("memory")["used_memory"])
         client.close()
         return used
 

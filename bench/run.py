@@ -10,10 +10,11 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from bench import docs, scenarios
+from bench import docs, peer_runs, scenarios
 from bench.harness import Bench, bench, write
 
 ORDERS = ("longest", "oldest", "random")
+PEERS = ("evq", *(peer.name for peer in peer_runs.PEERS))
 Cell = Callable[[Bench], dict[str, Any]]
 
 
@@ -36,6 +37,7 @@ def plan(full: bool) -> dict[str, list[Cell]]:
             _cell(scenarios.noop_drain, w) for w in ((64, 128, 256, 512, 1024) if full else (1024,))
         ],
         "push": [_cell(scenarios.push)],
+        "peers": [_cell(scenarios.peers, system) for system in PEERS],
         "api": [_cell(scenarios.api)],
         "growth": [
             _cell(scenarios.growth, n)
@@ -67,7 +69,8 @@ def main() -> None:
             for i, cell in enumerate(cells, 1):
                 results.append(cell(b))
                 print(f"{scenario} {i}/{len(cells)}: {results[-1]}", file=sys.stderr, flush=True)
-        print(f"wrote {write(f'{name}/{scenario}', results)}", file=sys.stderr)
+        path = write(f"{name}/{scenario}", results, target=docs.target(scenario, results))
+        print(f"wrote {path}", file=sys.stderr)
     print(f"wrote {docs.render()}", file=sys.stderr)
 
 

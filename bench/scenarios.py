@@ -8,12 +8,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from app.report import read_log
+from app.generator import longest_chain, lower_bound_s, workload
+from app.report import Attempt, order_violations, read_log
+from bench import peer_runs
 from bench.harness import Bench, api_url_when_up
 
+PEER_EVENTS, PEER_ACCOUNTS = 10_000, 1_000
 WRK_SCRIPT = Path(__file__).parent / "wrk" / "events.lua"
-REPORTED = ("events", "acked", "order_violations", "lost", "makespan_s", "lower_bound_s")
-REPORTED += ("efficiency", "wait_p50_s", "wait_p99_s", "peak_concurrency", "longest_chain")
+REPORTED = (
+    *("events", "acked", "order_violations", "lost", "makespan_s", "lower_bound_s"),
+    *("efficiency", "wait_p50_s", "wait_p99_s", "peak_concurrency", "longest_chain"),
+)
 
 
 def makespan(b: Bench, pattern: str, slots: int, order: str, process_s: float) -> dict[str, Any]:
@@ -33,12 +38,9 @@ def noop_drain(b: Bench, slots: int, events: int = 50_000, accounts: int = 5_000
     """A backlog drained by burst consumers whose handler returns at once; events per second."""
     b.fresh()
     b.gen(events, accounts, "uniform", slots, process_seconds=0)
-    b.consumers(slots, burst=True, process_seconds=0)
-    for proc in b.procs:
-        proc.wait(timeout=900)
-    b.procs.clear()
+    b.drain(slots, process_seconds=0)
     report = b.report()
-    window_s = _handling_window_s(b.log)
+    window_s = handling_window_s(read_log(b.log, latest_run=True).attempts)
     return {
         "slots": slots,
         "events": events,
@@ -51,10 +53,52 @@ def noop_drain(b: Bench, slots: int, events: int = 50_000, accounts: int = 5_000
     }
 
 
-def _handling_window_s(log: Path) -> float:
-    """From the first handler start to the last finish in the latest run."""
-    attempts = read_log(log, latest_run=True).attempts
+def handling_window_s(attempts: list[Attempt]) -> float:
+    """From the first handler start to the last finish."""
     return (max(a.finished_ns for a in attempts) - min(a.started_ns for a in attempts)) / 1e9
+
+
+def peers(b: Bench, system: str, slots: int = 100, sleep_s: float = 0.1) -> dict[str, Any]:
+    """evq or a peer on the bursty 10,000-event workload, queued first and then drained: no-op
+    jobs per second at stock 2-core settings, and the makespan of `sleep_s` jobs at W=`slots`
+    (first start to last finish) against the bound; order violations counted in both."""
+    accounts = workload("bursty", PEER_EVENTS, PEER_ACCOUNTS, seed=1)
+    bound = lower_bound_s(len(accounts), longest_chain(accounts), slots, sleep_s)
+    if system == "evq":
+        noop = _evq_drained(b, 1_000, 0)
+        sleeping = _evq_drained(b, slots, sleep_s)
+        settings = "2 consumers x 500 slots; W=100: 1 consumer x 100 slots"
+    else:
+        peer = next(p for p in peer_runs.PEERS if p.name == system)
+        peer.install()
+        noop = peer_runs.run(b, peer, accounts, "noop", slots, 0)
+        sleeping = peer_runs.run(b, peer, accounts, "sleeping", slots, sleep_s)
+        settings = peer.noop.split(" && ")[0] + "; W=100: " + peer.sleeping.split(" && ")[0]
+    makespan_s = handling_window_s(sleeping) if sleeping else 0.0
+    return {
+        "system": system,
+        "settings": settings.format(slots=slots, half=slots // 2),
+        "noop_jobs_per_s": round(_done(noop) / handling_window_s(noop)) if noop else 0,
+        "noop_violations": len(order_violations(noop)),
+        "noop_lost": len(accounts) - _done(noop),
+        "makespan_s": round(makespan_s, 2),
+        "lower_bound_s": bound,
+        "efficiency": round(bound / makespan_s, 3) if makespan_s else 0.0,
+        "violations": len(order_violations(sleeping)),
+        "lost": len(accounts) - _done(sleeping),
+    }
+
+
+def _evq_drained(b: Bench, slots: int, sleep_s: float) -> list[Attempt]:
+    b.fresh()
+    b.gen(PEER_EVENTS, PEER_ACCOUNTS, "bursty", slots, process_seconds=sleep_s)
+    b.drain(slots, process_seconds=sleep_s)
+    return read_log(b.log, latest_run=True).attempts
+
+
+def _done(attempts: list[Attempt]) -> int:
+    """Distinct events handled at least once."""
+    return len({(a.account, a.seq) for a in attempts})
 
 
 def push(b: Bench, events: int = 100_000, accounts: int = 10_000) -> dict[str, Any]:

@@ -14,9 +14,10 @@ local function owns(token)
 end
 
 -- Score of this account in the ready index for the claim order; the lowest pops first.
--- Returned as a string so large scores reach ZADD without float formatting.
-local function ready_score(order, rand)
-  if order == 'longest' then return tostring(-redis.call('LLEN', pending)) end
+-- Returned as a string so large scores reach ZADD without float formatting. `backlog`: the
+-- pending list's length when the caller knows it.
+local function ready_score(order, rand, backlog)
+  if order == 'longest' then return tostring(-(backlog or redis.call('LLEN', pending))) end
   if order == 'oldest' then
     local enq_ns = string.match(redis.call('LINDEX', pending, 0), '"enq_ns":(%d+)')
     return string.sub(enq_ns, 1, -4)
@@ -24,11 +25,11 @@ local function ready_score(order, rand)
   return rand
 end
 
-local function make_ready(account, order, rand)
+local function make_ready(account, order, rand, backlog)
   if order == 'random' then
     redis.call('ZADD', ready, 'NX', ready_score(order, rand), account)
   else
-    redis.call('ZADD', ready, ready_score(order, rand), account)
+    redis.call('ZADD', ready, ready_score(order, rand, backlog), account)
   end
 end
 

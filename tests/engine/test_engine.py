@@ -33,13 +33,32 @@ async def test_push_assigns_seq_and_readies_account(make_queue: MakeQueue) -> No
 
 
 async def test_duplicate_event_id_is_queued_once(make_queue: MakeQueue) -> None:
-    """I6: the same event_id for an account is reported as a duplicate with its first seq."""
+    """I6: the same event_id for an account is reported as a duplicate with its first seq,
+    in a later call and within one batch."""
     queue = make_queue()
-    first = await queue.push(NewEvent(1, "same", {"v": 1}))
-    second = await queue.push(NewEvent(1, "same", {"v": 2}))
-    assert (first.queued, first.seq) == (True, 1)
-    assert (second.queued, second.seq) == (False, 1)
-    assert await queue.redis.llen(queue.keys.pending(1)) == 1
+    [first] = await queue.push_many([NewEvent(1, "same", {"v": 1})])
+    second, third, other = await queue.push_many(
+        [NewEvent(1, "same", {"v": 2}), NewEvent(1, "new"), NewEvent(1, "new")]
+    )
+    assert [(r.queued, r.seq) for r in (first, second, third, other)] == [
+        (True, 1),
+        (False, 1),
+        (True, 2),
+        (False, 2),
+    ]
+    assert await queue.redis.llen(queue.keys.pending(1)) == 2
+    assert (await queue.stats())["accepted"] == 2
+
+
+async def test_push_writes_the_keys_the_other_scripts_read(make_queue: MakeQueue) -> None:
+    """push.lua builds account keys from prefixes; they must be the keys of Keys.account."""
+    queue = make_queue()
+    await push(queue, 42, "a")
+    pending, _, _, _, _, seq, ready, stats, active, _, _ = queue.keys.account(42)
+    found = {key.decode() for key in await queue.redis.keys("*")}
+    dedupe = {key for key in found if key.startswith(queue.keys.push_prefixes()[3] + "{42}:")}
+    assert len(dedupe) == 1
+    assert found - dedupe == {pending, seq, ready, stats, active}
 
 
 async def test_claim_takes_longest_backlog_first(make_queue: MakeQueue) -> None:
