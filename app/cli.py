@@ -233,6 +233,8 @@ def report(
         typer.echo(f"evq: no event log at {path}", err=True)
         raise typer.Exit(2)
     run = read_log(path, latest_run=not all_runs)
+    if not run.attempts:
+        typer.echo(f"evq: no handled event in {path} yet (are consumers running?)", err=True)
     found = summarize(run, _waiting(settings, run.run_id), slots)
     typer.echo(orjson.dumps(found.as_json()).decode() if as_json else render(found))
     if plot:

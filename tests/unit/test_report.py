@@ -155,3 +155,11 @@ def test_cli_missing_log_is_a_usage_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["report", str(tmp_path / "nope.log")])
     assert result.exit_code == 2
     assert "no event log" in result.output
+
+
+def test_cli_says_when_nothing_was_handled(tmp_path: Path) -> None:
+    """A log without handled events is reported (zeros) with a note, not silently."""
+    log = write_log(tmp_path, [], 0)
+    result = CliRunner().invoke(app, ["report", str(log)], env=NO_REDIS)
+    assert result.exit_code == 0
+    assert "no handled event" in result.stderr
