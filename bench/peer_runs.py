@@ -32,6 +32,19 @@ class Peer:
     name: str
     noop: str
     sleeping: str
+    note: str = ""
+
+    def settings(self, slots: int) -> str:
+        """The worker command lines of both cases, for the results table."""
+        cases = [
+            " + ".join(
+                " ".join([Path(argv[0]).name, *argv[1:]]) for argv in self.workers(case, slots)
+            )
+            for case in ("noop", "sleeping")
+        ]
+        return f"no-op: {cases[0]}; W={slots}: {cases[1]}" + (
+            f" ({self.note})" if self.note else ""
+        )
 
     def workers(self, case: str, slots: int) -> list[list[str]]:
         """One argv per worker process (the venv's bin/ prepended to the first word)."""
@@ -77,6 +90,7 @@ PEERS = (
         "arq",
         "arq peer_arq.WorkerSettings && arq peer_arq.WorkerSettings",
         "arq peer_arq.WorkerSettings && arq peer_arq.WorkerSettings",
+        note="max_jobs 10, its default; W=100: 50 per worker",
     ),
 )
 

@@ -67,17 +67,17 @@ def peers(b: Bench, system: str, slots: int = 100, sleep_s: float = 0.1) -> dict
     if system == "evq":
         noop = _evq_drained(b, 1_000, 0)
         sleeping = _evq_drained(b, slots, sleep_s)
-        settings = "2 consumers x 500 slots; W=100: 1 consumer x 100 slots"
+        settings = f"no-op: evq consume x 2, CONCURRENCY=500; W={slots}: x 1, CONCURRENCY={slots}"
     else:
         peer = next(p for p in peer_runs.PEERS if p.name == system)
         peer.install()
         noop = peer_runs.run(b, peer, accounts, "noop", slots, 0)
         sleeping = peer_runs.run(b, peer, accounts, "sleeping", slots, sleep_s)
-        settings = peer.noop.split(" && ")[0] + "; W=100: " + peer.sleeping.split(" && ")[0]
+        settings = peer.settings(slots)
     makespan_s = handling_window_s(sleeping) if sleeping else 0.0
     return {
         "system": system,
-        "settings": settings.format(slots=slots, half=slots // 2),
+        "settings": settings,
         "noop_jobs_per_s": round(_done(noop) / handling_window_s(noop)) if noop else 0,
         "noop_violations": len(order_violations(noop)),
         "noop_lost": len(accounts) - _done(noop),
