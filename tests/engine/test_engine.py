@@ -124,6 +124,18 @@ async def test_random_order_drains_claimed_account(make_queue: MakeQueue) -> Non
     assert isinstance(await queue.ack(first), Event)
 
 
+async def test_random_order_scores_each_account_once(make_queue: MakeQueue) -> None:
+    """With `random`, a batch gives each account its own score, and later events keep it."""
+    queue = make_queue(claim_order="random")
+    await queue.push_many([NewEvent(a, f"e{a}") for a in range(1, 21)])
+    first = dict(await queue.redis.zrange(queue.keys.ready, 0, -1, withscores=True))
+    await queue.push_many([NewEvent(a, f"f{a}") for a in range(1, 21)])
+    again = dict(await queue.redis.zrange(queue.keys.ready, 0, -1, withscores=True))
+    assert again == first
+    assert len(set(first.values())) == 20
+    assert all(0 <= score < 1 for score in first.values())
+
+
 async def test_oldest_order_scores_by_head_age(make_queue: MakeQueue) -> None:
     """With `oldest`, the account whose head event waited longest is claimed first."""
     queue = make_queue(claim_order="oldest")
