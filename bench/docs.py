@@ -42,10 +42,11 @@ def render() -> Path:
 
 def _section(name: str, found: dict[str, dict[str, Any]]) -> str:
     machine = next(iter(found.values()))["machine"]
+    when = sorted(result["machine"]["when"] for result in found.values())
     out = [
         f"## The {name} set\n",
-        f"Measured {machine['when']} on {machine['cpus']} CPUs, Python {machine['python']}, "
-        f"Redis {machine['redis']}.\n",
+        f"Measured {when[0]} to {when[-1]} on {machine['cpus']} CPUs, "
+        f"Python {machine['python']}, Redis {machine['redis']}.\n",
         _targets(found),
     ]
     tables = {
@@ -74,7 +75,7 @@ def _targets(found: dict[str, dict[str, Any]]) -> str:
             continue
         t = target(scenario, found[scenario]["cells"])
         assert t is not None
-        shown = f"{t['measured']:,}"
+        shown = f"{t['measured']:,g}" if t["measured"] < 1000 else f"{t['measured']:,.0f}"
         if scenario == "growth":
             shown += f" at {t['at_events']:,} events"
         met = {True: "yes", None: f"not judged below {GROWTH_TARGET_EVENTS:,} events"}.get(
