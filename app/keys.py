@@ -2,6 +2,9 @@
 
 from dataclasses import dataclass
 
+# The per-account keys of `Keys.account`, in order, before the shared ones.
+ACCOUNT_KINDS = ("user", "inflight", "lock", "fence", "attempt", "seq")
+
 
 @dataclass(frozen=True, slots=True)
 class Keys:
@@ -34,34 +37,27 @@ class Keys:
         return f"{self.namespace}:consumers"
 
     def pending(self, account: int) -> str:
-        return f"{self.namespace}:user:{{{account}}}"
+        return self._tagged("user", account)
 
     def in_flight(self, account: int) -> str:
-        return f"{self.namespace}:inflight:{{{account}}}"
+        return self._tagged("inflight", account)
 
     def account(self, account: int) -> list[str]:
         """KEYS of every account script, in the order `lua/_lib.lua` names them."""
-        tag = f"{{{account}}}"
-        ns = self.namespace
-        return [
-            f"{ns}:user:{tag}",
-            f"{ns}:inflight:{tag}",
-            f"{ns}:lock:{tag}",
-            f"{ns}:fence:{tag}",
-            f"{ns}:attempt:{tag}",
-            f"{ns}:seq:{tag}",
-            self.ready,
-            self.stats,
-            self.active,
-            self.dead,
-            self.totals(account),
-        ]
+        tagged = [self._tagged(kind, account) for kind in ACCOUNT_KINDS]
+        return [*tagged, self.ready, self.stats, self.active, self.dead, self.totals(account)]
 
     def totals(self, account: int) -> str:
         """The hash of an account's settled counts: acked, dead, last_acked_seq."""
-        return f"{self.namespace}:totals:{{{account}}}"
+        return self._tagged("totals", account)
 
     def push_prefixes(self) -> list[str]:
         """What push.lua completes with an account's tag: the pending list, lock and seq keys,
         and (with `:<time bucket>` after the tag) the hash of event ids accepted per bucket."""
-        return [f"{self.namespace}:{kind}:" for kind in ("user", "lock", "seq", "dedupe")]
+        return [self._prefix(kind) for kind in ("user", "lock", "seq", "dedupe")]
+
+    def _prefix(self, kind: str) -> str:
+        return f"{self.namespace}:{kind}:"
+
+    def _tagged(self, kind: str, account: int) -> str:
+        return f"{self._prefix(kind)}{{{account}}}"

@@ -108,8 +108,10 @@ class Queue:
         """Queue events in one script call (all or none); results in the order given."""
         now_ns = time.time_ns()
         bucket = now_ns // 1_000_000 // self._dedupe_ms
-        args: list[str | int | bytes] = [*self._push_prefixes, bucket, bucket - 1]
-        args += (2 * self._dedupe_ms, self._order, random.randrange(1 << 31))
+        args: list[str | int | bytes] = [
+            *self._push_prefixes,
+            *(bucket, bucket - 1, 2 * self._dedupe_ms, self._order, random.randrange(1 << 31)),
+        ]
         for event in events:
             body = b'"enq_ns":%d,"id":%b,"p":%b}' % (
                 now_ns,

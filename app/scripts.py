@@ -61,7 +61,7 @@ class Scripts:
 
     async def _settle(self, queued: list[tuple[Call, asyncio.Future[Any]]]) -> None:
         try:
-            results = await self._execute([call for call, _ in queued], atomic=False)
+            results = await self._execute([call for call, _ in queued])
         except Exception as exc:  # the round trip failed: every caller gets the error
             results = [exc] * len(queued)
         for (_, future), result in zip(queued, results, strict=True):
@@ -73,31 +73,28 @@ class Scripts:
                 future.set_result(result)
 
     async def batch(
-        self, name: str, calls: Sequence[tuple[Sequence[str | bytes], Args]], atomic: bool = False
+        self, name: str, calls: Sequence[tuple[Sequence[str | bytes], Args]]
     ) -> list[Any]:
-        """Run one script many times in one pipelined round trip; results in call order.
-
-        `atomic`: inside MULTI/EXEC, so a connection lost mid-batch applies none of it.
-        """
-        results = await self._execute([(name, keys, args) for keys, args in calls], atomic)
+        """Run one script many times in one pipelined round trip; results in call order."""
+        results = await self._execute([(name, keys, args) for keys, args in calls])
         for result in results:
             if isinstance(result, Exception):
                 raise result
         return results
 
-    async def _execute(self, calls: Sequence[Call], atomic: bool) -> list[Any]:
+    async def _execute(self, calls: Sequence[Call]) -> list[Any]:
         """Results in call order, errors as exception objects; NOSCRIPT ones run again."""
-        results = await self._pipeline(calls, atomic)
+        results = await self._pipeline(calls)
         missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
         if missing:
             await self.load()
-            retried = await self._pipeline([calls[i] for i in missing], atomic)
+            retried = await self._pipeline([calls[i] for i in missing])
             for i, result in zip(missing, retried, strict=True):
                 results[i] = result
         return results
 
-    async def _pipeline(self, calls: Sequence[Call], atomic: bool) -> list[Any]:
-        async with self._redis.pipeline(transaction=atomic) as pipe:
+    async def _pipeline(self, calls: Sequence[Call]) -> list[Any]:
+        async with self._redis.pipeline(transaction=False) as pipe:
             for name, keys, args in calls:
                 pipe.evalsha(SHAS[name], len(keys), *keys, *args)
             return list(await pipe.execute(raise_on_error=False))

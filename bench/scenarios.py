@@ -36,11 +36,9 @@ def makespan(b: Bench, pattern: str, slots: int, order: str, process_s: float) -
 
 def noop_drain(b: Bench, slots: int, events: int = 50_000, accounts: int = 5_000) -> dict[str, Any]:
     """A backlog drained by burst consumers whose handler returns at once; events per second."""
-    b.fresh()
-    b.gen(events, accounts, "uniform", slots, process_seconds=0)
-    b.drain(slots, process_seconds=0)
+    attempts = _evq_drained(b, "uniform", events, accounts, slots, 0)
     report = b.report()
-    window_s = handling_window_s(read_log(b.log, latest_run=True).attempts)
+    window_s = handling_window_s(attempts)
     return {
         "slots": slots,
         "events": events,
@@ -65,8 +63,8 @@ def peers(b: Bench, system: str, slots: int = 100, sleep_s: float = 0.1) -> dict
     accounts = workload("bursty", PEER_EVENTS, PEER_ACCOUNTS, seed=1)
     bound = lower_bound_s(len(accounts), longest_chain(accounts), slots, sleep_s)
     if system == "evq":
-        noop = _evq_drained(b, 1_000, 0)
-        sleeping = _evq_drained(b, slots, sleep_s)
+        noop = _evq_drained(b, "bursty", PEER_EVENTS, PEER_ACCOUNTS, 1_000, 0)
+        sleeping = _evq_drained(b, "bursty", PEER_EVENTS, PEER_ACCOUNTS, slots, sleep_s)
         settings = f"no-op: evq consume x 2, CONCURRENCY=500; W={slots}: x 1, CONCURRENCY={slots}"
     else:
         peer = next(p for p in peer_runs.PEERS if p.name == system)
@@ -89,9 +87,12 @@ def peers(b: Bench, system: str, slots: int = 100, sleep_s: float = 0.1) -> dict
     }
 
 
-def _evq_drained(b: Bench, slots: int, sleep_s: float) -> list[Attempt]:
+def _evq_drained(
+    b: Bench, pattern: str, events: int, accounts: int, slots: int, sleep_s: float
+) -> list[Attempt]:
+    """A backlog queued by `gen`, then drained by burst consumers; the attempts they logged."""
     b.fresh()
-    b.gen(PEER_EVENTS, PEER_ACCOUNTS, "bursty", slots, process_seconds=sleep_s)
+    b.gen(events, accounts, pattern, slots, process_seconds=sleep_s)
     b.drain(slots, process_seconds=sleep_s)
     return read_log(b.log, latest_run=True).attempts
 

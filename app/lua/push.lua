@@ -12,7 +12,7 @@ ready, stats, active = KEYS[1], KEYS[2], KEYS[3]
 local pending_prefix, lock_prefix, seq_prefix, dedupe_prefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local now_suffix, before_suffix, ttl, order = ':' .. ARGV[5], ':' .. ARGV[6], ARGV[7], ARGV[8]
 math.randomseed(tonumber(ARGV[9]))
-local out, accounts, tags, backlog, was_idle = {}, {}, {}, {}, {}
+local out, accounts, tags, backlog, was_idle, accepted = {}, {}, {}, {}, {}, 0
 for i = 10, #ARGV, 3 do
   local account, id = ARGV[i], ARGV[i + 1]
   local tag = '{' .. account .. '}'
@@ -32,6 +32,7 @@ for i = 10, #ARGV, 3 do
       was_idle[account] = length == 1
     end
     backlog[account] = length
+    accepted = accepted + 1
     out[#out + 1], out[#out + 2] = 1, seq
   end
 end
@@ -46,7 +47,5 @@ for _, account in ipairs(accounts) do
     make_ready(account, order, tostring(math.random()), backlog[account])
   end
 end
-local accepted = 0
-for i = 1, #out, 2 do accepted = accepted + out[i] end
 if accepted > 0 then redis.call('HINCRBY', stats, 'accepted', accepted) end
 return out

@@ -279,9 +279,9 @@ async def test_concurrent_calls_share_a_round_trip_and_keep_their_answers(
     sizes: list[int] = []
     send = queue.scripts._pipeline
 
-    async def counted(calls: Sequence[Call], atomic: bool) -> list[Any]:
+    async def counted(calls: Sequence[Call]) -> list[Any]:
         sizes.append(len(calls))
-        return await send(calls, atomic)
+        return await send(calls)
 
     queue.scripts._pipeline = counted  # type: ignore[method-assign]
     steps = await asyncio.gather(*(queue.ack(e) for e in events), queue.ack(stale))
