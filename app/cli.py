@@ -1,6 +1,7 @@
 """The `evq` command line (and `gen`, the same as `evq gen`): parses, then calls the app."""
 
 import asyncio
+import contextlib
 import sys
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
@@ -12,6 +13,7 @@ import orjson
 import typer
 import uvloop
 from pydantic import ValidationError
+from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -29,7 +31,7 @@ from app.generator import (
     workload,
 )
 from app.plot import PlotUnavailable, draw
-from app.queue import Queue, connect
+from app.queue import TRANSIENT, Queue, connect
 from app.report import read_log, render, summarize
 from app.settings import Settings
 
@@ -44,7 +46,12 @@ def _settings() -> Settings:
     try:
         return Settings()
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(
+            ": ".join(
+                filter(None, (".".join(map(str, e["loc"])), e["msg"].removeprefix("Value error, ")))
+            )
+            for e in exc.errors()
+        )
         typer.echo(f"evq: bad configuration: {problems}", err=True)
         raise typer.Exit(2) from exc
 
@@ -65,7 +72,10 @@ def _run(coro: Coroutine[Any, Any, T], settings: Settings) -> T:
 def consume(
     burst: Annotated[bool, typer.Option(help="Exit once no account has work left.")] = False,
 ) -> None:
-    """Run one consumer process with CONCURRENCY slots until SIGTERM or SIGINT."""
+    """Run one consumer process with CONCURRENCY slots until SIGTERM or SIGINT.
+
+    Exits 1 after a forced stop (a second signal) or when its slots keep failing.
+    """
     settings = _settings()
     try:
         handler = handlers.load(settings)
@@ -75,18 +85,28 @@ def consume(
 
     async def main() -> bool:
         pool_size = min(settings.concurrency, LANE_CONNECTIONS) + 4
-        redis = connect(settings, max_connections=pool_size)
+        redis = connect(settings, max_connections=pool_size, retries=False)
         # Open the pool before the first claim, so the first wave of acks does not pay for it.
-        await asyncio.gather(*(redis.ping() for _ in range(pool_size)))
+        await asyncio.gather(*(_ping(redis) for _ in range(pool_size)))
         consumer = Consumer(
-            Queue(redis, settings), handler, settings, log.configure(settings.event_log)
+            Queue(redis, settings),
+            handler,
+            settings,
+            log=log.configure(settings.event_log, fallback=True),
+            events=log.configure(settings.event_log),
         )
         await consumer.run(burst=burst)
         await redis.aclose()
-        return consumer.forced
+        return consumer.forced or consumer.failing
 
     if _run(main(), settings):
         raise typer.Exit(1)
+
+
+async def _ping(redis: Redis) -> None:
+    """Open one connection; a fault here only leaves it for the first call to open."""
+    with contextlib.suppress(*TRANSIENT):
+        await redis.ping()
 
 
 @app.command()

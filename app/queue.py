@@ -2,16 +2,21 @@
 
 import enum
 import functools
+import os
 import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import orjson
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.driver_info import DriverInfo
-from redis.exceptions import NoScriptError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, TryAgainError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.keys import Keys
 from app.scripts import SHAS, Scripts
@@ -60,20 +65,59 @@ class Step(enum.Enum):
     LOST = "lost"  # the lease was gone: the script changed nothing
 
 
+@dataclass(frozen=True, slots=True)
+class Won:
+    """An account a claim locked whose head event is still to be taken (by `Queue.take`)."""
+
+    account: int
+    token: int
+
+
 Next = Event | Step
 _STEPS = {s.value.encode(): s for s in Step}
 
+# Faults of the connection, not answers: the call may or may not have run. Every transition
+# is idempotent, so the caller sends the same call again.
+TRANSIENT = (RedisConnectionError, RedisTimeoutError, TryAgainError)
 
-def connect(settings: Settings, max_connections: int = 64) -> Redis:
+
+class ClaimInterrupted(RedisError):
+    """The claim's MULTI was sent but its reply was lost: `Queue.resume_claim` finds out."""
+
+    def __init__(self, accounts: list[int], claim_id: str, cause: Exception) -> None:
+        super().__init__(f"claim {claim_id} interrupted: {cause}")
+        self.accounts = accounts
+        self.claim_id = claim_id
+
+
+def connect(settings: Settings, max_connections: int = 64, retries: bool = True) -> Redis:
     """A client whose pool queues callers beyond `max_connections` instead of opening more.
 
+    Every call times out after `settings.socket_timeout_s`. With `retries`, redis-py sends a
+    call again after a connection fault; the consumer turns that off and retries itself,
+    within its lease and knowing which calls are safe to send twice.
     The pool shares one DriverInfo: without it redis-py re-reads its package metadata for every
     new connection (about 3 ms each), which stalled a consumer opening hundreds at once.
     """
+    options: dict[str, Any] = {} if retries else {"retry": Retry(NoBackoff(), 0)}
     pool = BlockingConnectionPool.from_url(
-        settings.redis_url, max_connections=max_connections, driver_info=DriverInfo()
+        settings.redis_url,
+        max_connections=max_connections,
+        driver_info=DriverInfo(),
+        socket_timeout=settings.socket_timeout_s,
+        socket_connect_timeout=settings.socket_timeout_s,
+        **options,
     )
     return Redis.from_pool(pool)
+
+
+class _Claimed(NamedTuple):
+    """The replies of one account's part of the claim MULTI."""
+
+    lock: Any
+    expire: Any
+    token: Any
+    taken: Any
 
 
 def _random_score() -> str:
@@ -122,71 +166,93 @@ class Queue:
         reply: list[int] = await self.scripts.call("push", self._push_keys, args)
         return [PushResult(bool(reply[i]), int(reply[i + 1])) for i in range(0, len(reply), 2)]
 
-    async def claim(self, n: int, block_s: float) -> list[Event]:
+    async def claim(self, n: int, block_s: float) -> list[Event | Won]:
         """Claim up to `n` accounts, best first, and take the head event of each.
 
         Pops the ready index without blocking; when it is empty, blocks up to `block_s` for one
-        (`block_s=0`: returns at once).
+        (`block_s=0`: returns at once). A popped account whose claim reply is lost is not
+        claimed by anyone and not ready: the reaper puts it back.
         Each popped account is then locked by the MULTI INCR+EXPIRE block: the INCR that returns
         1 wins, and the fence INCR beside it is the winner's token. The take script runs in the
-        same block, so a claim costs two round trips.
+        same block, so a claim costs two round trips. A random claim id marks what this claim
+        took; when the MULTI's reply is lost, `ClaimInterrupted` carries it and the accounts for
+        `resume_claim`. An account won whose take failed comes back as `Won`.
         """
+        accounts = await self._pop(n, block_s)
+        if not accounts:
+            return []
+        claim_id = os.urandom(8).hex()
+        try:
+            async with self.redis.pipeline(transaction=True) as tx:
+                for account in accounts:
+                    keys = self._account_keys(account)
+                    tx.incr(keys[LOCK])
+                    tx.pexpire(keys[LOCK], self._lease_ms, nx=True)
+                    tx.incr(keys[FENCE])
+                    args = (account, "claim", claim_id, self._order, self._rand())
+                    tx.evalsha(SHAS["take"], len(keys), *keys, *args)
+                replies = await tx.execute(raise_on_error=False)
+        except TRANSIENT as exc:
+            raise ClaimInterrupted(accounts, claim_id, exc) from exc
+        claimed: list[Event | Won] = []
+        for account, part in zip(accounts, _parts(replies), strict=True):
+            if part.lock != 1:
+                continue
+            if isinstance(part.taken, Exception):  # NOSCRIPT (Redis restarted) or a fault
+                claimed.append(Won(account, part.token))
+                continue
+            step = self._next(account, part.token, part.taken)
+            if isinstance(step, Event):
+                claimed.append(step)
+        return claimed
+
+    async def _pop(self, n: int, block_s: float) -> list[int]:
         popped = cast(list[tuple[bytes, float]], await self.redis.zpopmin(self.keys.ready, n))
-        if not popped:
-            if block_s <= 0:
-                return []
+        if not popped and block_s > 0:
             got = cast(
                 tuple[bytes, bytes, float] | None,
                 await self.redis.bzpopmin(self.keys.ready, timeout=block_s),
             )
-            if got is None:
-                return []
-            popped = [(got[1], got[2])]
-        accounts = [int(member) for member, _ in popped]
-        async with self.redis.pipeline(transaction=True) as tx:
-            for account in accounts:
-                keys = self._account_keys(account)
-                tx.incr(keys[LOCK])
-                tx.pexpire(keys[LOCK], self._lease_ms, nx=True)
-                tx.incr(keys[FENCE])
-                tx.evalsha(SHAS["take"], len(keys), *keys, account, "", self._order, self._rand())
-            replies = await tx.execute(raise_on_error=False)
-        steps = []
-        for i, account in enumerate(accounts):
-            lock, token, taken = replies[4 * i], replies[4 * i + 2], replies[4 * i + 3]
-            if lock != 1:
-                continue
-            if isinstance(taken, NoScriptError):  # Redis restarted: load, take by token
-                taken = await self.scripts.call(
-                    "take", self._account_keys(account), (account, token, self._order, self._rand())
-                )
-            elif isinstance(taken, Exception):
-                raise taken
-            steps.append(self._next(account, token, taken))
-        return [step for step in steps if isinstance(step, Event)]
+            popped = [(got[1], got[2])] if got else []
+        return [int(member) for member, _ in popped]
+
+    async def resume_claim(self, accounts: Sequence[int], claim_id: str) -> list[Event]:
+        """The events a claim whose reply was lost took; the accounts it did not win and no
+        one holds go back into the ready index. Safe to call again."""
+        calls = [
+            (self._account_keys(a), (a, "resume", claim_id, self._order, self._rand()))
+            for a in accounts
+        ]
+        replies = await self.scripts.batch("take", calls)
+        found = [
+            self._next(account, int(reply[3]), reply[:3])
+            for account, reply in zip(accounts, replies, strict=True)
+            if reply[0] == b"event"
+        ]
+        return [event for event in found if isinstance(event, Event)]
 
     async def take(self, account: int, token: int) -> Next:
-        """Take the head event of an owned account (after a retry backoff)."""
-        return await self._call("take", account, token, ())
+        """Take the head event of an owned account (after a retry backoff); sent again, the
+        same event and attempt."""
+        return await self._call("take", account, token, (b"", self._order, self._rand()))
 
     async def ack(self, event: Event, want_next: bool = True) -> Next:
         """Settle a handled event; hands back the account's next event when it should go on."""
-        want = b"1" if want_next else b"0"
-        return await self._call("ack", event.account, event.token, (want, event.seq, self._margin))
+        return await self._settle("ack", event, want_next, ())
 
     async def nack(self, event: Event, error: str, dead: bool, want_next: bool = True) -> Next:
         """Settle a failed event: back to the head for a retry, or into dead letters when `dead`."""
         entry = _dead_entry(event, error) if dead else b""
-        want = b"1" if want_next else b"0"
-        return await self._call("nack", event.account, event.token, (want, entry, self._margin))
+        return await self._settle("nack", event, want_next, (entry,))
 
-    async def acked_through(self, account: int) -> int:
-        """The seq of the account's last acked event (0 before the first)."""
-        return int(await self.redis.hget(self.keys.totals(account), "last_acked_seq") or 0)
-
-    async def release(self, account: int, token: int) -> Next:
-        """Give an owned account up; an in-flight event goes back to the head."""
-        return await self._call("release", account, token, ())
+    async def release(
+        self, account: int, token: int, event: Event | None = None, ran: bool = True
+    ) -> Next:
+        """Give an owned account up; the in-flight `event` goes back to the head, and its
+        attempt is not counted when it never `ran`."""
+        seq, attempt = (event.seq, event.attempt) if event else (0, 0)
+        args = (self._order, self._rand(), seq, attempt, b"1" if ran else b"0")
+        return await self._call("release", account, token, args)
 
     async def renew(self, held: Sequence[tuple[int, int]]) -> list[bool]:
         """Extend the leases of (account, token) pairs; False where the lease was already lost."""
@@ -255,11 +321,22 @@ class Queue:
         """True when no account has pending or in-flight events."""
         return int(await self.redis.scard(self.keys.active)) == 0
 
-    async def _call(
-        self, name: str, account: int, token: int, extra: tuple[bytes | int, ...]
+    async def _settle(
+        self, name: str, event: Event, want_next: bool, extra: tuple[bytes, ...]
     ) -> Next:
-        args = (account, token, self._order, self._rand(), *extra)
-        reply = await self.scripts.call(name, self._account_keys(account), args)
+        """ARGV after the account and token: order, random score, seq, attempt, want next,
+        switch margin, then `extra`."""
+        want = b"1" if want_next else b"0"
+        args: tuple[bytes | int | str, ...] = (
+            *(self._order, self._rand(), event.seq, event.attempt, want, self._margin),
+            *extra,
+        )
+        return await self._call(name, event.account, event.token, args)
+
+    async def _call(
+        self, name: str, account: int, token: int, args: tuple[bytes | int | str, ...]
+    ) -> Next:
+        reply = await self.scripts.call(name, self._account_keys(account), (account, token, *args))
         return self._next(account, token, reply)
 
     @staticmethod
@@ -276,6 +353,11 @@ class Queue:
             attempt=int(reply[2]),
             token=token,
         )
+
+
+def _parts(replies: Sequence[Any]) -> list[_Claimed]:
+    """The claim MULTI's replies, four per account."""
+    return [_Claimed(*replies[i : i + 4]) for i in range(0, len(replies), 4)]
 
 
 def _dead_entry(event: Event, error: str) -> bytes:

@@ -3,7 +3,7 @@
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ClaimOrder = Literal["longest", "oldest", "random"]
@@ -34,8 +34,33 @@ class Settings(BaseSettings):
     retry_backoff_seconds: float = Field(0.1, ge=0)
     retry_backoff_max_seconds: float = Field(10.0, ge=0)
     claim_block_seconds: float = Field(1.0, gt=0)
+    redis_timeout_seconds: float | None = Field(None, gt=0)
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=1, le=65_535)
+
+    @model_validator(mode="after")
+    def _timeout_fits_the_lease(self) -> "Settings":
+        if self.redis_timeout_seconds is not None and (
+            self.redis_timeout_seconds > self.lease_seconds / 2
+        ):
+            raise ValueError(
+                f"REDIS_TIMEOUT_SECONDS ({self.redis_timeout_seconds:g}) must be at most half of"
+                f" LEASE_SECONDS ({self.lease_seconds:g}), so a consumer can retry a call"
+                " that timed out before its lease runs out"
+            )
+        return self
+
+    @property
+    def socket_timeout_s(self) -> float:
+        """How long one Redis call may take: REDIS_TIMEOUT_SECONDS, else 5 s or a third of the
+        lease, whichever is shorter."""
+        return self.redis_timeout_seconds or min(5.0, self.lease_seconds / 3)
+
+    @property
+    def claim_block_s(self) -> float:
+        """How long an idle claimer blocks: CLAIM_BLOCK_SECONDS, but at most half the socket
+        timeout, so a blocking pop is never mistaken for a dead connection."""
+        return min(self.claim_block_seconds, self.socket_timeout_s / 2)
 
     @property
     def lease_ms(self) -> int:

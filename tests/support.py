@@ -1,5 +1,6 @@
 """Test helpers shared by the suites: a real redis-server, consumer processes, handlers."""
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis as sync_redis
+from redis.asyncio import Redis
 
 from app.queue import Event
 from app.settings import Settings
@@ -150,6 +152,40 @@ def sleeping(settings: Settings) -> "object":
 
     def handle(event: Event) -> None:
         time.sleep(settings.process_seconds)
+
+    return handle
+
+
+async def snapshot(redis: Redis) -> dict[object, object]:
+    """Every key with its value (not its TTL), to show that a call changed nothing."""
+    found: dict[object, object] = {}
+    for key in sorted(await redis.keys("*")):
+        kind = await redis.type(key)
+        if kind == b"string":
+            found[key] = await redis.get(key)
+        elif kind == b"list":
+            found[key] = await redis.lrange(key, 0, -1)
+        elif kind == b"hash":
+            found[key] = await redis.hgetall(key)
+        elif kind == b"set":
+            found[key] = await redis.smembers(key)
+        else:
+            found[key] = await redis.zrange(key, 0, -1, withscores=True)
+    return found
+
+
+class Unexpected(BaseException):
+    """An error of a type no handler should raise (not even an Exception)."""
+
+
+def raises_unexpected(settings: Settings) -> "object":
+    """Handler factory for tests: the first attempt of an event whose payload says `odd`
+    raises `Unexpected`; everything else sleeps PROCESS_SECONDS."""
+
+    async def handle(event: Event) -> None:
+        if isinstance(event.payload, dict) and event.payload.get("odd") and event.attempt == 1:
+            raise Unexpected(f"unexpected failure of {event.event_id}")
+        await asyncio.sleep(settings.process_seconds)
 
     return handle
 

@@ -1,9 +1,16 @@
 -- Shared by every account script; scripts.py prepends it to each one.
 -- KEYS layout (keys.py builds it, every per-account key shares the account's hash tag):
---   1 pending list, 2 in-flight list, 3 lock, 4 fence, 5 attempt, 6 seq,
+--   1 pending list, 2 in-flight list, 3 lock, 4 fence, 5 attempt hash, 6 seq,
 --   7 ready index, 8 stats, 9 active set, 10 dead letters, 11 account totals
+-- The attempt hash describes the event at the head or in flight: n (attempts handed out),
+-- token (the owner that took the in-flight attempt), claim (the claim that took it).
+-- The totals hash keeps, beside the settled counts, the last settling call of each recent
+-- token, field 't:<token>' = '<seq>:<attempt>:<op>:<reply>': a call sent again (a client
+-- retry after a lost reply) is answered from it and changes nothing.
 local pending, in_flight, lock, fence, attempt_key, seq_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local ready, stats, active, dead, totals = KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11]
+-- Tokens whose last call is kept; older ones are dropped when the account is claimed again.
+local KEEP_CALLS = 32
 
 -- The claim MULTI increments lock and fence together, so while the lock lives the owner's
 -- token is fence - lock + 1: no owner field to keep in sync, and a stale token never matches.
@@ -11,6 +18,20 @@ local function owns(token)
   local held = redis.call('GET', lock)
   if not held then return false end
   return tonumber(redis.call('GET', fence)) - tonumber(held) + 1 == tonumber(token)
+end
+
+-- The in-flight event as a take reply, when `token` took it; nil otherwise.
+local function held_by(token)
+  if redis.call('HGET', attempt_key, 'token') ~= token then return nil end
+  local body = redis.call('LINDEX', in_flight, 0)
+  if not body then return nil end
+  return {'event', body, tonumber(redis.call('HGET', attempt_key, 'n'))}
+end
+
+-- Whether `token` owns the account and took the in-flight event, which is `seq`.
+local function holds(token, seq)
+  local held = owns(token) and held_by(token)
+  return held and string.match(held[2], '^{"seq":(%d+)') == seq
 end
 
 -- Score of this account in the ready index for the claim order; the lowest pops first.
@@ -41,10 +62,25 @@ local function recover()
   end
 end
 
-local function take_head()
+-- An account with work, no owner and no ready entry (its owner died, or a claimer lost the
+-- reply of its pop) goes back into the ready index. Returns 1 when it did.
+local function reready(account, order, rand)
+  if redis.call('EXISTS', lock) == 1 or redis.call('ZSCORE', ready, account) then return 0 end
+  recover()
+  if redis.call('LLEN', pending) == 0 then
+    redis.call('SREM', active, account)
+    return 0
+  end
+  make_ready(account, order, rand)
+  return 1
+end
+
+local function take_head(token)
   local body = redis.call('LMOVE', pending, in_flight, 'LEFT', 'RIGHT')
   if not body then return nil end
-  return {'event', body, redis.call('INCR', attempt_key)}
+  local attempt = redis.call('HINCRBY', attempt_key, 'n', 1)
+  redis.call('HSET', attempt_key, 'token', token)
+  return {'event', body, attempt}
 end
 
 -- Give the account up: back into the ready index while it has work, else out of the active set.
@@ -63,7 +99,7 @@ end
 
 -- After an event is settled: take the next one while this account is still the best choice,
 -- otherwise put it back. The best waiting account must beat this one's score by `margin`.
-local function next_step(account, order, rand, want_next, margin)
+local function next_step(account, token, order, rand, want_next, margin)
   if want_next ~= '1' or redis.call('LLEN', pending) == 0 then
     return release(account, order, rand)
   end
@@ -73,5 +109,35 @@ local function next_step(account, order, rand, want_next, margin)
       return release(account, order, rand)
     end
   end
-  return take_head()
+  return take_head(token)
+end
+
+-- Keep `reply` as the answer to this token's call `op` about (seq, attempt), and return it.
+local function remember(token, seq, attempt, op, reply)
+  redis.call('HSET', totals, 't:' .. token, seq .. ':' .. attempt .. ':' .. op .. ':' .. reply[1])
+  return reply
+end
+
+-- The answer to a call this token already made, or nil when it is a new call. An event handed
+-- out then and still held is handed out again; one held no longer is {'released'}: the call
+-- landed, the account is no longer this token's.
+local function replayed(token, seq, attempt, op)
+  local last = redis.call('HGET', totals, 't:' .. token)
+  if not last then return nil end
+  local s, a, o, reply = string.match(last, '^(%d+):(%d+):(%a+):(%a+)$')
+  if s ~= seq or a ~= attempt or o ~= op then return nil end
+  if reply ~= 'event' then return {reply} end
+  return (owns(token) and held_by(token)) or {'released'}
+end
+
+-- Drop the kept calls of all but the newest KEEP_CALLS tokens.
+local function forget_old_calls()
+  if redis.call('HLEN', totals) <= KEEP_CALLS + 3 then return end
+  local tokens = {}
+  for _, field in ipairs(redis.call('HKEYS', totals)) do
+    local token = string.match(field, '^t:(%d+)$')
+    if token then tokens[#tokens + 1] = {tonumber(token), field} end
+  end
+  table.sort(tokens, function(a, b) return a[1] < b[1] end)
+  for i = 1, #tokens - KEEP_CALLS do redis.call('HDEL', totals, tokens[i][2]) end
 end

@@ -1,17 +1,25 @@
 -- nack: the handler failed; retry the event in place or dead-letter it and go on.
 -- KEYS: the account layout (_lib.lua)
--- ARGV: 1 account, 2 fencing token, 3 claim order, 4 random score, 5 want next ('1' or '0'),
---       6 dead-letter entry (JSON), or '' to retry, 7 switch margin (next_step in _lib.lua)
+-- ARGV: 1 account, 2 fencing token, 3 claim order, 4 random score, 5 seq and 6 attempt of
+--       the failed event, 7 want next ('1' or '0'), 8 switch margin (next_step in _lib.lua),
+--       9 dead-letter entry (JSON), or '' to retry
 -- Returns {'retry'} (back at the head, still owned), a next step as ack.lua does, or {'lost'}.
-if not owns(ARGV[2]) then return {'lost'} end
+-- Sent again: the same answer, nothing changed.
+local account, token, seq, attempt = ARGV[1], ARGV[2], ARGV[5], ARGV[6]
+local again = replayed(token, seq, attempt, 'nack')
+if again then return again end
+if not holds(token, seq) then return {'lost'} end
 redis.call('HINCRBY', stats, 'nacked', 1)
-if ARGV[6] == '' then
+local reply
+if ARGV[9] == '' then
   redis.call('LMOVE', in_flight, pending, 'RIGHT', 'LEFT')
-  if ARGV[5] ~= '1' then return release(ARGV[1], ARGV[3], ARGV[4]) end
-  return {'retry'}
+  reply = {'retry'}
+  if ARGV[7] ~= '1' then reply = release(account, ARGV[3], ARGV[4]) end
+else
+  redis.call('RPUSH', dead, ARGV[9])
+  redis.call('DEL', in_flight, attempt_key)
+  redis.call('HINCRBY', stats, 'dead', 1)
+  redis.call('HINCRBY', totals, 'dead', 1)
+  reply = next_step(account, token, ARGV[3], ARGV[4], ARGV[7], ARGV[8])
 end
-redis.call('RPUSH', dead, ARGV[6])
-redis.call('DEL', in_flight, attempt_key)
-redis.call('HINCRBY', stats, 'dead', 1)
-redis.call('HINCRBY', totals, 'dead', 1)
-return next_step(ARGV[1], ARGV[3], ARGV[4], ARGV[5], ARGV[7])
+return remember(token, seq, attempt, 'nack', reply)

@@ -1,6 +1,12 @@
--- release: the owner gives the account up (shutdown); an in-flight event goes back to the head.
+-- release: the owner gives the account up; an in-flight event goes back to the head.
 -- KEYS: the account layout (_lib.lua)
--- ARGV: 1 account, 2 fencing token, 3 claim order, 4 random score
--- Returns {'released'}, {'drained'} or {'lost'}.
-if not owns(ARGV[2]) then return {'lost'} end
-return release(ARGV[1], ARGV[3], ARGV[4])
+-- ARGV: 1 account, 2 fencing token, 3 claim order, 4 random score, 5 seq and 6 attempt of
+--       the event the owner holds (0 and 0 for none), 7 '1' when that attempt reached the
+--       handler, '0' when it never ran (then it is not counted)
+-- Returns {'released'}, {'drained'} or {'lost'}. Sent again: the same answer.
+local account, token, seq, attempt = ARGV[1], ARGV[2], ARGV[5], ARGV[6]
+local again = replayed(token, seq, attempt, 'release')
+if again then return again end
+if not owns(token) then return {'lost'} end
+if ARGV[7] == '0' and held_by(token) then redis.call('HINCRBY', attempt_key, 'n', -1) end
+return remember(token, seq, attempt, 'release', release(account, ARGV[3], ARGV[4]))

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from app.queue import Event, NewEvent, Queue, Step
+from app.queue import Event, NewEvent, Queue, Step, Won
 from app.scripts import Call
 from tests.engine.conftest import MakeQueue
 
@@ -17,9 +17,9 @@ async def push(queue: Queue, account: int, *ids: str, **payload: object) -> None
 
 
 async def claim_one(queue: Queue) -> Event:
-    events = await queue.claim(1, 0.01)
-    assert len(events) == 1
-    return events[0]
+    [event] = await queue.claim(1, 0.01)
+    assert isinstance(event, Event)
+    return event
 
 
 async def test_push_assigns_seq_and_readies_account(make_queue: MakeQueue) -> None:
@@ -288,16 +288,20 @@ async def test_concurrent_calls_share_a_round_trip_and_keep_their_answers(
     assert sizes == [31]
     assert steps[-1] is Step.LOST
     assert [(s.account, s.seq) for s in steps[:-1]] == [(e.account, 2) for e in events]
-    assert await queue.acked_through(events[0].account) == 1
+    assert await queue.redis.hget(queue.keys.totals(events[0].account), "last_acked_seq") == b"1"
 
 
 async def test_claim_after_scripts_were_flushed(make_queue: MakeQueue) -> None:
-    """A claim whose in-MULTI take hits NOSCRIPT (Redis restarted) still takes the event."""
+    """A claim whose in-MULTI take hits NOSCRIPT (Redis restarted) keeps the account it won,
+    and the take by token loads the scripts and hands out the head as attempt 1."""
     queue = make_queue()
     await push(queue, 4, "a")
     await queue.scripts.load()
     await queue.redis.script_flush()
-    event = await claim_one(queue)
+    [won] = await queue.claim(1, 0.01)
+    assert isinstance(won, Won)
+    event = await queue.take(won.account, won.token)
+    assert isinstance(event, Event)
     assert (event.account, event.seq, event.attempt) == (4, 1, 1)
     assert await queue.redis.llen(queue.keys.in_flight(4)) == 1
 

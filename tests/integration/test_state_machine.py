@@ -1,8 +1,8 @@
-"""A hypothesis state machine drives the engine against real Redis and checks I1, I2, I4."""
+"""A hypothesis state machine drives the engine against real Redis and checks I1, I2, I4, I7."""
 
 import asyncio
 import itertools
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, ClassVar, TypeVar
 
 import hypothesis.strategies as st
@@ -18,10 +18,11 @@ from redis.asyncio import Redis
 
 from app.queue import Event, NewEvent, Queue, Step
 from tests.integration.helpers import seq_of
-from tests.support import RedisServer
+from tests.support import RedisServer, snapshot
 from tests.support import settings as evq_settings
 
 T = TypeVar("T")
+Call = Callable[[], Coroutine[Any, Any, Event | Step]]
 ACCOUNTS = st.integers(1, 3)
 SLOTS = st.integers(0, 2)
 
@@ -44,6 +45,8 @@ class QueueMachine(RuleBasedStateMachine):
         self.dead: set[tuple[int, int]] = set()
         self.slots: dict[int, Event] = {}
         self.stale: set[tuple[int, int]] = set()  # (account, token) whose lease expired
+        # Per slot, its latest transition and the answer it got: a retry may send it again.
+        self.last: dict[int, tuple[Call, Event | Step, Event]] = {}
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self.loop.run_until_complete(coro)
@@ -59,11 +62,18 @@ class QueueMachine(RuleBasedStateMachine):
         assert all(r.queued for r in results)
         self.pushed[account] += n
 
+    def send(self, slot: int, call: Call, about: Event) -> Event | Step:
+        answer = self.run(call())
+        self.last[slot] = (call, answer, about)
+        return answer
+
     @rule(slot=SLOTS)
     def claim(self, slot: int) -> None:
         if slot in self.slots:
             return
         for event in self.run(self.queue.claim(1, 0)):
+            assert isinstance(event, Event)
+            self.last.pop(slot, None)
             self.hold(slot, event)
 
     @precondition(lambda self: self.slots)
@@ -71,7 +81,7 @@ class QueueMachine(RuleBasedStateMachine):
     def ack(self, data: st.DataObject) -> None:
         slot = data.draw(st.sampled_from(sorted(self.slots)))
         event = self.slots[slot]
-        step = self.run(self.queue.ack(event))
+        step = self.send(slot, lambda: self.queue.ack(event), event)
         if self.check_lost(slot, event, step):
             return
         self.settle(event, self.acked)
@@ -82,13 +92,13 @@ class QueueMachine(RuleBasedStateMachine):
     def nack(self, data: st.DataObject, dead: bool) -> None:
         slot = data.draw(st.sampled_from(sorted(self.slots)))
         event = self.slots[slot]
-        step = self.run(self.queue.nack(event, "boom", dead=dead))
+        step = self.send(slot, lambda: self.queue.nack(event, "boom", dead=dead), event)
         if self.check_lost(slot, event, step):
             return
         if dead:
             self.settle(event, self.dead)
         elif step is Step.RETRY:
-            step = self.run(self.queue.take(event.account, event.token))
+            step = self.send(slot, lambda: self.queue.take(event.account, event.token), event)
             assert isinstance(step, Event) and step.seq == event.seq
             assert step.attempt == event.attempt + 1
         self.follow(slot, step)
@@ -105,7 +115,25 @@ class QueueMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.slots)
     @rule(data=st.data())
     def crash(self, data: st.DataObject) -> None:
-        del self.slots[data.draw(st.sampled_from(sorted(self.slots)))]
+        slot = data.draw(st.sampled_from(sorted(self.slots)))
+        del self.slots[slot]
+        self.last.pop(slot, None)
+
+    @precondition(lambda self: self.last)
+    @rule(data=st.data())
+    def replay(self, data: st.DataObject) -> None:
+        """I7: a slot's latest call sent again (its reply was lost) changes nothing and gets the
+        same answer; an event handed out then and held no longer reads as released (the call
+        landed) or, for a take, as lost."""
+        slot = data.draw(st.sampled_from(sorted(self.last)))
+        call, answer, about = self.last[slot]
+        before = self.run(snapshot(self.client))
+        again = self.run(call())
+        assert self.run(snapshot(self.client)) == before, "a replayed call changed Redis"
+        if isinstance(answer, Event) and (about.account, about.token) in self.stale:
+            assert again in (answer, Step.RELEASED, Step.LOST)
+        else:
+            assert again == answer
 
     @rule()
     def reap(self) -> None:
