@@ -85,7 +85,7 @@ def consume(
 
     async def main() -> bool:
         pool_size = min(settings.concurrency, LANE_CONNECTIONS) + 4
-        redis = connect(settings, max_connections=pool_size, retries=False)
+        redis = connect(settings, max_connections=pool_size, consumer=True)
         # Open the pool before the first claim, so the first wave of acks does not pay for it.
         await asyncio.gather(*(_ping(redis) for _ in range(pool_size)))
         consumer = Consumer(

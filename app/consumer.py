@@ -149,6 +149,7 @@ class Consumer:
                 continue
             except Exception:
                 self._failed("claimer_failed")
+                self._reap_soon.set()
                 await _sleep_unless(self._stopping, CLAIM_RETRY_S)
                 continue
             pause = RETRY_FIRST_S

@@ -5,9 +5,9 @@ import functools
 import os
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
 import orjson
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -19,9 +19,10 @@ from redis.exceptions import RedisError, TryAgainError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.keys import Keys
-from app.scripts import SHAS, Scripts
+from app.scripts import SHAS, Scripts, timed
 from app.settings import Settings
 
+T = TypeVar("T")
 LOCK, FENCE = 2, 3  # positions in Keys.account()
 REAP_CHUNK = 500
 
@@ -90,21 +91,23 @@ class ClaimInterrupted(RedisError):
         self.claim_id = claim_id
 
 
-def connect(settings: Settings, max_connections: int = 64, retries: bool = True) -> Redis:
+def connect(settings: Settings, max_connections: int = 64, consumer: bool = False) -> Redis:
     """A client whose pool queues callers beyond `max_connections` instead of opening more.
 
-    Every call times out after `settings.socket_timeout_s`. With `retries`, redis-py sends a
-    call again after a connection fault; the consumer turns that off and retries itself,
-    within its lease and knowing which calls are safe to send twice.
+    Connecting and every reply time out after `settings.socket_timeout_s`, and redis-py sends
+    a call again after a connection fault. The `consumer`'s client does neither: its slots send
+    calls again themselves, within their leases and knowing which calls are safe to send twice,
+    and the engine puts one deadline on each round trip (`scripts.timed`).
     The pool shares one DriverInfo: without it redis-py re-reads its package metadata for every
     new connection (about 3 ms each), which stalled a consumer opening hundreds at once.
     """
-    options: dict[str, Any] = {} if retries else {"retry": Retry(NoBackoff(), 0)}
+    options: dict[str, Any] = {"socket_timeout": settings.socket_timeout_s}
+    if consumer:
+        options = {"retry": Retry(NoBackoff(), 0)}
     pool = BlockingConnectionPool.from_url(
         settings.redis_url,
         max_connections=max_connections,
         driver_info=DriverInfo(),
-        socket_timeout=settings.socket_timeout_s,
         socket_connect_timeout=settings.socket_timeout_s,
         **options,
     )
@@ -134,7 +137,8 @@ class Queue:
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
         self.keys = Keys(settings.namespace)
-        self.scripts = Scripts(redis)
+        self._timeout_s = settings.socket_timeout_s
+        self.scripts = Scripts(redis, self._timeout_s)
         self._order = settings.claim_order
         self._lease_ms = settings.lease_ms
         # Score difference that makes a slot switch accounts: events of backlog for `longest`.
@@ -191,7 +195,7 @@ class Queue:
                     tx.incr(keys[FENCE])
                     args = (account, "claim", claim_id, self._order, self._rand())
                     tx.evalsha(SHAS["take"], len(keys), *keys, *args)
-                replies = await tx.execute(raise_on_error=False)
+                replies = await self._timed(tx.execute(raise_on_error=False))
         except TRANSIENT as exc:
             raise ClaimInterrupted(accounts, claim_id, exc) from exc
         claimed: list[Event | Won] = []
@@ -207,11 +211,13 @@ class Queue:
         return claimed
 
     async def _pop(self, n: int, block_s: float) -> list[int]:
-        popped = cast(list[tuple[bytes, float]], await self.redis.zpopmin(self.keys.ready, n))
+        popped = cast(
+            list[tuple[bytes, float]], await self._timed(self.redis.zpopmin(self.keys.ready, n))
+        )
         if not popped and block_s > 0:
             got = cast(
                 tuple[bytes, bytes, float] | None,
-                await self.redis.bzpopmin(self.keys.ready, timeout=block_s),
+                await self._timed(self.redis.bzpopmin(self.keys.ready, timeout=block_s)),
             )
             popped = [(got[1], got[2])] if got else []
         return [int(member) for member, _ in popped]
@@ -264,7 +270,9 @@ class Queue:
         reaped = 0
         cursor = 0
         while True:
-            cursor, members = await self.redis.sscan(self.keys.active, cursor, count=REAP_CHUNK)
+            cursor, members = await self._timed(
+                self.redis.sscan(self.keys.active, cursor, count=REAP_CHUNK)
+            )
             calls = [
                 (self._account_keys(int(m)), (int(m), self._order, self._rand())) for m in members
             ]
@@ -276,21 +284,22 @@ class Queue:
     async def try_reaper_lock(self, ttl_s: float) -> bool:
         """Whether this caller runs the reaper now (one consumer per interval)."""
         ttl_ms = max(1, round(ttl_s * 1000))
-        return bool(await self.redis.set(self.keys.reaper, b"1", nx=True, px=ttl_ms))
+        return bool(await self._timed(self.redis.set(self.keys.reaper, b"1", nx=True, px=ttl_ms)))
 
     async def register(self, member: str) -> None:
         """Record a live consumer as `host:pid:slots` with the time of this heartbeat."""
-        await self.redis.zadd(self.keys.consumers, {member: time.time()})
+        await self._timed(self.redis.zadd(self.keys.consumers, {member: time.time()}))
 
     async def unregister(self, member: str) -> None:
         """Forget a consumer that stopped."""
-        await self.redis.zrem(self.keys.consumers, member)
+        await self._timed(self.redis.zrem(self.keys.consumers, member))
 
     async def live_consumers(self, within_s: float) -> dict[str, int]:
         """`host:pid` -> slots of each consumer that sent a heartbeat within the last `within_s`."""
         since = time.time() - within_s
         members = cast(
-            list[bytes], await self.redis.zrangebyscore(self.keys.consumers, since, "+inf")
+            list[bytes],
+            await self._timed(self.redis.zrangebyscore(self.keys.consumers, since, "+inf")),
         )
         return {name.decode(): int(slots) for name, slots in (m.rsplit(b":", 1) for m in members)}
 
@@ -301,25 +310,28 @@ class Queue:
             pipe.zcard(self.keys.ready)
             pipe.scard(self.keys.active)
             pipe.llen(self.keys.dead)
-            counters, ready, active, dead_letters = await pipe.execute()
+            counters, ready, active, dead_letters = await self._timed(pipe.execute())
         names = ("accepted", "acked", "nacked", "dead", "redelivered")
         totals = {name: int(counters.get(name.encode(), 0)) for name in names}
         return {**totals, "ready": ready, "active": active, "dead_letters": dead_letters}
 
     async def waiting(self, id_prefix: str) -> int:
         """How many pending or in-flight events have an event_id starting with `id_prefix`."""
-        accounts = [int(a) for a in cast(set[bytes], await self.redis.smembers(self.keys.active))]
+        accounts = [
+            int(a)
+            for a in cast(set[bytes], await self._timed(self.redis.smembers(self.keys.active)))
+        ]
         async with self.redis.pipeline(transaction=False) as pipe:
             for account in accounts:
                 pipe.lrange(self.keys.pending(account), 0, -1)
                 pipe.lrange(self.keys.in_flight(account), 0, -1)
-            lists = cast(list[list[bytes]], await pipe.execute())
+            lists = cast(list[list[bytes]], await self._timed(pipe.execute()))
         needle = b'"id":' + orjson.dumps(id_prefix)[:-1]
         return sum(needle in body for bodies in lists for body in bodies)
 
     async def drained(self) -> bool:
         """True when no account has pending or in-flight events."""
-        return int(await self.redis.scard(self.keys.active)) == 0
+        return int(await self._timed(self.redis.scard(self.keys.active))) == 0
 
     async def _settle(
         self, name: str, event: Event, want_next: bool, extra: tuple[bytes, ...]
@@ -338,6 +350,9 @@ class Queue:
     ) -> Next:
         reply = await self.scripts.call(name, self._account_keys(account), (account, token, *args))
         return self._next(account, token, reply)
+
+    async def _timed(self, round_trip: Awaitable[T]) -> T:
+        return await timed(self._timeout_s, round_trip)
 
     @staticmethod
     def _next(account: int, token: int, reply: list[Any]) -> Next:

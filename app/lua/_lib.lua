@@ -3,7 +3,8 @@
 --   1 pending list, 2 in-flight list, 3 lock, 4 fence, 5 attempt hash, 6 seq,
 --   7 ready index, 8 stats, 9 active set, 10 dead letters, 11 account totals
 -- The attempt hash describes the event at the head or in flight: n (attempts handed out),
--- token (the owner that took the in-flight attempt), claim (the claim that took it).
+-- and of the in-flight attempt its seq, token (the owner that took it) and claim (the claim
+-- that took it, when one did).
 -- The totals hash keeps, beside the settled counts, the last settling call of each recent
 -- token, field 't:<token>' = '<seq>:<attempt>:<op>:<reply>': a call sent again (a client
 -- retry after a lost reply) is answered from it and changes nothing.
@@ -15,9 +16,9 @@ local KEEP_CALLS = 32
 -- The claim MULTI increments lock and fence together, so while the lock lives the owner's
 -- token is fence - lock + 1: no owner field to keep in sync, and a stale token never matches.
 local function owns(token)
-  local held = redis.call('GET', lock)
-  if not held then return false end
-  return tonumber(redis.call('GET', fence)) - tonumber(held) + 1 == tonumber(token)
+  local held = redis.call('MGET', lock, fence)
+  if not held[1] then return false end
+  return tonumber(held[2]) - tonumber(held[1]) + 1 == tonumber(token)
 end
 
 -- The in-flight event as a take reply, when `token` took it; nil otherwise.
@@ -28,10 +29,14 @@ local function held_by(token)
   return {'event', body, tonumber(redis.call('HGET', attempt_key, 'n'))}
 end
 
--- Whether `token` owns the account and took the in-flight event, which is `seq`.
-local function holds(token, seq)
-  local held = owns(token) and held_by(token)
-  return held and string.match(held[2], '^{"seq":(%d+)') == seq
+-- Whether `token` owns the account and took the in-flight event, which is this attempt of
+-- `seq`. Once a call about that attempt has landed it never holds again, so a call sent twice
+-- is told apart from a new one.
+local function holds(token, seq, attempt)
+  if not owns(token) then return false end
+  local taken = redis.call('HMGET', attempt_key, 'token', 'n', 'seq')
+  return taken[1] == token and taken[2] == attempt and taken[3] == seq
+    and redis.call('LLEN', in_flight) > 0
 end
 
 -- Score of this account in the ready index for the claim order; the lowest pops first.
@@ -79,7 +84,7 @@ local function take_head(token)
   local body = redis.call('LMOVE', pending, in_flight, 'LEFT', 'RIGHT')
   if not body then return nil end
   local attempt = redis.call('HINCRBY', attempt_key, 'n', 1)
-  redis.call('HSET', attempt_key, 'token', token)
+  redis.call('HSET', attempt_key, 'token', token, 'seq', string.match(body, '^{"seq":(%d+)'))
   return {'event', body, attempt}
 end
 
@@ -113,8 +118,10 @@ local function next_step(account, token, order, rand, want_next, margin)
 end
 
 -- Keep `reply` as the answer to this token's call `op` about (seq, attempt), and return it.
-local function remember(token, seq, attempt, op, reply)
-  redis.call('HSET', totals, 't:' .. token, seq .. ':' .. attempt .. ':' .. op .. ':' .. reply[1])
+-- More field/value pairs of the totals hash may ride along in the same HSET.
+local function remember(token, seq, attempt, op, reply, ...)
+  local call = seq .. ':' .. attempt .. ':' .. op .. ':' .. reply[1]
+  redis.call('HSET', totals, 't:' .. token, call, ...)
   return reply
 end
 

@@ -5,12 +5,11 @@
 -- Returns {'event', body, attempt} (the next one, still owned), {'released'}, {'drained'}
 -- or {'lost'} (not acked: the lease is gone, nothing changed). Sent again: the same answer.
 local account, token, seq, attempt = ARGV[1], ARGV[2], ARGV[5], ARGV[6]
-local again = replayed(token, seq, attempt, 'ack')
-if again then return again end
-if not holds(token, seq) then return {'lost'} end
+if not holds(token, seq, attempt) then
+  return replayed(token, seq, attempt, 'ack') or {'lost'}
+end
 redis.call('DEL', in_flight, attempt_key)
 redis.call('HINCRBY', stats, 'acked', 1)
 redis.call('HINCRBY', totals, 'acked', 1)
-redis.call('HSET', totals, 'last_acked_seq', seq)
 local reply = next_step(account, token, ARGV[3], ARGV[4], ARGV[7], ARGV[8])
-return remember(token, seq, attempt, 'ack', reply)
+return remember(token, seq, attempt, 'ack', reply, 'last_acked_seq', seq)

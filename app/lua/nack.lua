@@ -6,9 +6,9 @@
 -- Returns {'retry'} (back at the head, still owned), a next step as ack.lua does, or {'lost'}.
 -- Sent again: the same answer, nothing changed.
 local account, token, seq, attempt = ARGV[1], ARGV[2], ARGV[5], ARGV[6]
-local again = replayed(token, seq, attempt, 'nack')
-if again then return again end
-if not holds(token, seq) then return {'lost'} end
+if not holds(token, seq, attempt) then
+  return replayed(token, seq, attempt, 'nack') or {'lost'}
+end
 redis.call('HINCRBY', stats, 'nacked', 1)
 local reply
 if ARGV[9] == '' then

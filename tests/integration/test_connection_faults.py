@@ -94,7 +94,8 @@ def test_connections_killed_through_a_whole_drain(redis_url: str, tmp_path: Path
     assert len(stormy) == 2000, "an attempt was logged twice or lost its lease"
     assert {a.attempt for a in stormy} == {1}, "an attempt was counted that never ran"
     assert counter(redis_url, "redelivered") == counter(redis_url, "nacked") == 0
-    assert handled_span_s(stormy) <= 1.10 * handled_span_s(calm)
+    ratio = handled_span_s(stormy) / handled_span_s(calm)
+    assert ratio <= 1.10, f"the drain under chaos took {ratio:.3f} x the calm one"
 
 
 def test_redis_paused_longer_than_the_socket_timeout(redis_url: str, consumers: Consumers) -> None:
