@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from structlog.typing import FilteringBoundLogger
 
@@ -190,22 +190,17 @@ class Consumer:
             holding = Holding(item.account, item.token, lease_until)
             self._held[slot] = holding
             try:
-                await self._drain(slot, holding, item)
+                step = item if isinstance(item, Event) else await self._take(holding)
+                while isinstance(step, Event):
+                    holding.event, holding.ran = step, False
+                    step = await self._handle(slot, holding, step)
+                if step is None:
+                    self._log.warning("account_left", account=holding.account, reason="no_answer")
             except Exception:
                 self._failed("slot_failed", slot=slot, account=holding.account)
                 await self._give_up(holding)
             finally:
                 self._held.pop(slot, None)
-
-    async def _drain(self, slot: int, holding: Holding, item: Event | Won) -> None:
-        step = item if isinstance(item, Event) else await self._take(holding)
-        while isinstance(step, Event):
-            holding.event, holding.ran = step, False
-            step = await self._handle(slot, holding, step)
-        if step is None:
-            self._log.warning(
-                "account_left", account=holding.account, token=holding.token, reason="no_answer"
-            )
 
     async def _handle(self, slot: int, holding: Holding, event: Event) -> Next | None:
         """Run the handler, settle the event, and return what the slot does next (None: the
@@ -216,13 +211,13 @@ class Consumer:
         finished = time.time_ns()
         want_next = not self._stopping.is_set()
         if error is None:
-            step = await self._answer(lambda: self._queue.ack(event, want_next))
+            step = await self._retrying(lambda: self._queue.ack(event, want_next))
             outcome = "lost_lease" if step is Step.LOST else "ack"
             await self._record(slot, event, outcome, started, finished)
             return step
         dead = event.attempt >= self._settings.max_attempts
         text = f"{type(error).__name__}: {error}"
-        step = await self._answer(lambda: self._queue.nack(event, text, dead, want_next))
+        step = await self._retrying(lambda: self._queue.nack(event, text, dead, want_next))
         outcome = "lost_lease" if step is Step.LOST else "dead" if dead else "nack"
         await self._record(slot, event, outcome, started, finished, error=text[:500])
         if step is not Step.RETRY:
@@ -268,24 +263,27 @@ class Consumer:
     def _lease_good(self, holding: Holding) -> Callable[[], bool]:
         return lambda: time.monotonic() < holding.lease_until - self._margin_s
 
-    async def _answer(self, call: Callable[[], Awaitable[T]]) -> T:
-        """`call()` sent until Redis answers, however long that takes."""
-        answer = await self._retrying(call, lambda: True)
-        assert answer is not None
-        return answer
+    @overload
+    async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T: ...
 
+    @overload
     async def _retrying(
         self, call: Callable[[], Awaitable[T]], keep_on: Callable[[], bool]
+    ) -> T | None: ...
+
+    async def _retrying(
+        self, call: Callable[[], Awaitable[T]], keep_on: Callable[[], bool] | None = None
     ) -> T | None:
         """`call()`; after a connection fault the same call again, with backoff, while
-        `keep_on()`. None when it gave up."""
+        `keep_on()` (without it: until Redis answers, however long that takes). None when it
+        gave up."""
         pause = RETRY_FIRST_S
         while True:
             try:
                 return await call()
             except TRANSIENT:
                 self._faults += 1
-                if not keep_on():
+                if keep_on is not None and not keep_on():
                     return None
                 await asyncio.sleep(pause * (0.5 + random.random()))
                 pause = min(pause * 2, RETRY_MAX_S)
