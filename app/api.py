@@ -14,7 +14,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException
 
-from app.queue import NewEvent, PushResult, Queue, connect
+from app.connection import connect
+from app.queue import NewEvent, PushResult, Queue
 from app.settings import Settings
 from app.views import account_state, dead_letters
 

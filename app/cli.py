@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from app import handlers, log, progress
 from app.client import ApiError
+from app.connection import TRANSIENT, connect
 from app.consumer import Consumer
 from app.generator import (
     Pattern,
@@ -31,7 +32,7 @@ from app.generator import (
     workload,
 )
 from app.plot import PlotUnavailable, draw
-from app.queue import TRANSIENT, Queue, connect
+from app.queue import Queue
 from app.report import read_log, render, summarize
 from app.settings import Settings
 
@@ -88,13 +89,10 @@ def consume(
         redis = connect(settings, max_connections=pool_size, consumer=True)
         # Open the pool before the first claim, so the first wave of acks does not pay for it.
         await asyncio.gather(*(_ping(redis) for _ in range(pool_size)))
-        consumer = Consumer(
-            Queue(redis, settings),
-            handler,
-            settings,
-            log=log.configure(settings.event_log, fallback=True),
-            events=log.configure(settings.event_log),
-        )
+        diagnostics = log.configure(settings.event_log, fallback=True)
+        # A slot waits for an unwritable event log at most half a lease, then gives up.
+        events = log.EventLog(settings.event_log, diagnostics, settings.lease_seconds / 2)
+        consumer = Consumer(Queue(redis, settings), handler, settings, diagnostics, events)
         await consumer.run(burst=burst)
         await redis.aclose()
         return consumer.forced or consumer.failing

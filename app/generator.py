@@ -14,7 +14,8 @@ from typing import Literal
 import httpx
 
 from app.client import ApiClient
-from app.queue import NewEvent, PushResult, Queue, connect
+from app.connection import connect
+from app.queue import NewEvent, PushResult, Queue
 from app.settings import Settings
 
 Pattern = Literal["bursty", "uniform", "zipf", "hot"]

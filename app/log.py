@@ -1,15 +1,19 @@
 """Structured logging: JSON lines, each one write() on an O_APPEND file shared by processes."""
 
+import asyncio
 import errno
 import logging
 import os
 import sys
+import time
 from pathlib import Path
-from typing import BinaryIO, cast
+from typing import Any, BinaryIO, cast
 
 import orjson
 import structlog
 from structlog.typing import FilteringBoundLogger
+
+from app.connection import backoff
 
 
 class AppendFile:
@@ -59,3 +63,36 @@ def configure(path: Path, fallback: bool = False) -> FilteringBoundLogger:
         cache_logger_on_first_use=True,
     )
     return logger.bind(pid=os.getpid())
+
+
+class EventLog:
+    """The event log of a consumer: one JSON line per handled attempt.
+
+    A line the file refuses (disk full, EIO) is written again with backoff for `patience_s`;
+    meanwhile `diagnostics` say so. After that the whole line goes to `diagnostics` (stderr,
+    when the file takes nothing) and the OSError is raised.
+    """
+
+    def __init__(self, path: Path, diagnostics: FilteringBoundLogger, patience_s: float) -> None:
+        self._lines = configure(path)
+        self._diagnostics = diagnostics
+        self._patience_s = patience_s
+
+    async def write(self, name: str, **fields: Any) -> None:
+        """Append the line `name` with `fields`."""
+        deadline = time.monotonic() + self._patience_s
+        for pause in backoff():
+            try:
+                self._lines.info(name, **fields)
+                return
+            except OSError as exc:
+                if time.monotonic() > deadline:
+                    self._diagnostics.error("event_log_line_lost", logged_as=name, **fields)
+                    raise
+                self._diagnostics.error(
+                    "event_log_write_failed",
+                    account=fields.get("account"),
+                    seq=fields.get("seq"),
+                    error=str(exc),
+                )
+            await asyncio.sleep(pause)

@@ -10,16 +10,12 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar, cast
 
 import orjson
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.driver_info import DriverInfo
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, TryAgainError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
+from app.connection import TRANSIENT, timed
 from app.keys import Keys
-from app.scripts import SHAS, Scripts, timed
+from app.scripts import SHAS, Scripts
 from app.settings import Settings
 
 T = TypeVar("T")
@@ -77,10 +73,6 @@ class Won:
 Next = Event | Step
 _STEPS = {s.value.encode(): s for s in Step}
 
-# Faults of the connection, not answers: the call may or may not have run. Every transition
-# is idempotent, so the caller sends the same call again.
-TRANSIENT = (RedisConnectionError, RedisTimeoutError, TryAgainError)
-
 
 class ClaimInterrupted(RedisError):
     """The claim's MULTI was sent but its reply was lost: `Queue.resume_claim` finds out."""
@@ -89,29 +81,6 @@ class ClaimInterrupted(RedisError):
         super().__init__(f"claim {claim_id} interrupted: {cause}")
         self.accounts = accounts
         self.claim_id = claim_id
-
-
-def connect(settings: Settings, max_connections: int = 64, consumer: bool = False) -> Redis:
-    """A client whose pool queues callers beyond `max_connections` instead of opening more.
-
-    Connecting and every reply time out after `settings.socket_timeout_s`, and redis-py sends
-    a call again after a connection fault. The `consumer`'s client does neither: its slots send
-    calls again themselves, within their leases and knowing which calls are safe to send twice,
-    and the engine puts one deadline on each round trip (`scripts.timed`).
-    The pool shares one DriverInfo: without it redis-py re-reads its package metadata for every
-    new connection (about 3 ms each), which stalled a consumer opening hundreds at once.
-    """
-    options: dict[str, Any] = {"socket_timeout": settings.socket_timeout_s}
-    if consumer:
-        options = {"retry": Retry(NoBackoff(), 0)}
-    pool = BlockingConnectionPool.from_url(
-        settings.redis_url,
-        max_connections=max_connections,
-        driver_info=DriverInfo(),
-        socket_connect_timeout=settings.socket_timeout_s,
-        **options,
-    )
-    return Redis.from_pool(pool)
 
 
 class _Claimed(NamedTuple):

@@ -2,15 +2,14 @@
 
 import asyncio
 import hashlib
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from importlib import resources
-from typing import Any, TypeVar
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-T = TypeVar("T")
+from app.connection import timed
 
 Args = Sequence[str | int | float | bytes]
 Call = tuple[str, Sequence[str | bytes], Args]  # script name, KEYS, ARGV
@@ -25,19 +24,6 @@ def _source(name: str) -> str:
 SOURCES = {name: _source(name) for name in NAMES}
 # Redis names a script by the SHA1 of its source, so the names are known before any load.
 SHAS = {name: hashlib.sha1(source.encode()).hexdigest() for name, source in SOURCES.items()}
-
-
-async def timed(seconds: float, round_trip: Awaitable[T]) -> T:
-    """One round trip to Redis that must answer within `seconds`, else RedisTimeoutError.
-
-    The engine's own deadline, one timer per round trip: redis-py's socket timeout arms one
-    per reply read, about 5 us each, which a consumer would pay for every event.
-    """
-    try:
-        async with asyncio.timeout(seconds):
-            return await round_trip
-    except TimeoutError as exc:
-        raise RedisTimeoutError(f"Redis did not answer within {seconds:g} s") from exc
 
 
 class Scripts:

@@ -1,0 +1,220 @@
+"""What a consumer's slot does with the account it holds: run the handler, settle the event,
+and ride out connection faults.
+
+Every transition is idempotent, so after a fault a slot sends the same call again, with
+backoff, while its lease is good by its own clock; only a refused token means the lease is
+lost. Acks and nacks are sent until Redis answers, so the event log records exactly what
+Redis holds.
+"""
+
+import asyncio
+import contextlib
+import inspect
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar, overload
+
+from structlog.typing import FilteringBoundLogger
+
+from app.connection import TRANSIENT, backoff
+from app.handlers import Handler
+from app.log import EventLog
+from app.queue import Event, Next, Queue, Step, Won
+from app.settings import Settings
+
+T = TypeVar("T")
+OUTCOME_EVENTS = {
+    "ack": "event_acked",
+    "nack": "event_nacked",
+    "dead": "event_dead_lettered",
+    "lost_lease": "event_lease_lost",
+}
+LEASE_MARGIN = 0.1  # share of the lease a slot keeps in hand when it judges its own lease
+
+
+@dataclass(eq=False, slots=True)
+class Holding:
+    """What a slot holds: an account, its token, the lease by this process's clock (monotonic
+    seconds), and the event in flight with whether it reached the handler."""
+
+    account: int
+    token: int
+    lease_until: float
+    event: Event | None = None
+    ran: bool = False
+
+
+class Slots:
+    """The work of a consumer's slots, each draining the one account it holds, in seq order.
+
+    `stopping` set: events settle without taking the next. `faults` counts the connection
+    faults ridden out, for the consumer to report.
+    """
+
+    def __init__(
+        self,
+        queue: Queue,
+        handler: Handler,
+        settings: Settings,
+        log: FilteringBoundLogger,
+        events: EventLog,
+        stopping: asyncio.Event,
+    ) -> None:
+        self._queue = queue
+        self._settings = settings
+        self._log = log
+        self._events = events
+        self._stopping = stopping
+        self._call = _as_async(handler, settings.concurrency)
+        self._margin_s = settings.lease_seconds * LEASE_MARGIN
+        self.faults = 0
+
+    async def drain(self, slot: int, holding: Holding, first: Event | Won) -> None:
+        """Handle the held account's events until it is released, drained or lost."""
+        step = first if isinstance(first, Event) else await self._take(holding)
+        while isinstance(step, Event):
+            holding.event, holding.ran = step, False
+            step = await self._handle(slot, holding, step)
+        if step is None:
+            self._log.warning("account_left", account=holding.account, reason="no_answer")
+
+    def lease_good(self, lease_until: float) -> bool:
+        """Whether a lease ending `lease_until` (monotonic) still holds, with a margin."""
+        return time.monotonic() < lease_until - self._margin_s
+
+    async def _handle(self, slot: int, holding: Holding, event: Event) -> Next | None:
+        """Run the handler, settle the event, and return what the slot does next (None: the
+        lease ran out while Redis did not answer)."""
+        started = time.time_ns()
+        holding.ran = True
+        error = await self._run_handler(event)
+        finished = time.time_ns()
+        want_next = not self._stopping.is_set()
+        if error is None:
+            step = await self.retrying(lambda: self._queue.ack(event, want_next))
+            outcome = "lost_lease" if step is Step.LOST else "ack"
+            await self._record(slot, event, outcome, started, finished)
+            return step
+        dead = event.attempt >= self._settings.max_attempts
+        text = f"{type(error).__name__}: {error}"
+        step = await self.retrying(lambda: self._queue.nack(event, text, dead, want_next))
+        outcome = "lost_lease" if step is Step.LOST else "dead" if dead else "nack"
+        await self._record(slot, event, outcome, started, finished, error=text[:500])
+        if step is not Step.RETRY:
+            return step
+        await sleep_unless(self._stopping, self._settings.backoff_s(event.attempt))
+        if self._stopping.is_set():
+            return await self._release(holding)
+        return await self._take(holding)
+
+    async def _run_handler(self, event: Event) -> BaseException | None:
+        """None when the handler returned, else what it raised, whatever its type: a handler's
+        failure is its event's, never the slot's."""
+        try:
+            await self._call(event)
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # a forced stop, not the handler
+            return exc
+        except BaseException as exc:
+            return exc
+        return None
+
+    async def _take(self, holding: Holding) -> Next | None:
+        step = await self.retrying(
+            lambda: self._queue.take(holding.account, holding.token), self._within_lease(holding)
+        )
+        return self._noted(holding, step)
+
+    async def _release(self, holding: Holding) -> Next | None:
+        event, ran = holding.event, holding.ran
+        step = await self.retrying(
+            lambda: self._queue.release(holding.account, holding.token, event, ran),
+            self._within_lease(holding),
+        )
+        return self._noted(holding, step)
+
+    def _noted(self, holding: Holding, step: Next | None) -> Next | None:
+        if step is Step.LOST:
+            self._log.warning("lease_lost", account=holding.account, token=holding.token)
+        return step
+
+    def _within_lease(self, holding: Holding) -> Callable[[], bool]:
+        return lambda: self.lease_good(holding.lease_until)
+
+    @overload
+    async def retrying(self, call: Callable[[], Awaitable[T]]) -> T: ...
+
+    @overload
+    async def retrying(
+        self, call: Callable[[], Awaitable[T]], keep_on: Callable[[], bool]
+    ) -> T | None: ...
+
+    async def retrying(
+        self, call: Callable[[], Awaitable[T]], keep_on: Callable[[], bool] | None = None
+    ) -> T | None:
+        """`call()`; after a connection fault the same call again, with backoff, while
+        `keep_on()` (without it: until Redis answers, however long that takes). None when it
+        gave up."""
+        pauses = backoff()
+        while True:
+            try:
+                return await call()
+            except TRANSIENT:
+                self.faults += 1
+                if keep_on is not None and not keep_on():
+                    return None
+                await asyncio.sleep(next(pauses))
+
+    async def _record(
+        self, slot: int, event: Event, outcome: str, started: int, finished: int, **extra: str
+    ) -> None:
+        await self._events.write(
+            OUTCOME_EVENTS[outcome],
+            account=event.account,
+            seq=event.seq,
+            event_id=event.event_id,
+            attempt=event.attempt,
+            outcome=outcome,
+            slot=slot,
+            token=event.token,
+            enqueued_ns=event.enqueued_ns,
+            started_ns=started,
+            finished_ns=finished,
+            **extra,
+        )
+
+    async def give_up(self, holding: Holding) -> None:
+        """After a slot failed: release its account (the event in flight back at the head), or
+        leave it to its lease and the reaper when Redis does not answer in time."""
+        try:
+            step = await self._release(holding)
+        except Exception:
+            self._log.exception("release_failed", account=holding.account)
+            return
+        if step is None:
+            self._log.warning("account_left", account=holding.account, reason="no_answer")
+
+
+def _as_async(handler: Handler, threads: int) -> Callable[[Event], Awaitable[None]]:
+    """Async handlers run on the loop; sync ones in a thread pool sized to the slots."""
+    if inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+        getattr(handler, "__call__", None)  # noqa: B004
+    ):
+        return handler  # type: ignore[return-value]
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="evq-handler")
+
+    async def call(event: Event) -> None:
+        await asyncio.get_running_loop().run_in_executor(pool, handler, event)
+
+    return call
+
+
+async def sleep_unless(event: asyncio.Event, seconds: float) -> bool:
+    """Sleep `seconds` or until `event` is set; True when it was set."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), seconds)
+    return event.is_set()
