@@ -3,7 +3,7 @@
 import asyncio
 import random
 from collections.abc import Awaitable, Iterator
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
@@ -28,22 +28,21 @@ TRANSIENT = (RedisConnectionError, RedisTimeoutError, TryAgainError)
 def connect(settings: Settings, max_connections: int = 64, consumer: bool = False) -> Redis:
     """A client whose pool queues callers beyond `max_connections` instead of opening more.
 
-    Connecting and every reply time out after `settings.socket_timeout_s`, and redis-py sends
-    a call again after a connection fault. The `consumer`'s client does neither: its slots send
-    calls again themselves, within their leases and knowing which calls are safe to send twice,
-    and the engine puts one deadline on each round trip (`timed`).
+    No call is sent again by the client itself: the caller knows whether that is safe (a push
+    is, through its event ids; the consumer's slots resend within their leases). Connecting
+    times out after `settings.socket_timeout_s`, and so does every reply, except on the
+    `consumer`'s client: there the engine puts one deadline on each round trip instead (`timed`).
     The pool shares one DriverInfo: without it redis-py re-reads its package metadata for every
     new connection (about 3 ms each), which stalled a consumer opening hundreds at once.
     """
-    options: dict[str, Any] = {"socket_timeout": settings.socket_timeout_s}
-    if consumer:
-        options = {"retry": Retry(NoBackoff(), 0)}
     pool = BlockingConnectionPool.from_url(
         settings.redis_url,
         max_connections=max_connections,
         driver_info=DriverInfo(),
+        retry=Retry(NoBackoff(), 0),
         socket_connect_timeout=settings.socket_timeout_s,
-        **options,
+        # None, not left out: redis-py's default is a 5 s timeout per reply.
+        socket_timeout=None if consumer else settings.socket_timeout_s,
     )
     return Redis.from_pool(pool)
 

@@ -80,19 +80,26 @@ class EventLog:
 
     async def write(self, name: str, **fields: Any) -> None:
         """Append the line `name` with `fields`."""
+        try:
+            self._lines.info(name, **fields)
+        except OSError as exc:
+            await self._write_again(name, fields, exc)
+
+    async def _write_again(self, name: str, fields: dict[str, Any], exc: OSError) -> None:
         deadline = time.monotonic() + self._patience_s
         for pause in backoff():
+            self._diagnostics.error(
+                "event_log_write_failed",
+                account=fields.get("account"),
+                seq=fields.get("seq"),
+                error=str(exc),
+            )
+            await asyncio.sleep(pause)
             try:
                 self._lines.info(name, **fields)
                 return
-            except OSError as exc:
+            except OSError as again:
                 if time.monotonic() > deadline:
                     self._diagnostics.error("event_log_line_lost", logged_as=name, **fields)
                     raise
-                self._diagnostics.error(
-                    "event_log_write_failed",
-                    account=fields.get("account"),
-                    seq=fields.get("seq"),
-                    error=str(exc),
-                )
-            await asyncio.sleep(pause)
+                exc = again

@@ -159,20 +159,23 @@ class Slots:
         """`call()`; after a connection fault the same call again, with backoff, while
         `keep_on()` (without it: until Redis answers, however long that takes). None when it
         gave up."""
-        pauses = backoff()
-        while True:
+        try:
+            return await call()
+        except TRANSIENT:
+            self.faults += 1
+        pauses = backoff()  # only now: the call without a fault stays cheap
+        while keep_on is None or keep_on():
+            await asyncio.sleep(next(pauses))
             try:
                 return await call()
             except TRANSIENT:
                 self.faults += 1
-                if keep_on is not None and not keep_on():
-                    return None
-                await asyncio.sleep(next(pauses))
+        return None
 
-    async def _record(
+    def _record(
         self, slot: int, event: Event, outcome: str, started: int, finished: int, **extra: str
-    ) -> None:
-        await self._events.write(
+    ) -> Awaitable[None]:
+        return self._events.write(
             OUTCOME_EVENTS[outcome],
             account=event.account,
             seq=event.seq,
