@@ -1,11 +1,19 @@
-"""Watching a drain: a live progress line until no account has pending or in-flight events."""
+"""Watching a drain: a live progress line until no account has pending or in-flight events.
+
+Once Redis has answered, a connection fault does not end the wait: the line says Redis is not
+answering and polling goes on (until the timeout, if one was given).
+"""
 
 import asyncio
 import time
-from typing import TextIO
+from collections.abc import Awaitable
+from typing import TextIO, TypeVar
 
+from app.connection import TRANSIENT
 from app.queue import Queue
 from app.settings import Settings
+
+T = TypeVar("T")
 
 POLL_S = 0.5
 PLAIN_EVERY_S = 5.0
@@ -21,16 +29,18 @@ async def wait_drained(queue: Queue, timeout_s: float, out: TextIO) -> bool:
     first = await queue.stats()
     done_before = first["acked"] + first["dead"]
     shown_at = -PLAIN_EVERY_S
+    stats = first
     while True:
-        stats = await queue.stats()
+        polled = await _answer(queue.stats())
         elapsed = time.monotonic() - started
-        drained = stats["active"] == 0
+        stats = polled or stats
+        drained = polled is not None and stats["active"] == 0
         settled = stats["acked"] + stats["dead"]
         processed = settled - done_before
         line = (
             f"processed {processed:,} | backlog {stats['accepted'] - settled:,}"
             f" | {processed / elapsed if elapsed else 0:,.0f} events/s | {elapsed:.1f} s"
-        )
+        ) + ("" if polled else " | Redis not answering, retrying")
         if live:
             out.write(f"\r{line}\033[K" + ("\n" if drained else ""))
         elif drained or elapsed - shown_at >= PLAIN_EVERY_S:
@@ -49,8 +59,18 @@ async def wait_drained(queue: Queue, timeout_s: float, out: TextIO) -> bool:
 async def wait_consumers(queue: Queue, count: int, settings: Settings, timeout_s: float) -> bool:
     """Wait until `count` consumers have sent a heartbeat; False when `timeout_s` runs out."""
     started = time.monotonic()
-    while len(await queue.live_consumers(settings.lease_seconds)) < count:
+    live = await queue.live_consumers(settings.lease_seconds)  # no answer at all: an error
+    while len(live) < count:
         if timeout_s and time.monotonic() - started >= timeout_s:
             return False
         await asyncio.sleep(POLL_S / 5)
+        live = await _answer(queue.live_consumers(settings.lease_seconds)) or {}
     return True
+
+
+async def _answer(poll: Awaitable[T]) -> T | None:
+    """What Redis answered, or None after a connection fault."""
+    try:
+        return await poll
+    except TRANSIENT:
+        return None

@@ -1,7 +1,10 @@
 """Nothing lost on a flaky connection: killed connections, a paused Redis, handlers raising odd
 types, an event log that cannot be written, blocking pops longer than the socket timeout."""
 
+import os
 import resource
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -22,7 +25,7 @@ from tests.integration.helpers import (
     wait_burst,
     wait_settled,
 )
-from tests.support import Consumers, wait_for
+from tests.support import REPO, Consumers, wait_for
 
 
 class ConnectionKiller:
@@ -190,3 +193,20 @@ def test_claim_block_longer_than_the_socket_timeout(redis_url: str, consumers: C
     graceful_stop(consumers.procs)
     assert_all_acked_once_in_order(consumers.event_log, 10)
     assert log_mentions(consumers.event_log, "redis_faults_ridden_out") == 0
+
+
+def test_evq_wait_rides_out_killed_connections(redis_url: str, consumers: Consumers) -> None:
+    """`evq wait` polls through connection kills and returns only once the drain is done."""
+    push_workload(redis_url, 400, 40, seed=15)
+    consumers.start(concurrency=10, process_seconds=0.02)
+    env = {**os.environ, "REDIS_URL": redis_url, "PYTHONPATH": str(REPO)}
+    with ConnectionKiller(redis_url, period_s=0.2) as killer:
+        waited = subprocess.run(
+            [sys.executable, "-m", "app", "wait", "--timeout", "60"],
+            env=env,
+            capture_output=True,
+            check=False,
+        )
+    assert waited.returncode == 0, waited.stderr
+    assert killer.rounds > 3
+    assert counter(redis_url, "acked") == 400
