@@ -20,7 +20,9 @@ TARGETS = {
     "noop": ("no-op drain, events/s, best W", 8_000),
     "push": ("gen push, events/s", 50_000),
     "growth": ("Redis bytes per queued event, largest backlog", 200),
+    "faults": ("makespan with connections killed / calm", 1.10),
 }
+LOWER_IS_BETTER = ("growth", "faults")
 
 
 def render() -> Path:
@@ -52,6 +54,7 @@ def _section(name: str, found: dict[str, dict[str, Any]]) -> str:
     tables = {
         "grid": _grid,
         "headline": _headline,
+        "faults": _faults,
         "noop": _plain,
         "push": _plain,
         "peers": _peers,
@@ -91,7 +94,7 @@ def target(scenario: str, cells: list[dict[str, Any]]) -> dict[str, Any] | None:
         return None
     what, wanted = TARGETS[scenario]
     measured = _measured(scenario, cells)
-    lower_is_better = scenario == "growth"
+    lower_is_better = scenario in LOWER_IS_BETTER
     met = measured <= wanted if lower_is_better else measured >= wanted
     gap = (measured - wanted) if lower_is_better else (wanted - measured)
     found: dict[str, Any] = {"what": what, "wanted": wanted, "measured": measured, "met": met}
@@ -110,6 +113,12 @@ def _measured(scenario: str, cells: list[dict[str, Any]]) -> float:
         return min(float(c["efficiency"]) for c in cells)
     if scenario == "growth":
         return float(max(cells, key=lambda c: c["events"])["redis_bytes_per_event"])
+    if scenario == "faults":
+        calm, killed = (
+            min(c["makespan_s"] for c in cells if bool(c.get("kill_every_s")) is k)
+            for k in (False, True)
+        )
+        return round(float(killed) / float(calm), 3)
     return max(float(c["events_per_s"]) for c in cells)
 
 
@@ -145,6 +154,23 @@ def _plain(cells: list[dict[str, Any]]) -> str:
         "| " + " | ".join(f"{c[k]:,}" if isinstance(c[k], int) else str(c[k]) for k in keys) + " |"
         for c in cells
     ]
+    return "\n".join(rows)
+
+
+def _faults(cells: list[dict[str, Any]]) -> str:
+    rows = [
+        "| connections killed | makespan | bound | efficiency | order violations | lost |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for c in cells:
+        killed = "none"
+        if c.get("kill_every_s"):
+            killed = f"every {c['kill_every_s']:g} s: {c['connections_killed']:,}"
+            killed += f" in {c['kill_rounds']:,} rounds"
+        rows.append(
+            f"| {killed} | {c['makespan_s']:.2f} s | {c['lower_bound_s']:.2f} s"
+            f" | {c['efficiency']:.3f} | {c['order_violations']} | {c['lost']} |"
+        )
     return "\n".join(rows)
 
 

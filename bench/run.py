@@ -33,6 +33,10 @@ def plan(full: bool) -> dict[str, list[Cell]]:
             _cell(scenarios.makespan, "bursty", w, "longest", 1.0)
             for w in ((100, 1000) if full else (1000,))
         ],
+        # The 0.1 s bursty drain at W=100, calm and with every connection killed every 0.3 s.
+        "faults": [
+            _cell(scenarios.makespan, "bursty", 100, "longest", 0.1, kill) for kill in (0, 0.3)
+        ],
         "noop": [
             _cell(scenarios.noop_drain, w) for w in ((64, 128, 256, 512, 1024) if full else (1024,))
         ],

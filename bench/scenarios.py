@@ -12,6 +12,7 @@ from app.generator import longest_chain, lower_bound_s, workload
 from app.report import Attempt, order_violations, read_log
 from bench import peer_runs
 from bench.harness import Bench, api_url_when_up
+from tests.support import ConnectionKiller
 
 PEER_EVENTS, PEER_ACCOUNTS = 10_000, 1_000
 WRK_SCRIPT = Path(__file__).parent / "wrk" / "events.lua"
@@ -21,16 +22,28 @@ REPORTED = (
 )
 
 
-def makespan(b: Bench, pattern: str, slots: int, order: str, process_s: float) -> dict[str, Any]:
-    """10,000 events over 1,000 accounts pushed into running consumers; the report of the run."""
+def makespan(
+    b: Bench, pattern: str, slots: int, order: str, process_s: float, kill_every_s: float = 0
+) -> dict[str, Any]:
+    """10,000 events over 1,000 accounts pushed into running consumers; the report of the run.
+
+    With `kill_every_s`, every client connection is killed that often while they drain.
+    """
     b.fresh()
     procs = b.consumers(slots, claim_order=order, process_seconds=process_s)
     b.evq("wait", f"--consumers={procs}", "--timeout=60")
     b.gen(10_000, 1_000, pattern, slots, process_seconds=process_s)
-    b.evq("wait", "--timeout=900")
+    cell: dict[str, Any] = {"pattern": pattern, "slots": slots, "claim_order": order}
+    cell["process_s"] = process_s
+    if kill_every_s:
+        with ConnectionKiller(b.server.url, kill_every_s) as killer:
+            b.evq("wait", "--timeout=900")
+        cell |= {"kill_every_s": kill_every_s, "kill_rounds": killer.rounds}
+        cell["connections_killed"] = killer.killed
+    else:
+        b.evq("wait", "--timeout=900")
     b.stop()
     report = b.report()
-    cell = {"pattern": pattern, "slots": slots, "claim_order": order, "process_s": process_s}
     return cell | {key: report[key] for key in REPORTED}
 
 

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -188,6 +189,32 @@ def raises_unexpected(settings: Settings) -> "object":
         await asyncio.sleep(settings.process_seconds)
 
     return handle
+
+
+class ConnectionKiller:
+    """Kills every normal client connection (the consumer's, not its own) every `period_s`."""
+
+    def __init__(self, url: str, period_s: float) -> None:
+        self._client = sync_redis.Redis.from_url(url)
+        self._period_s = period_s
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.rounds = 0
+        self.killed = 0
+
+    def __enter__(self) -> "ConnectionKiller":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+        self._client.close()
+
+    def _run(self) -> None:
+        while not self._done.wait(self._period_s):
+            self.killed += int(self._client.client_kill_filter(_type="normal"))
+            self.rounds += 1
 
 
 @contextlib.contextmanager

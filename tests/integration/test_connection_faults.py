@@ -5,7 +5,6 @@ import os
 import resource
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from subprocess import Popen
@@ -25,33 +24,7 @@ from tests.integration.helpers import (
     wait_burst,
     wait_settled,
 )
-from tests.support import REPO, Consumers, wait_for
-
-
-class ConnectionKiller:
-    """Kills every normal client connection (the consumer's, not its own) every `period_s`."""
-
-    def __init__(self, url: str, period_s: float) -> None:
-        self._client = sync_redis.Redis.from_url(url)
-        self._period_s = period_s
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self.rounds = 0
-        self.killed = 0
-
-    def __enter__(self) -> "ConnectionKiller":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._done.set()
-        self._thread.join()
-        self._client.close()
-
-    def _run(self) -> None:
-        while not self._done.wait(self._period_s):
-            self.killed += int(self._client.execute_command("CLIENT", "KILL", "TYPE", "normal"))
-            self.rounds += 1
+from tests.support import REPO, ConnectionKiller, Consumers, wait_for
 
 
 def handled_span_s(found: list[Attempt]) -> float:

@@ -30,5 +30,13 @@ def test_growth_is_judged_only_at_a_million_events() -> None:
     assert (large["met"], large["short_by_pct"]) == (False, 15.0)
 
 
+def test_faults_target_is_the_makespan_ratio_under_connection_kills() -> None:
+    """Killed connections may stretch the drain by 10% at most: 1.15 misses by 4.5%."""
+    calm = {"kill_every_s": 0, "makespan_s": 10.0}
+    found = target("faults", [calm, {"kill_every_s": 0.3, "makespan_s": 11.5}])
+    assert found is not None
+    assert (found["measured"], found["met"], found["short_by_pct"]) == (1.15, False, 4.5)
+
+
 def test_scenarios_without_a_target_have_none() -> None:
     assert target("peers", [{"system": "evq"}]) is None
