@@ -137,14 +137,15 @@ local function replayed(token, seq, attempt, op)
   return (owns(token) and held_by(token)) or {'released'}
 end
 
--- Drop the kept calls of all but the newest KEEP_CALLS tokens.
+-- At a claim: keep the calls of the newest KEEP_CALLS - 1 tokens, so that with the new
+-- owner's there are at most KEEP_CALLS. (The hash has up to 3 other fields.)
 local function forget_old_calls()
-  if redis.call('HLEN', totals) <= KEEP_CALLS + 3 then return end
+  if redis.call('HLEN', totals) < KEEP_CALLS then return end
   local tokens = {}
   for _, field in ipairs(redis.call('HKEYS', totals)) do
     local token = string.match(field, '^t:(%d+)$')
     if token then tokens[#tokens + 1] = {tonumber(token), field} end
   end
   table.sort(tokens, function(a, b) return a[1] < b[1] end)
-  for i = 1, #tokens - KEEP_CALLS do redis.call('HDEL', totals, tokens[i][2]) end
+  for i = 1, #tokens - KEEP_CALLS + 1 do redis.call('HDEL', totals, tokens[i][2]) end
 end

@@ -201,3 +201,18 @@ async def test_claim_keeps_every_account_won_when_one_take_fails(make_queue: Mak
     [won] = [c for c in claimed if isinstance(c, Won)]
     assert (events, won.account) == ([1, 3], 2)
     assert await queue.release(2, won.token) is Step.RELEASED
+
+
+async def test_kept_calls_are_bounded_per_account(make_queue: MakeQueue) -> None:
+    """An account claimed again and again keeps the last call of its 32 newest tokens only,
+    and the newest token's call still replays."""
+    queue = make_queue()
+    for i in range(40):
+        await queue.push_many([NewEvent(1, f"e{i}")])
+        event = await claim_one(queue)
+        assert await queue.ack(event) is Step.DRAINED
+    fields = await queue.redis.hkeys(queue.keys.totals(1))
+    kept = sorted(int(f.split(b":")[1]) for f in fields if f.startswith(b"t:"))
+    assert len(kept) == 32
+    assert kept[-1] == event.token
+    assert await queue.ack(event) is Step.DRAINED
