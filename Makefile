@@ -18,7 +18,7 @@ STACK := PATH="$(abspath $(BIN)):$$PATH" EVQ_VAR=$(STATE) NUMPROCS=$(NUMPROCS) \
 CTL := $(STACK) $(BIN)/supervisorctl -c $(SUPERVISOR_CONF)
 REDIS_UP := $(STACK) $(BIN)/evq stats >/dev/null 2>&1
 
-.PHONY: venv redis-server wrk test lint clean up down ps demo bench bench-full
+.PHONY: venv redis-server wrk test lint clean up down ps demo bench bench-full cluster-up cluster-down
 
 venv: $(STAMP)
 
@@ -90,6 +90,47 @@ demo: up
 	@$(STACK) $(BIN)/evq wait
 	$(STACK) $(BIN)/evq report --plot $(STATE)/report.png
 	@echo "The stack is still running: 'make ps' shows it, 'make down' stops it."
+
+# A local Redis Cluster: 3 masters + 3 replicas from the same redis-server package, on
+# CLUSTER_PORT..CLUSTER_PORT+5 (cluster bus on +10000), AOF on, state in $(VAR)/cluster/<port>.
+# Created once; after cluster-down the nodes come back from their nodes.conf with their data.
+CLUSTER_PORT ?= 7000
+CLUSTER_PORTS = $(shell seq $(CLUSTER_PORT) $$(($(CLUSTER_PORT) + 5)))
+CLUSTER_DIR := $(STATE)/cluster
+CLI = redis-cli -h 127.0.0.1 -p
+
+cluster-up: redis-server
+	@for port in $(CLUSTER_PORTS); do mkdir -p $(CLUSTER_DIR)/$$port; \
+	  if $(CLI) $$port ping >/dev/null 2>&1; then echo "node $$port: already answering"; \
+	  else redis-server --port $$port --bind 127.0.0.1 --cluster-enabled yes \
+	    --cluster-config-file nodes.conf --dir $(CLUSTER_DIR)/$$port --appendonly yes --save "" \
+	    --maxmemory-policy noeviction --shutdown-on-sigterm now --daemonize yes \
+	    --pidfile $(CLUSTER_DIR)/$$port/redis.pid \
+	    --logfile $(CLUSTER_DIR)/$$port/redis.log; fi; \
+	  for i in $$(seq 50); do $(CLI) $$port ping >/dev/null 2>&1 && break; sleep 0.1; done; \
+	  $(CLI) $$port ping >/dev/null 2>&1 || { echo "node $$port did not start:" \
+	    "see $(CLUSTER_DIR)/$$port/redis.log" >&2; exit 1; }; done
+	@if $(CLI) $(CLUSTER_PORT) cluster info | grep -q '^cluster_slots_assigned:0'; then \
+	  redis-cli --cluster create $(foreach port,$(CLUSTER_PORTS),127.0.0.1:$(port)) \
+	    --cluster-replicas 1 --cluster-yes >$(CLUSTER_DIR)/create.log 2>&1 || { \
+	    echo "cluster create failed: see $(CLUSTER_DIR)/create.log" >&2; exit 1; }; fi
+	@for i in $$(seq 150); do \
+	  $(CLI) $(CLUSTER_PORT) cluster info | grep -q '^cluster_state:ok' && \
+	  [ "$$($(CLI) $(CLUSTER_PORT) cluster nodes | grep -c slave)" = 3 ] && break; sleep 0.1; done
+	@$(CLI) $(CLUSTER_PORT) cluster info | grep -q '^cluster_state:ok' || { \
+	  echo "cluster not ok after 15 s: see $(CLUSTER_DIR)/*/redis.log" >&2; exit 1; }
+	@echo "cluster: 3 masters + 3 replicas on 127.0.0.1:$(CLUSTER_PORT)-$$(($(CLUSTER_PORT) + 5))," \
+	  "AOF in $(CLUSTER_DIR)"
+
+# All nodes at once, each flushing its own AOF: one by one, a master would wait for replicas
+# that are already gone.
+cluster-down:
+	@pids=""; for port in $(CLUSTER_PORTS); do \
+	  if pid=$$(cat $(CLUSTER_DIR)/$$port/redis.pid 2>/dev/null) && kill $$pid 2>/dev/null; then \
+	    pids="$$pids $$pid"; echo "node $$port: stopping"; \
+	  else echo "node $$port: not running (or not started by make cluster-up)"; fi; done; \
+	for pid in $$pids; do while kill -0 $$pid 2>/dev/null; do sleep 0.1; done; done; \
+	[ -z "$$pids" ] || echo "cluster: stopped"
 
 # Benchmarks: own redis-server and processes; results in bench/results/, docs/benchmarks.md.
 bench: venv redis-server wrk
