@@ -114,22 +114,31 @@ cluster-up: redis-server
 	  redis-cli --cluster create $(foreach port,$(CLUSTER_PORTS),127.0.0.1:$(port)) \
 	    --cluster-replicas 1 --cluster-yes >$(CLUSTER_DIR)/create.log 2>&1 || { \
 	    echo "cluster create failed: see $(CLUSTER_DIR)/create.log" >&2; exit 1; }; fi
-	@for i in $$(seq 150); do \
-	  $(CLI) $(CLUSTER_PORT) cluster info | grep -q '^cluster_state:ok' && \
-	  [ "$$($(CLI) $(CLUSTER_PORT) cluster nodes | grep -c slave)" = 3 ] && break; sleep 0.1; done
-	@$(CLI) $(CLUSTER_PORT) cluster info | grep -q '^cluster_state:ok' || { \
-	  echo "cluster not ok after 15 s: see $(CLUSTER_DIR)/*/redis.log" >&2; exit 1; }
+	@settled() { $(CLI) $(CLUSTER_PORT) cluster info | grep -q '^cluster_state:ok' && \
+	  [ "$$($(CLI) $(CLUSTER_PORT) cluster nodes | grep -c slave)" = 3 ] || return 1; \
+	  for port in $(CLUSTER_PORTS); do info=$$($(CLI) $$port info); \
+	    echo "$$info" | grep -q '^aof_rewrite_in_progress:0' || return 1; \
+	    echo "$$info" | grep -q '^aof_rewrite_scheduled:0' || return 1; \
+	    if echo "$$info" | grep -q '^role:slave'; then \
+	      echo "$$info" | grep -q '^master_link_status:up' || return 1; fi; done; }; \
+	for i in $$(seq 300); do settled && break; sleep 0.1; done; \
+	settled || { echo "cluster not settled after 30 s: see $(CLUSTER_DIR)/*/redis.log" >&2; \
+	  exit 1; }
 	@echo "cluster: 3 masters + 3 replicas on 127.0.0.1:$(CLUSTER_PORT)-$$(($(CLUSTER_PORT) + 5))," \
 	  "AOF in $(CLUSTER_DIR)"
 
 # All nodes at once, each flushing its own AOF: one by one, a master would wait for replicas
-# that are already gone.
+# that are already gone. A node busy with its first AOF refuses a SIGTERM, so it is asked
+# again every second; after 30 s it is killed.
 cluster-down:
 	@pids=""; for port in $(CLUSTER_PORTS); do \
 	  if pid=$$(cat $(CLUSTER_DIR)/$$port/redis.pid 2>/dev/null) && kill $$pid 2>/dev/null; then \
 	    pids="$$pids $$pid"; echo "node $$port: stopping"; \
 	  else echo "node $$port: not running (or not started by make cluster-up)"; fi; done; \
-	for pid in $$pids; do while kill -0 $$pid 2>/dev/null; do sleep 0.1; done; done; \
+	for pid in $$pids; do for i in $$(seq 300); do kill -0 $$pid 2>/dev/null || break; \
+	    [ $$((i % 10)) = 0 ] && kill $$pid 2>/dev/null; sleep 0.1; done; \
+	  if kill -0 $$pid 2>/dev/null; then kill -9 $$pid; \
+	    echo "node pid $$pid did not stop within 30 s: killed" >&2; fi; done; \
 	[ -z "$$pids" ] || echo "cluster: stopped"
 
 # Benchmarks: own redis-server and processes; results in bench/results/, docs/benchmarks.md.
