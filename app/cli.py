@@ -35,6 +35,7 @@ from app.plot import PlotUnavailable, draw
 from app.queue import Queue
 from app.report import read_log, render, summarize
 from app.settings import Settings
+from app.slots import Slots
 
 T = TypeVar("T")
 DEFAULT_API = "http://127.0.0.1:8000"
@@ -92,7 +93,9 @@ def consume(
         diagnostics = log.configure(settings.event_log, fallback=True)
         # A slot waits for an unwritable event log at most half a lease, then gives up.
         events = log.EventLog(settings.event_log, diagnostics, settings.lease_seconds / 2)
-        consumer = Consumer(Queue(redis, settings), handler, settings, diagnostics, events)
+        queue = Queue(redis, settings)
+        slots = Slots(queue, handler, settings, diagnostics, events)
+        consumer = Consumer(queue, slots, settings, diagnostics)
         await consumer.run(burst=burst)
         await redis.aclose()
         return consumer.forced or consumer.failing

@@ -17,8 +17,6 @@ from typing import Any
 from structlog.typing import FilteringBoundLogger
 
 from app.connection import LONGEST_PAUSE_S, TRANSIENT, backoff
-from app.handlers import Handler
-from app.log import EventLog
 from app.queue import ClaimInterrupted, Event, Queue, Won
 from app.settings import Settings
 from app.slots import Holding, Slots, sleep_unless
@@ -31,16 +29,11 @@ CLAIM_RETRY_S = 1.0  # pause of the claimer after an unexpected error
 class Consumer:
     """Runs `concurrency` slots; each drains one claimed account at a time, in seq order.
 
-    `events` is the event log; `log` takes the diagnostics.
+    `slots` do the work of each slot; `log` takes the diagnostics.
     """
 
     def __init__(
-        self,
-        queue: Queue,
-        handler: Handler,
-        settings: Settings,
-        log: FilteringBoundLogger,
-        events: EventLog,
+        self, queue: Queue, slots: Slots, settings: Settings, log: FilteringBoundLogger
     ) -> None:
         self._queue = queue
         self._settings = settings
@@ -48,8 +41,8 @@ class Consumer:
         self._claims: asyncio.Queue[tuple[Event | Won, float] | None] = asyncio.Queue()
         self._idle = 0
         self._wake = asyncio.Event()
-        self._stopping = asyncio.Event()
-        self._slots = Slots(queue, handler, settings, log, events, self._stopping)
+        self._slots = slots
+        self._stopping = slots.stopping
         self._lanes_done = asyncio.Event()
         self._reap_soon = asyncio.Event()
         self._held: dict[int, Holding] = {}

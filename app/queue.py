@@ -19,6 +19,7 @@ from app.scripts import SHAS, Scripts
 from app.settings import Settings
 
 T = TypeVar("T")
+Arg = bytes | int | str
 LOCK, FENCE = 2, 3  # positions in Keys.account()
 REAP_CHUNK = 500
 
@@ -162,8 +163,8 @@ class Queue:
                     tx.incr(keys[LOCK])
                     tx.pexpire(keys[LOCK], self._lease_ms, nx=True)
                     tx.incr(keys[FENCE])
-                    args = (account, "claim", claim_id, self._order, self._rand())
-                    tx.evalsha(SHAS["take"], len(keys), *keys, *args)
+                    argv = self._argv(account, "claim", claim_id)
+                    tx.evalsha(SHAS["take"], len(keys), *keys, *argv)
                 replies = await self._timed(tx.execute(raise_on_error=False))
         except TRANSIENT as exc:
             raise ClaimInterrupted(accounts, claim_id, exc) from exc
@@ -194,10 +195,7 @@ class Queue:
     async def resume_claim(self, accounts: Sequence[int], claim_id: str) -> list[Event]:
         """The events a claim whose reply was lost took; the accounts it did not win and no
         one holds go back into the ready index. Safe to call again."""
-        calls = [
-            (self._account_keys(a), (a, "resume", claim_id, self._order, self._rand()))
-            for a in accounts
-        ]
+        calls = [(self._account_keys(a), self._argv(a, "resume", claim_id)) for a in accounts]
         replies = await self.scripts.batch("take", calls)
         found = [
             self._next(account, int(reply[3]), reply[:3])
@@ -209,7 +207,7 @@ class Queue:
     async def take(self, account: int, token: int) -> Next:
         """Take the head event of an owned account (after a retry backoff); sent again, the
         same event and attempt."""
-        return await self._call("take", account, token, (b"", self._order, self._rand()))
+        return await self._call("take", account, token, ())
 
     # ack and nack hand back the script call's coroutine rather than awaiting it: every frame
     # between a slot and its reply is resumed once per event, so the per-event path keeps few.
@@ -229,8 +227,7 @@ class Queue:
         """Give an owned account up; the in-flight `event` goes back to the head, and its
         attempt is not counted when it never `ran`."""
         seq, attempt = (event.seq, event.attempt) if event else (0, 0)
-        args = (self._order, self._rand(), seq, attempt, b"1" if ran else b"0")
-        return await self._call("release", account, token, args)
+        return await self._call("release", account, token, (seq, attempt, b"1" if ran else b"0"))
 
     async def renew(self, held: Sequence[tuple[int, int]]) -> list[bool]:
         """Extend the leases of (account, token) pairs; False where the lease was already lost."""
@@ -308,20 +305,21 @@ class Queue:
     def _settle(
         self, name: str, event: Event, want_next: bool, extra: tuple[bytes, ...]
     ) -> Awaitable[Next]:
-        """ARGV after the account and token: order, random score, seq, attempt, want next,
-        switch margin, then `extra`."""
+        """ack and nack: ARGV 5 seq, 6 attempt, 7 want next, 8 switch margin, then `extra`."""
         want = b"1" if want_next else b"0"
-        args: tuple[bytes | int | str, ...] = (
-            *(self._order, self._rand(), event.seq, event.attempt, want, self._margin),
-            *extra,
-        )
+        args: tuple[Arg, ...] = (event.seq, event.attempt, want, self._margin, *extra)
         return self._call(name, event.account, event.token, args)
 
-    async def _call(
-        self, name: str, account: int, token: int, args: tuple[bytes | int | str, ...]
-    ) -> Next:
-        reply = await self.scripts.call(name, self._account_keys(account), (account, token, *args))
+    async def _call(self, name: str, account: int, token: int, args: tuple[Arg, ...]) -> Next:
+        reply = await self.scripts.call(
+            name, self._account_keys(account), self._argv(account, token, *args)
+        )
         return self._next(account, token, reply)
+
+    def _argv(self, account: int, token: int | str, *args: Arg) -> tuple[Arg, ...]:
+        """ARGV of every account script but reap: 1 account, 2 fencing token (or take's mode),
+        3 claim order, 4 random score, then the script's own."""
+        return (account, token, self._order, self._rand(), *args)
 
     async def _timed(self, round_trip: Awaitable[T]) -> T:
         return await timed(self._timeout_s, round_trip)

@@ -49,8 +49,8 @@ class Holding:
 class Slots:
     """The work of a consumer's slots, each draining the one account it holds, in seq order.
 
-    `stopping` set: events settle without taking the next. `faults` counts the connection
-    faults ridden out, for the consumer to report.
+    Once `stopping` is set, events settle without taking the next. `faults` counts the
+    connection faults ridden out, for the consumer to report.
     """
 
     def __init__(
@@ -60,15 +60,14 @@ class Slots:
         settings: Settings,
         log: FilteringBoundLogger,
         events: EventLog,
-        stopping: asyncio.Event,
     ) -> None:
         self._queue = queue
         self._settings = settings
         self._log = log
         self._events = events
-        self._stopping = stopping
         self._call = _as_async(handler, settings.concurrency)
         self._margin_s = settings.lease_seconds * LEASE_MARGIN
+        self.stopping = asyncio.Event()
         self.faults = 0
 
     async def drain(self, slot: int, holding: Holding, first: Event | Won) -> None:
@@ -77,8 +76,6 @@ class Slots:
         while isinstance(step, Event):
             holding.event, holding.ran = step, False
             step = await self._handle(slot, holding, step)
-        if step is None:
-            self._log.warning("account_left", account=holding.account, reason="no_answer")
 
     def lease_good(self, lease_until: float) -> bool:
         """Whether a lease ending `lease_until` (monotonic) still holds, with a margin."""
@@ -91,7 +88,7 @@ class Slots:
         holding.ran = True
         error = await self._run_handler(event)
         finished = time.time_ns()
-        want_next = not self._stopping.is_set()
+        want_next = not self.stopping.is_set()
         if error is None:
             step = await self.retrying(lambda: self._queue.ack(event, want_next))
             outcome = "lost_lease" if step is Step.LOST else "ack"
@@ -104,8 +101,8 @@ class Slots:
         await self._record(slot, event, outcome, started, finished, error=text[:500])
         if step is not Step.RETRY:
             return step
-        await sleep_unless(self._stopping, self._settings.backoff_s(event.attempt))
-        if self._stopping.is_set():
+        await sleep_unless(self.stopping, self._settings.backoff_s(event.attempt))
+        if self.stopping.is_set():
             return await self._release(holding)
         return await self._take(holding)
 
@@ -123,27 +120,26 @@ class Slots:
             return exc
         return None
 
-    async def _take(self, holding: Holding) -> Next | None:
-        step = await self.retrying(
-            lambda: self._queue.take(holding.account, holding.token), self._within_lease(holding)
-        )
-        return self._noted(holding, step)
+    def _take(self, holding: Holding) -> Awaitable[Next | None]:
+        return self._while_held(holding, lambda: self._queue.take(holding.account, holding.token))
 
-    async def _release(self, holding: Holding) -> Next | None:
+    def _release(self, holding: Holding) -> Awaitable[Next | None]:
         event, ran = holding.event, holding.ran
-        step = await self.retrying(
-            lambda: self._queue.release(holding.account, holding.token, event, ran),
-            self._within_lease(holding),
+        return self._while_held(
+            holding, lambda: self._queue.release(holding.account, holding.token, event, ran)
         )
-        return self._noted(holding, step)
 
-    def _noted(self, holding: Holding, step: Next | None) -> Next | None:
-        if step is Step.LOST:
+    async def _while_held(
+        self, holding: Holding, call: Callable[[], Awaitable[Next]]
+    ) -> Next | None:
+        """`call()`, sent again after faults while the lease is good; None when it ran out.
+        Either way of losing the account is logged."""
+        step = await self.retrying(call, lambda: self.lease_good(holding.lease_until))
+        if step is None:
+            self._log.warning("account_left", account=holding.account, reason="no_answer")
+        elif step is Step.LOST:
             self._log.warning("lease_lost", account=holding.account, token=holding.token)
         return step
-
-    def _within_lease(self, holding: Holding) -> Callable[[], bool]:
-        return lambda: self.lease_good(holding.lease_until)
 
     @overload
     async def retrying(self, call: Callable[[], Awaitable[T]]) -> T: ...
@@ -194,12 +190,9 @@ class Slots:
         """After a slot failed: release its account (the event in flight back at the head), or
         leave it to its lease and the reaper when Redis does not answer in time."""
         try:
-            step = await self._release(holding)
+            await self._release(holding)
         except Exception:
             self._log.exception("release_failed", account=holding.account)
-            return
-        if step is None:
-            self._log.warning("account_left", account=holding.account, reason="no_answer")
 
 
 def _as_async(handler: Handler, threads: int) -> Callable[[Event], Awaitable[None]]:

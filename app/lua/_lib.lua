@@ -23,10 +23,11 @@ end
 
 -- The in-flight event as a take reply, when `token` took it; nil otherwise.
 local function held_by(token)
-  if redis.call('HGET', attempt_key, 'token') ~= token then return nil end
+  local taken = redis.call('HMGET', attempt_key, 'token', 'n')
+  if taken[1] ~= token then return nil end
   local body = redis.call('LINDEX', in_flight, 0)
   if not body then return nil end
-  return {'event', body, tonumber(redis.call('HGET', attempt_key, 'n'))}
+  return {'event', body, tonumber(taken[2])}
 end
 
 -- Whether `token` owns the account and took the in-flight event, which is this attempt of
@@ -80,11 +81,17 @@ local function reready(account, order, rand)
   return 1
 end
 
-local function take_head(token)
+-- Move the head in flight for `token` (and, from a claim, record the claim id).
+local function take_head(token, claim)
   local body = redis.call('LMOVE', pending, in_flight, 'LEFT', 'RIGHT')
   if not body then return nil end
   local attempt = redis.call('HINCRBY', attempt_key, 'n', 1)
-  redis.call('HSET', attempt_key, 'token', token, 'seq', string.match(body, '^{"seq":(%d+)'))
+  local seq = string.match(body, '^{"seq":(%d+)')
+  if claim then
+    redis.call('HSET', attempt_key, 'token', token, 'seq', seq, 'claim', claim)
+  else
+    redis.call('HSET', attempt_key, 'token', token, 'seq', seq)
+  end
   return {'event', body, attempt}
 end
 

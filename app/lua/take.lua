@@ -2,22 +2,22 @@
 -- KEYS: the account layout (_lib.lua)
 -- ARGV: 1 account, 2 fencing token, or 'claim' inside the claim's MULTI right after its INCR
 --       of the lock (a lock of 1 means that INCR won, and the token is the fence), or 'resume'
---       after the reply of that MULTI was lost, 3 claim id, 4 claim order, 5 random score
+--       after the reply of that MULTI was lost, 3 claim order, 4 random score, 5 claim id
 -- Returns {'event', body, attempt} (with 'resume': and the token), {'drained'} (nothing to do,
 -- released) or {'lost'}. Sent again by the same owner, it hands out the same attempt.
-local account, token, claim = ARGV[1], ARGV[2], ARGV[3]
+local account, token, claim = ARGV[1], ARGV[2], nil
 if token == 'resume' then
-  if redis.call('HGET', attempt_key, 'claim') == claim then
+  if redis.call('HGET', attempt_key, 'claim') == ARGV[5] then
     token = redis.call('HGET', attempt_key, 'token')
     local held = owns(token) and held_by(token)
     if held then return {'event', held[2], held[3], token} end
   end
-  reready(account, ARGV[4], ARGV[5])
+  reready(account, ARGV[3], ARGV[4])
   return {'lost'}
 end
 if token == 'claim' then
   if redis.call('GET', lock) ~= '1' then return {'lost'} end
-  token = redis.call('GET', fence)
+  token, claim = redis.call('GET', fence), ARGV[5]
   forget_old_calls()
 elseif not owns(token) then
   return {'lost'}
@@ -26,7 +26,4 @@ else
   if held then return held end
 end
 recover()
-local taken = take_head(token)
-if not taken then return release(account, ARGV[4], ARGV[5]) end
-if ARGV[2] == 'claim' then redis.call('HSET', attempt_key, 'claim', claim) end
-return taken
+return take_head(token, claim) or release(account, ARGV[3], ARGV[4])

@@ -13,6 +13,7 @@ import redis as sync_redis
 
 from app.queue import NewEvent
 from app.report import Attempt
+from bench.scenarios import handling_window_s
 from tests.integration.helpers import (
     assert_all_acked_once_in_order,
     attempts,
@@ -25,11 +26,6 @@ from tests.integration.helpers import (
     wait_settled,
 )
 from tests.support import REPO, ConnectionKiller, Consumers, wait_for
-
-
-def handled_span_s(found: list[Attempt]) -> float:
-    """From the first handler start to the last finish: the drain, without process startup."""
-    return (max(a.finished_ns for a in found) - min(a.started_ns for a in found)) / 1e9
 
 
 def log_mentions(log: Path, needle: str) -> int:
@@ -70,7 +66,7 @@ def test_connections_killed_through_a_whole_drain(redis_url: str, tmp_path: Path
     assert len(stormy) == 2000, "an attempt was logged twice or lost its lease"
     assert {a.attempt for a in stormy} == {1}, "an attempt was counted that never ran"
     assert counter(redis_url, "redelivered") == counter(redis_url, "nacked") == 0
-    ratio = handled_span_s(stormy) / handled_span_s(calm)
+    ratio = handling_window_s(stormy) / handling_window_s(calm)
     assert ratio <= 1.10, f"the drain under chaos took {ratio:.3f} x the calm one"
 
 
