@@ -1,5 +1,6 @@
 """The HTTP API: validates events and hands them to the engine; no Redis logic here."""
 
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import asdict
@@ -10,11 +11,10 @@ from fastapi import FastAPI, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisClusterException
 from starlette.exceptions import HTTPException
 
-from app.connection import connect
+from app.connection import TRANSIENT, connect
 from app.queue import NewEvent, PushResult, Queue
 from app.settings import Settings
 from app.views import account_state, dead_letters
@@ -112,10 +112,13 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        redis = connect(settings)
-        app.state.queue = Queue(redis, settings)
+        queue = Queue(connect(settings), settings)
+        app.state.queue = queue
+        # Redis down now is a 503 per request until it answers; another SHARDS stops the API.
+        with contextlib.suppress(*TRANSIENT, RedisClusterException):
+            await queue.open()
         yield
-        await redis.aclose()
+        await queue.aclose()
 
     app = FastAPI(
         title="evq",
@@ -126,8 +129,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(BodyLimit)
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(HTTPException, _http_error)
-    app.add_exception_handler(RedisConnectionError, _redis_down)
-    app.add_exception_handler(RedisTimeoutError, _redis_down)
+    for fault in (*TRANSIENT, RedisClusterException):
+        app.add_exception_handler(fault, _redis_down)
     _routes(app, settings)
     return app
 
@@ -185,7 +188,7 @@ def _routes(app: FastAPI, settings: Settings) -> None:
     @app.get("/readyz")
     async def readyz(request: Request) -> dict[str, str]:
         """Redis answers (503 otherwise)."""
-        await queue(request).redis.ping()
+        await queue(request).ping()
         return {"status": "ready"}
 
 

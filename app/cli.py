@@ -1,7 +1,6 @@
 """The `evq` command line (and `gen`, the same as `evq gen`): parses, then calls the app."""
 
 import asyncio
-import contextlib
 import sys
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
@@ -13,13 +12,12 @@ import orjson
 import typer
 import uvloop
 from pydantic import ValidationError
-from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from app import handlers, log, progress
 from app.client import ApiError
-from app.connection import TRANSIENT, connect
 from app.consumer import Consumer
 from app.generator import (
     Pattern,
@@ -32,7 +30,7 @@ from app.generator import (
     workload,
 )
 from app.plot import PlotUnavailable, draw
-from app.queue import Queue
+from app.queue import LayoutMismatch, open_queue
 from app.report import read_log, render, summarize
 from app.settings import Settings
 from app.slots import Slots
@@ -62,9 +60,12 @@ def _run(coro: Coroutine[Any, Any, T], settings: Settings) -> T:
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             return runner.run(coro)
-    except RedisConnectionError as exc:
+    except (RedisConnectionError, RedisClusterException) as exc:
         typer.echo(f"evq: cannot reach Redis at {settings.redis_url}: {exc}", err=True)
         raise typer.Exit(1) from exc
+    except LayoutMismatch as exc:
+        typer.echo(f"evq: {exc}", err=True)
+        raise typer.Exit(2) from exc
     except ApiError as exc:
         typer.echo(f"evq: {exc}", err=True)
         raise typer.Exit(1) from exc
@@ -87,27 +88,18 @@ def consume(
 
     async def main() -> bool:
         pool_size = min(settings.concurrency, LANE_CONNECTIONS) + 4
-        redis = connect(settings, max_connections=pool_size, consumer=True)
-        # Open the pool before the first claim, so the first wave of acks does not pay for it.
-        await asyncio.gather(*(_ping(redis) for _ in range(pool_size)))
-        diagnostics = log.configure(settings.event_log, fallback=True)
-        # A slot waits for an unwritable event log at most half a lease, then gives up.
-        events = log.EventLog(settings.event_log, diagnostics, settings.lease_seconds / 2)
-        queue = Queue(redis, settings)
-        slots = Slots(queue, handler, settings, diagnostics, events)
-        consumer = Consumer(queue, slots, settings, diagnostics)
-        await consumer.run(burst=burst)
-        await redis.aclose()
+        # Open the pools before the first claim, so the first wave of acks does not pay for it.
+        async with open_queue(settings, pool_size, consumer=True, connections=pool_size) as queue:
+            diagnostics = log.configure(settings.event_log, fallback=True)
+            # A slot waits for an unwritable event log at most half a lease, then gives up.
+            events = log.EventLog(settings.event_log, diagnostics, settings.lease_seconds / 2)
+            slots = Slots(queue, handler, settings, diagnostics, events)
+            consumer = Consumer(queue, slots, settings, diagnostics)
+            await consumer.run(burst=burst)
         return consumer.forced or consumer.failing
 
     if _run(main(), settings):
         raise typer.Exit(1)
-
-
-async def _ping(redis: Redis) -> None:
-    """Open one connection; a fault here only leaves it for the first call to open."""
-    with contextlib.suppress(*TRANSIENT):
-        await redis.ping()
 
 
 @app.command()
@@ -192,9 +184,8 @@ def stats() -> None:
     settings = _settings()
 
     async def main() -> None:
-        redis = connect(settings)
-        typer.echo(orjson.dumps(await Queue(redis, settings).stats()).decode())
-        await redis.aclose()
+        async with open_queue(settings) as queue:
+            typer.echo(orjson.dumps(await queue.stats()).decode())
 
     _run(main(), settings)
 
@@ -213,14 +204,10 @@ def wait(
     settings = _settings()
 
     async def main() -> bool:
-        redis = connect(settings)
-        queue = Queue(redis, settings)
-        try:
+        async with open_queue(settings) as queue:
             if consumers:
                 return await progress.wait_consumers(queue, consumers, settings, timeout)
             return await progress.wait_drained(queue, timeout, sys.stderr)
-        finally:
-            await redis.aclose()
 
     if not _run(main(), settings):
         what = f"{consumers} live consumers" if consumers else "drained"
@@ -275,11 +262,8 @@ def _waiting(settings: Settings, run_id: str | None) -> int | None:
         return None
 
     async def main() -> int:
-        redis = connect(settings)
-        try:
-            return await Queue(redis, settings).waiting(f"{run_id}-")
-        finally:
-            await redis.aclose()
+        async with open_queue(settings) as queue:
+            return await queue.waiting(f"{run_id}-")
 
     try:
         return _run(main(), settings)

@@ -24,6 +24,7 @@ from app.slots import Holding, Slots, sleep_unless
 MAX_FAILURES = 10  # unexpected slot failures within FAILURE_WINDOW_S that stop the consumer
 FAILURE_WINDOW_S = 60.0
 CLAIM_RETRY_S = 1.0  # pause of the claimer after an unexpected error
+LOOK_EVERY_S = 0.25  # how often a busy consumer reads the best waiting backlog of the shards
 
 
 class Consumer:
@@ -98,8 +99,7 @@ class Consumer:
         pauses = backoff()
         while not self._stopping.is_set():
             if self._idle == 0:
-                self._wake.clear()
-                await self._wake.wait()
+                await self._look()
                 continue
             try:
                 claimed, lease_until = await self._claim()
@@ -123,6 +123,20 @@ class Consumer:
                 self._log.info("burst_drained")
                 self._stopping.set()
 
+    async def _look(self) -> None:
+        """While every slot is busy: wait for one to be idle, and meanwhile keep the view of
+        the best waiting account fresh (when there are other shards to see)."""
+        self._wake.clear()
+        if self._settings.shards == 1:
+            await self._wake.wait()
+            return
+        if await sleep_unless(self._wake, LOOK_EVERY_S):
+            return
+        try:
+            await self._queue.look()
+        except TRANSIENT:
+            self._slots.faults += 1
+
     async def _claim(self) -> tuple[list[Event | Won], float]:
         """Claim for the idle slots; the lease of what it won ends `lease_until` at the latest."""
         lease_until = time.monotonic() + self._settings.lease_seconds
@@ -137,7 +151,7 @@ class Consumer:
             )
             if resumed is None:
                 self._reap_soon.set()
-            return list(resumed or []), lease_until
+            return [*lost.claimed, *(resumed or [])], lease_until
 
     async def _all_done(self) -> bool:
         return self._idle == self._settings.concurrency and await self._queue.drained()

@@ -14,8 +14,7 @@ from typing import Literal
 import httpx
 
 from app.client import ApiClient
-from app.connection import connect
-from app.queue import NewEvent, PushResult, Queue
+from app.queue import NewEvent, PushResult, open_queue
 from app.settings import Settings
 
 Pattern = Literal["bursty", "uniform", "zipf", "hot"]
@@ -112,13 +111,9 @@ async def open_target(
             api = ApiClient(http)
             yield api.push_many, api.live_slots
         return
-    redis = connect(settings)
-    queue = Queue(redis, settings)
+    async with open_queue(settings) as queue:
 
-    async def live_slots() -> int:
-        return sum((await queue.live_consumers(settings.lease_seconds)).values())
+        async def live_slots() -> int:
+            return sum((await queue.live_consumers(settings.lease_seconds)).values())
 
-    try:
         yield queue.push_many, live_slots
-    finally:
-        await redis.aclose()

@@ -1,32 +1,52 @@
-"""The only place key strings are built: namespace prefix plus the account's hash tag."""
+"""The only place key strings are built: accounts spread over shards, one hash tag per shard.
 
+An account's shard is crc32 of its decimal id mod S, the same in every process. Every key of a
+shard, its accounts' keys included, carries the tag ``{<namespace>:<shard>}``, so each script
+and each MULTI touches one Redis Cluster slot, and one Redis runs the same code.
+"""
+
+import zlib
 from dataclasses import dataclass
 
-# The per-account keys of `Keys.account`, in order, before the shared ones.
+from redis.crc import key_slot
+
+# The per-account keys of `Keys.account`, in order, before the shard's own.
 ACCOUNT_KINDS = ("user", "inflight", "lock", "fence", "attempt", "seq")
 
 
 @dataclass(frozen=True, slots=True)
 class Keys:
-    """Key names of one namespace; per-account keys share the tag ``{<account>}``."""
+    """Key names of one namespace split over `shards` shards."""
 
     namespace: str
+    shards: int = 1
+
+    def shard_of(self, account: int) -> int:
+        return zlib.crc32(b"%d" % account) % self.shards
+
+    def slot(self, shard: int) -> int:
+        """The Redis Cluster slot of every key of `shard`."""
+        return key_slot(self.tag(shard).encode())
+
+    def tag(self, shard: int) -> str:
+        return f"{{{self.namespace}:{shard}}}"
+
+    def ready(self, shard: int) -> str:
+        return f"{self.tag(shard)}:ready"
+
+    def stats(self, shard: int) -> str:
+        return f"{self.tag(shard)}:stats"
+
+    def active(self, shard: int) -> str:
+        return f"{self.tag(shard)}:active"
+
+    def dead(self, shard: int) -> str:
+        return f"{self.tag(shard)}:dead"
 
     @property
-    def ready(self) -> str:
-        return f"{self.namespace}:ready"
-
-    @property
-    def stats(self) -> str:
-        return f"{self.namespace}:stats"
-
-    @property
-    def active(self) -> str:
-        return f"{self.namespace}:active"
-
-    @property
-    def dead(self) -> str:
-        return f"{self.namespace}:dead"
+    def layout(self) -> str:
+        """Where the number of shards of the namespace is recorded."""
+        return f"{self.namespace}:shards"
 
     @property
     def reaper(self) -> str:
@@ -36,28 +56,43 @@ class Keys:
     def consumers(self) -> str:
         return f"{self.namespace}:consumers"
 
+    @property
+    def wake_channel(self) -> str:
+        """Pub/sub channel on which a shard's ready index announces that it is no longer empty."""
+        return f"{self.namespace}:wake"
+
     def pending(self, account: int) -> str:
-        return self._tagged("user", account)
+        return self._account_key("user", account)
 
     def in_flight(self, account: int) -> str:
-        return self._tagged("inflight", account)
+        return self._account_key("inflight", account)
 
-    def account(self, account: int) -> list[str]:
-        """KEYS of every account script, in the order `lua/_lib.lua` names them."""
-        tagged = [self._tagged(kind, account) for kind in ACCOUNT_KINDS]
-        return [*tagged, self.ready, self.stats, self.active, self.dead, self.totals(account)]
+    def lock(self, account: int) -> str:
+        return self._account_key("lock", account)
+
+    def fence(self, account: int) -> str:
+        return self._account_key("fence", account)
+
+    def seq(self, account: int) -> str:
+        return self._account_key("seq", account)
 
     def totals(self, account: int) -> str:
         """The hash of an account's settled counts: acked, dead, last_acked_seq."""
-        return self._tagged("totals", account)
+        return self._account_key("totals", account)
 
-    def push_prefixes(self) -> list[str]:
-        """What push.lua completes with an account's tag: the pending list, lock and seq keys,
-        and (with `:<time bucket>` after the tag) the hash of event ids accepted per bucket."""
-        return [self._prefix(kind) for kind in ("user", "lock", "seq", "dedupe")]
+    def dedupe(self, account: int, bucket: int) -> str:
+        """The hash of event ids accepted for an account within one time bucket."""
+        return f"{self._account_key('dedupe', account)}:{bucket}"
 
-    def _prefix(self, kind: str) -> str:
-        return f"{self.namespace}:{kind}:"
+    def account(self, account: int) -> list[str]:
+        """KEYS of every account script, in the order `lua/_lib.lua` names them."""
+        shard = self.shard_of(account)
+        own = [self._account_key(kind, account) for kind in ACCOUNT_KINDS]
+        return [*own, *self.shard_keys(shard), self.totals(account)]
 
-    def _tagged(self, kind: str, account: int) -> str:
-        return f"{self._prefix(kind)}{{{account}}}"
+    def shard_keys(self, shard: int) -> list[str]:
+        """The shard's own keys: ready index, counters, active set, dead letters."""
+        return [self.ready(shard), self.stats(shard), self.active(shard), self.dead(shard)]
+
+    def _account_key(self, kind: str, account: int) -> str:
+        return f"{self.tag(self.shard_of(account))}:{kind}:{account}"

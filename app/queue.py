@@ -1,26 +1,34 @@
-"""The engine: push, claim (MULTI INCR+EXPIRE), take, ack, nack, renew, release, reap."""
+"""The engine: push, claim (MULTI INCR+EXPIRE), take, ack, nack, renew, release, reap.
 
+Accounts are spread over SHARDS shards (`Keys`); every script and every MULTI touches one
+shard, so one Redis and a Redis Cluster run this same code. Calls go to the master of the
+shard's slot (`Nodes.for_slot`), one pipelined round trip per master where a step spans shards.
+"""
+
+import asyncio
+import contextlib
 import enum
 import functools
 import os
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar, cast
 
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.asyncio.client import Pipeline
+from redis.exceptions import NoScriptError, RedisError
 
-from app.connection import TRANSIENT, timed
+from app.connection import TRANSIENT, Nodes, backoff, connect, timed
 from app.keys import Keys
 from app.scripts import SHAS, Scripts
 from app.settings import Settings
 
 T = TypeVar("T")
 Arg = bytes | int | str
-LOCK, FENCE = 2, 3  # positions in Keys.account()
+LOCK = 2  # position in Keys.account()
 REAP_CHUNK = 500
 
 
@@ -65,7 +73,9 @@ class Step(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Won:
-    """An account a claim locked whose head event is still to be taken (by `Queue.take`)."""
+    """An account a claim locked but whose take did not run (the node had lost its scripts):
+    its token is the bare fence, not raised to the clock, so the slot gives it back at once
+    (`Queue.release`) and a later claim takes it properly."""
 
     account: int
     token: int
@@ -76,12 +86,20 @@ _STEPS = {s.value.encode(): s for s in Step}
 
 
 class ClaimInterrupted(RedisError):
-    """The claim's MULTI was sent but its reply was lost: `Queue.resume_claim` finds out."""
+    """A shard's claim MULTI was sent but its reply was lost: `Queue.resume_claim` finds out
+    what it took of `accounts`; `claimed` is what the other shards' MULTIs took."""
 
-    def __init__(self, accounts: list[int], claim_id: str, cause: Exception) -> None:
+    def __init__(
+        self, accounts: list[int], claim_id: str, cause: Exception, claimed: list["Event | Won"]
+    ) -> None:
         super().__init__(f"claim {claim_id} interrupted: {cause}")
         self.accounts = accounts
         self.claim_id = claim_id
+        self.claimed = claimed
+
+
+class LayoutMismatch(RuntimeError):
+    """The namespace was set up with another number of shards than this process has."""
 
 
 class _Claimed(NamedTuple):
@@ -102,101 +120,274 @@ def _no_score() -> str:
 
 
 class Queue:
-    """Per-account ordered queue on one Redis; every multi-key step is one Lua script."""
+    """Per-account ordered queue over the shards; every multi-key step is one Lua script."""
 
-    def __init__(self, redis: Redis, settings: Settings) -> None:
-        self.redis = redis
-        self.keys = Keys(settings.namespace)
+    def __init__(self, nodes: Nodes, settings: Settings) -> None:
+        self.nodes = nodes
+        self.keys = Keys(settings.namespace, settings.shards)
         self._timeout_s = settings.socket_timeout_s
-        self.scripts = Scripts(redis, self._timeout_s)
+        self.scripts = Scripts(nodes, self._timeout_s)
         self._order = settings.claim_order
         self._lease_ms = settings.lease_ms
         # Score difference that makes a slot switch accounts: events of backlog for `longest`.
         self._margin = settings.switch_margin if self._order == "longest" else 1
         self._dedupe_ms = max(1, round(settings.dedupe_seconds * 1000))
-        self._push_keys = [self.keys.ready, self.keys.stats, self.keys.active]
-        self._push_prefixes = self.keys.push_prefixes()
         self._rand: Callable[[], str] = _random_score if self._order == "random" else _no_score
+        self._slot = [self.keys.slot(shard) for shard in range(settings.shards)]
+        self._push_keys = [
+            [key.encode() for key in self.keys.shard_keys(shard)[:3]]
+            for shard in range(settings.shards)
+        ]
         # Encoded once per account: redis-py would encode every key of every call again.
         self._account_keys: Callable[[int], list[bytes]] = functools.lru_cache(maxsize=1 << 16)(
             lambda account: [key.encode() for key in self.keys.account(account)]
         )
+        # The best ready score in any shard as of this process's latest look ('' for none):
+        # ack and nack compare it with the account's own, beside the score of its own shard.
+        self._best_elsewhere = ""
+        self._work = asyncio.Event()
+        self._listener: asyncio.Task[None] | None = None
+        self._opened = False
+        self._closing = False
+
+    async def open(self, connections: int = 1) -> None:
+        """Learn where the shards live, check the namespace's number of shards (recording it
+        on first use), and open `connections` connections to every master."""
+        await self.nodes.start()
+        layout = self.keys.layout
+        node = self.nodes.for_key(layout)
+        async with node.pipeline(transaction=False) as pipe:
+            pipe.set(layout, self.keys.shards, nx=True)
+            pipe.get(layout)
+            _, recorded = await self._timed(pipe.execute())
+        if int(recorded) != self.keys.shards:
+            raise LayoutMismatch(
+                f"namespace {self.keys.namespace!r} on this Redis has {int(recorded)} shards"
+                f" and this process SHARDS={self.keys.shards}: set SHARDS={int(recorded)}, or"
+                " use another EVQ_NAMESPACE (to change it, drain the queue and delete the key"
+                f" {layout!r})"
+            )
+        self._opened = True
+        with contextlib.suppress(*TRANSIENT):
+            pings = [master.ping() for master in self.nodes.masters() for _ in range(connections)]
+            await self._timed(asyncio.gather(*pings))
+
+    async def ping(self) -> None:
+        """Every master answers (else a connection fault)."""
+        await self._timed(asyncio.gather(*(master.ping() for master in self.nodes.masters())))
+
+    async def aclose(self) -> None:
+        self._closing = True
+        # Cancelled again until it ends: on Python 3.11 a cancel that lands while a Redis
+        # call completes can be swallowed.
+        while self._listener is not None and not self._listener.done():
+            self._listener.cancel()
+            await asyncio.wait([self._listener], timeout=0.1)
+        await self.nodes.aclose()
+
+    def node(self, shard: int) -> Redis:
+        """The client of the master that serves `shard`."""
+        return self.nodes.for_slot(self._slot[shard])
+
+    def _node_of(self, account: int) -> Redis:
+        return self.node(self.keys.shard_of(account))
 
     async def push_many(self, events: Sequence[NewEvent]) -> list[PushResult]:
-        """Queue events in one script call (all or none); results in the order given."""
+        """Queue events, one script call per shard in one round trip per master; results in
+        the order given. Each shard's part is queued whole or not at all: after an error,
+        sending the same batch again is safe, as event ids already accepted are duplicates."""
         now_ns = time.time_ns()
         bucket = now_ns // 1_000_000 // self._dedupe_ms
-        args: list[str | int | bytes] = [
-            *self._push_prefixes,
-            *(bucket, bucket - 1, 2 * self._dedupe_ms, self._order, random.randrange(1 << 31)),
+        by_shard: dict[int, list[int]] = {}
+        for i, event in enumerate(events):
+            by_shard.setdefault(self.keys.shard_of(event.account), []).append(i)
+        calls = [
+            self._push_call(shard, [events[i] for i in picks], now_ns, bucket)
+            for shard, picks in by_shard.items()
         ]
+        replies = await _every(calls)
+        results: list[PushResult] = [PushResult(False, 0)] * len(events)
+        for picks, reply in zip(by_shard.values(), replies, strict=True):
+            for n, i in enumerate(picks):
+                results[i] = PushResult(bool(reply[2 * n]), int(reply[2 * n + 1]))
+        return results
+
+    def _push_call(
+        self, shard: int, events: Sequence[NewEvent], now_ns: int, bucket: int
+    ) -> Awaitable[list[int]]:
+        keys = list(self._push_keys[shard])
+        args: list[str | int | bytes] = [
+            2 * self._dedupe_ms,
+            self._order,
+            random.randrange(1 << 31),
+        ]
+        numbers: dict[int, int] = {}
         for event in events:
+            number = numbers.get(event.account)
+            if number is None:
+                number = numbers[event.account] = len(numbers) + 1
+                own = self._account_keys(event.account)
+                keys += (own[0], own[LOCK], own[5])
+                keys += (self.keys.dedupe(event.account, b).encode() for b in (bucket, bucket - 1))
             body = b'"enq_ns":%d,"id":%b,"p":%b}' % (
                 now_ns,
                 orjson.dumps(event.event_id),
                 orjson.dumps(event.payload),
             )
-            args += (event.account, event.event_id, body)
-        reply: list[int] = await self.scripts.call("push", self._push_keys, args)
-        return [PushResult(bool(reply[i]), int(reply[i + 1])) for i in range(0, len(reply), 2)]
+            args += (number, event.account, event.event_id, body)
+        return self.scripts.call(self.node(shard), "push", keys, args)
 
     async def claim(self, n: int, block_s: float) -> list[Event | Won]:
-        """Claim up to `n` accounts, best first, and take the head event of each.
+        """Claim up to `n` accounts, best first over all shards, and take the head event of each.
 
-        Pops the ready index without blocking; when it is empty, blocks up to `block_s` for one
-        (`block_s=0`: returns at once). A popped account whose claim reply is lost is not
-        claimed by anyone and not ready: the reaper puts it back.
-        Each popped account is then locked by the MULTI INCR+EXPIRE block: the INCR that returns
-        1 wins, and the fence INCR beside it is the winner's token. The take script runs in the
-        same block, so a claim costs two round trips. A random claim id marks what this claim
-        took; when the MULTI's reply is lost, `ClaimInterrupted` carries it and the accounts for
-        `resume_claim`. An account won whose take failed comes back as `Won`.
+        Reads the tops of every shard's ready index (one pipelined round trip per master).
+        When all are empty it waits up to `block_s` for a shard to announce work (pub/sub, no
+        polling), and returns nothing. Otherwise it locks the best `n` with the MULTI
+        INCR+EXPIRE block, one per shard, in parallel: the INCR that returns 1 wins, and the
+        fence INCR beside it is the winner's token. The take script runs in the same block
+        (taking the account out of the ready index), so a claim costs two round trips. A
+        random claim id marks what this claim took; when a MULTI's reply is lost,
+        `ClaimInterrupted` carries it and that shard's accounts for `resume_claim`.
         """
-        accounts = await self._pop(n, block_s)
-        if not accounts:
+        self._listen()
+        self._work.clear()
+        ranked = await self._tops(n, n)
+        if not ranked:
+            if block_s > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._work.wait(), block_s)
             return []
+        chosen: dict[int, list[int]] = {}
+        for _, shard, account in ranked[:n]:
+            chosen.setdefault(shard, []).append(account)
         claim_id = os.urandom(8).hex()
-        try:
-            async with self.redis.pipeline(transaction=True) as tx:
-                for account in accounts:
-                    keys = self._account_keys(account)
-                    tx.incr(keys[LOCK])
-                    tx.pexpire(keys[LOCK], self._lease_ms, nx=True)
-                    tx.incr(keys[FENCE])
-                    argv = self._argv(account, "claim", claim_id)
-                    tx.evalsha(SHAS["take"], len(keys), *keys, *argv)
-                replies = await self._timed(tx.execute(raise_on_error=False))
-        except TRANSIENT as exc:
-            raise ClaimInterrupted(accounts, claim_id, exc) from exc
+        parts = await asyncio.gather(
+            *(self._lock(shard, accounts, claim_id) for shard, accounts in chosen.items()),
+            return_exceptions=True,
+        )
+        claimed = [item for part in parts if isinstance(part, list) for item in part]
+        for part in parts:
+            if isinstance(part, BaseException) and not isinstance(part, TRANSIENT):
+                raise part
+        lost = [
+            account
+            for part, accounts in zip(parts, chosen.values(), strict=True)
+            if isinstance(part, TRANSIENT)
+            for account in accounts
+        ]
+        if lost:
+            fault = next(part for part in parts if isinstance(part, BaseException))
+            raise ClaimInterrupted(lost, claim_id, cast(Exception, fault), claimed)
+        return claimed
+
+    async def _lock(self, shard: int, accounts: list[int], claim_id: str) -> list[Event | Won]:
+        """One shard's claim MULTI; what it won, taken."""
+        node = self.node(shard)
+        async with node.pipeline(transaction=True) as tx:
+            for account in accounts:
+                keys = self._account_keys(account)
+                tx.incr(keys[LOCK])
+                tx.pexpire(keys[LOCK], self._lease_ms, nx=True)
+                tx.incr(keys[LOCK + 1])
+                tx.evalsha(SHAS["take"], len(keys), *keys, *self._argv(account, "claim", claim_id))
+            replies = await self._timed(tx.execute(raise_on_error=False))
         claimed: list[Event | Won] = []
         for account, part in zip(accounts, _parts(replies), strict=True):
             if part.lock != 1:
                 continue
-            if isinstance(part.taken, Exception):  # NOSCRIPT (Redis restarted) or a fault
+            if isinstance(part.taken, Exception):  # NOSCRIPT (new master, restart) or a fault
                 claimed.append(Won(account, part.token))
                 continue
-            step = self._next(account, part.token, part.taken)
+            step = self._next(account, int(part.taken[-1]), part.taken)
             if isinstance(step, Event):
                 claimed.append(step)
+        if any(isinstance(part.taken, NoScriptError) for part in _parts(replies)):
+            with contextlib.suppress(*TRANSIENT):
+                await self.scripts.load(node)
         return claimed
 
-    async def _pop(self, n: int, block_s: float) -> list[int]:
-        popped = cast(
-            list[tuple[bytes, float]], await self._timed(self.redis.zpopmin(self.keys.ready, n))
+    async def _tops(self, n: int, claiming: int) -> list[tuple[float, int, int]]:
+        """(score, shard, account) of the best `n` ready accounts of every shard, best first;
+        remembers the best that `claiming` claims would leave waiting."""
+        tops = await self.each_shard(
+            lambda pipe, shard: pipe.zrange(self.keys.ready(shard), 0, n - 1, withscores=True)
         )
-        if not popped and block_s > 0:
-            got = cast(
-                tuple[bytes, bytes, float] | None,
-                await self._timed(self.redis.bzpopmin(self.keys.ready, timeout=block_s)),
-            )
-            popped = [(got[1], got[2])] if got else []
-        return [int(member) for member, _ in popped]
+        ranked = sorted(
+            (score, shard, int(member))
+            for shard, (entries,) in enumerate(tops)
+            for member, score in entries
+        )
+        self._best_elsewhere = repr(ranked[claiming][0]) if len(ranked) > claiming else ""
+        return ranked
+
+    async def look(self) -> None:
+        """Update this process's view of the best waiting account (for the ack's decision)
+        while no slot is idle to claim it."""
+        await self._tops(1, 0)
+
+    def _listen(self) -> None:
+        if self._listener is None or self._listener.done():
+            self._listener = asyncio.ensure_future(self._wakeups())
+
+    async def _wakeups(self) -> None:
+        """Sets `_work` on every announcement of a shard that became ready, from a
+        subscription to the namespace's wake channel (on any master: a cluster broadcasts
+        PUBLISH to every node). Subscribes again after a fault, and then claims once."""
+        pauses = backoff()
+        while not self._closing:
+            pubsub = random.choice(self.nodes.masters()).pubsub(ignore_subscribe_messages=True)
+            try:
+                await self._timed(pubsub.subscribe(self.keys.wake_channel))
+                pauses = backoff()
+                self._work.set()
+                async for message in pubsub.listen():
+                    if message is not None:
+                        self._work.set()
+            except TRANSIENT as exc:
+                self.nodes.noticed(exc)
+                self._work.set()
+                await asyncio.sleep(next(pauses))
+            finally:
+                with contextlib.suppress(*TRANSIENT):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def each_shard(
+        self, queue: Callable[[Pipeline, int], object], shards: Iterable[int] | None = None
+    ) -> list[list[Any]]:
+        """Per shard (all of them by default), the replies of the commands `queue(pipe, shard)`
+        adds to its master's pipeline; one round trip per master, all in parallel."""
+        wanted = list(range(self.keys.shards) if shards is None else shards)
+        by_node: dict[Redis, list[int]] = {}
+        for shard in wanted:
+            by_node.setdefault(self.node(shard), []).append(shard)
+
+        async def send(node: Redis, shards: list[int]) -> list[tuple[int, list[Any]]]:
+            async with node.pipeline(transaction=False) as pipe:
+                counts = []
+                for shard in shards:
+                    before = len(pipe)
+                    queue(pipe, shard)
+                    counts.append(len(pipe) - before)
+                replies = await self._timed(pipe.execute())
+            out, at = [], 0
+            for shard, count in zip(shards, counts, strict=True):
+                out.append((shard, replies[at : at + count]))
+                at += count
+            return out
+
+        answered = dict(
+            pair
+            for pairs in await _every([send(node, shards) for node, shards in by_node.items()])
+            for pair in pairs
+        )
+        return [answered[shard] for shard in wanted]
 
     async def resume_claim(self, accounts: Sequence[int], claim_id: str) -> list[Event]:
         """The events a claim whose reply was lost took; the accounts it did not win and no
         one holds go back into the ready index. Safe to call again."""
-        calls = [(self._account_keys(a), self._argv(a, "resume", claim_id)) for a in accounts]
-        replies = await self.scripts.batch("take", calls)
+        replies = await _every(
+            [self._script(a, "take", self._argv(a, "resume", claim_id)) for a in accounts]
+        )
         found = [
             self._next(account, int(reply[3]), reply[:3])
             for account, reply in zip(accounts, replies, strict=True)
@@ -231,98 +422,129 @@ class Queue:
 
     async def renew(self, held: Sequence[tuple[int, int]]) -> list[bool]:
         """Extend the leases of (account, token) pairs; False where the lease was already lost."""
-        calls = [(self._account_keys(a), (token, self._lease_ms)) for a, token in held]
-        return [bool(r) for r in await self.scripts.batch("renew", calls)]
+        renewed = await _every([self._script(a, "renew", (t, self._lease_ms)) for a, t in held])
+        return [bool(r) for r in renewed]
 
     async def reap(self) -> int:
         """Make orphaned accounts (work, no owner, not ready) ready again; returns how many."""
+        counts = await _every([self._reap_shard(shard) for shard in range(self.keys.shards)])
+        return sum(counts)
+
+    async def _reap_shard(self, shard: int) -> int:
         reaped = 0
         cursor = 0
+        node = self.node(shard)
         while True:
             cursor, members = await self._timed(
-                self.redis.sscan(self.keys.active, cursor, count=REAP_CHUNK)
+                node.sscan(self.keys.active(shard), cursor, count=REAP_CHUNK)
             )
             calls = [
-                (self._account_keys(int(m)), (int(m), self._order, self._rand())) for m in members
+                self._script(int(m), "reap", (int(m), self._order, self._rand())) for m in members
             ]
-            if calls:
-                reaped += sum(await self.scripts.batch("reap", calls))
+            reaped += sum(int(r) for r in await _every(calls))
             if cursor == 0:
                 return reaped
 
     async def try_reaper_lock(self, ttl_s: float) -> bool:
         """Whether this caller runs the reaper now (one consumer per interval)."""
         ttl_ms = max(1, round(ttl_s * 1000))
-        return bool(await self._timed(self.redis.set(self.keys.reaper, b"1", nx=True, px=ttl_ms)))
+        key = self.keys.reaper
+        return bool(await self._timed(self.nodes.for_key(key).set(key, b"1", nx=True, px=ttl_ms)))
 
     async def register(self, member: str) -> None:
         """Record a live consumer as `host:pid:slots` with the time of this heartbeat."""
-        await self._timed(self.redis.zadd(self.keys.consumers, {member: time.time()}))
+        key = self.keys.consumers
+        await self._timed(self.nodes.for_key(key).zadd(key, {member: time.time()}))
 
     async def unregister(self, member: str) -> None:
         """Forget a consumer that stopped."""
-        await self._timed(self.redis.zrem(self.keys.consumers, member))
+        key = self.keys.consumers
+        await self._timed(self.nodes.for_key(key).zrem(key, member))
 
     async def live_consumers(self, within_s: float) -> dict[str, int]:
         """`host:pid` -> slots of each consumer that sent a heartbeat within the last `within_s`."""
         since = time.time() - within_s
+        key = self.keys.consumers
         members = cast(
             list[bytes],
-            await self._timed(self.redis.zrangebyscore(self.keys.consumers, since, "+inf")),
+            await self._timed(self.nodes.for_key(key).zrangebyscore(key, since, "+inf")),
         )
         return {name.decode(): int(slots) for name, slots in (m.rsplit(b":", 1) for m in members)}
 
     async def stats(self) -> dict[str, int]:
-        """Counters plus the sizes of the ready index, active set and dead letters."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(self.keys.stats)
-            pipe.zcard(self.keys.ready)
-            pipe.scard(self.keys.active)
-            pipe.llen(self.keys.dead)
-            counters, ready, active, dead_letters = await self._timed(pipe.execute())
+        """Counters plus the sizes of the ready indexes, active sets and dead letters, summed
+        over the shards."""
+
+        def queue(pipe: Pipeline, shard: int) -> None:
+            pipe.hgetall(self.keys.stats(shard))
+            pipe.zcard(self.keys.ready(shard))
+            pipe.scard(self.keys.active(shard))
+            pipe.llen(self.keys.dead(shard))
+
         names = ("accepted", "acked", "nacked", "dead", "redelivered")
-        totals = {name: int(counters.get(name.encode(), 0)) for name in names}
-        return {**totals, "ready": ready, "active": active, "dead_letters": dead_letters}
+        totals = dict.fromkeys((*names, "ready", "active", "dead_letters"), 0)
+        for counters, ready, active, dead_letters in await self.each_shard(queue):
+            for name in names:
+                totals[name] += int(counters.get(name.encode(), 0))
+            totals["ready"] += ready
+            totals["active"] += active
+            totals["dead_letters"] += dead_letters
+        return totals
 
     async def waiting(self, id_prefix: str) -> int:
         """How many pending or in-flight events have an event_id starting with `id_prefix`."""
-        accounts = [
-            int(a)
-            for a in cast(set[bytes], await self._timed(self.redis.smembers(self.keys.active)))
-        ]
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for account in accounts:
+        members = await self.each_shard(lambda pipe, shard: pipe.smembers(self.keys.active(shard)))
+        accounts = {shard: [int(a) for a in found] for shard, (found,) in enumerate(members)}
+
+        def queue(pipe: Pipeline, shard: int) -> None:
+            for account in accounts[shard]:
                 pipe.lrange(self.keys.pending(account), 0, -1)
                 pipe.lrange(self.keys.in_flight(account), 0, -1)
-            lists = cast(list[list[bytes]], await self._timed(pipe.execute()))
+
+        lists = await self.each_shard(queue, [s for s, found in accounts.items() if found])
         needle = b'"id":' + orjson.dumps(id_prefix)[:-1]
-        return sum(needle in body for bodies in lists for body in bodies)
+        return sum(needle in body for shard in lists for bodies in shard for body in bodies)
 
     async def drained(self) -> bool:
         """True when no account has pending or in-flight events."""
-        return int(await self._timed(self.redis.scard(self.keys.active))) == 0
+        sizes = await self.each_shard(lambda pipe, shard: pipe.scard(self.keys.active(shard)))
+        return not any(size for (size,) in sizes)
 
     def _settle(
         self, name: str, event: Event, want_next: bool, extra: tuple[bytes, ...]
     ) -> Awaitable[Next]:
-        """ack and nack: ARGV 5 seq, 6 attempt, 7 want next, 8 switch margin, then `extra`."""
+        """ack and nack: ARGV 5 seq, 6 attempt, 7 want next, 8 switch margin, 9 the best ready
+        score elsewhere, then `extra`."""
         want = b"1" if want_next else b"0"
-        args: tuple[Arg, ...] = (event.seq, event.attempt, want, self._margin, *extra)
+        args: tuple[Arg, ...] = (
+            event.seq,
+            event.attempt,
+            want,
+            self._margin,
+            self._best_elsewhere,
+            *extra,
+        )
         return self._call(name, event.account, event.token, args)
 
     async def _call(self, name: str, account: int, token: int, args: tuple[Arg, ...]) -> Next:
-        reply = await self.scripts.call(
-            name, self._account_keys(account), self._argv(account, token, *args)
-        )
+        reply = await self._script(account, name, self._argv(account, token, *args))
         return self._next(account, token, reply)
 
+    def _script(self, account: int, name: str, args: Sequence[Arg]) -> Awaitable[Any]:
+        """One account script on the account's master (auto-pipelined with the others)."""
+        return self.scripts.call(self._node_of(account), name, self._account_keys(account), args)
+
     def _argv(self, account: int, token: int | str, *args: Arg) -> tuple[Arg, ...]:
-        """ARGV of every account script but reap: 1 account, 2 fencing token (or take's mode),
-        3 claim order, 4 random score, then the script's own."""
+        """ARGV of every account script but reap and renew: 1 account, 2 fencing token (or
+        take's mode), 3 claim order, 4 random score, then the script's own."""
         return (account, token, self._order, self._rand(), *args)
 
     async def _timed(self, round_trip: Awaitable[T]) -> T:
-        return await timed(self._timeout_s, round_trip)
+        try:
+            return await timed(self._timeout_s, round_trip)
+        except TRANSIENT as exc:
+            self.nodes.noticed(exc)
+            raise
 
     @staticmethod
     def _next(account: int, token: int, reply: list[Any]) -> Next:
@@ -338,6 +560,29 @@ class Queue:
             attempt=int(reply[2]),
             token=token,
         )
+
+
+@contextlib.asynccontextmanager
+async def open_queue(
+    settings: Settings, max_connections: int = 64, consumer: bool = False, connections: int = 1
+) -> AsyncIterator["Queue"]:
+    """A `Queue` on the Redis or Redis Cluster of REDIS_URL, checked (`Queue.open`) and closed
+    at the end. The one way an entrypoint reaches Redis."""
+    queue = Queue(connect(settings, max_connections, consumer), settings)
+    try:
+        await queue.open(connections)
+        yield queue
+    finally:
+        await queue.aclose()
+
+
+async def _every(calls: Sequence[Awaitable[T]]) -> list[T]:
+    """The results of all `calls`, run together; the first error once all have finished."""
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return cast(list[T], results)
 
 
 def _parts(replies: Sequence[Any]) -> list[_Claimed]:

@@ -1,4 +1,7 @@
-"""Loads `lua/` once per client and runs the scripts by SHA, reloading after a Redis restart."""
+"""Loads `lua/` on each master and runs the scripts by SHA, reloading after NOSCRIPT.
+
+A master's script cache is its own: a restarted Redis or a promoted replica answers NOSCRIPT,
+and the call runs again after a load on that node."""
 
 import asyncio
 import hashlib
@@ -9,10 +12,11 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
-from app.connection import timed
+from app.connection import Nodes, timed
 
 Args = Sequence[str | int | float | bytes]
 Call = tuple[str, Sequence[str | bytes], Args]  # script name, KEYS, ARGV
+Queued = tuple[Redis, Call, "asyncio.Future[Any]"]
 NAMES = ("push", "take", "ack", "nack", "renew", "release", "reap")
 
 
@@ -29,45 +33,50 @@ SHAS = {name: hashlib.sha1(source.encode()).hexdigest() for name, source in SOUR
 class Scripts:
     """EVALSHA runner; every call reloads the scripts once on NOSCRIPT.
 
-    `call` auto-pipelines: the calls made in one turn of the event loop go out together as one
-    pipeline. A consumer's lanes settle many events at once, and one round trip for all of
-    them costs the client far less CPU than one round trip each.
+    `call` auto-pipelines: the calls made in one turn of the event loop go out together, one
+    pipeline per master. A consumer's lanes settle many events at once, and one round trip for
+    all of them costs the client far less CPU than one round trip each.
     """
 
-    def __init__(self, redis: Redis, timeout_s: float) -> None:
-        self._redis = redis
+    def __init__(self, nodes: Nodes, timeout_s: float) -> None:
+        self._nodes = nodes
         self._timeout_s = timeout_s
-        self._queued: list[tuple[Call, asyncio.Future[Any]]] = []
+        self._queued: list[Queued] = []
         self._sending: set[asyncio.Task[None]] = set()
 
-    async def load(self) -> None:
-        """Register every script with the server (after a restart flushed them)."""
-        async with self._redis.pipeline(transaction=False) as pipe:
+    async def load(self, client: Redis) -> None:
+        """Register every script with one master (after a restart or failover flushed them)."""
+        async with client.pipeline(transaction=False) as pipe:
             for source in SOURCES.values():
                 pipe.script_load(source)
             await timed(self._timeout_s, pipe.execute())
 
-    async def call(self, name: str, keys: Sequence[str | bytes], args: Args) -> Any:
-        """Run one script (in the same round trip as the other calls of this loop turn)."""
+    async def call(self, client: Redis, name: str, keys: Sequence[str | bytes], args: Args) -> Any:
+        """Run one script on `client`'s master (in the same round trip as the other calls to
+        that master of this loop turn)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._queued.append(((name, keys, args), future))
+        self._queued.append((client, (name, keys, args), future))
         if len(self._queued) == 1:
             loop.call_soon(self._send_queued)
         return await future
 
     def _send_queued(self) -> None:
         queued, self._queued = self._queued, []
-        task = asyncio.ensure_future(self._settle(queued))
-        self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
+        by_node: dict[Redis, list[Queued]] = {}
+        for item in queued:
+            by_node.setdefault(item[0], []).append(item)
+        for client, items in by_node.items():
+            task = asyncio.ensure_future(self._settle(client, items))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
 
-    async def _settle(self, queued: list[tuple[Call, asyncio.Future[Any]]]) -> None:
+    async def _settle(self, client: Redis, queued: list[Queued]) -> None:
         try:
-            results = await self._execute([call for call, _ in queued])
+            results = await self._execute(client, [call for _, call, _ in queued])
         except Exception as exc:  # the round trip failed: every caller gets the error
             results = [exc] * len(queued)
-        for (_, future), result in zip(queued, results, strict=True):
+        for (_, _, future), result in zip(queued, results, strict=True):
             if future.done():  # the caller was cancelled meanwhile
                 continue
             if isinstance(result, Exception):
@@ -76,28 +85,36 @@ class Scripts:
                 future.set_result(result)
 
     async def batch(
-        self, name: str, calls: Sequence[tuple[Sequence[str | bytes], Args]]
+        self, client: Redis, name: str, calls: Sequence[tuple[Sequence[str | bytes], Args]]
     ) -> list[Any]:
-        """Run one script many times in one pipelined round trip; results in call order."""
-        results = await self._execute([(name, keys, args) for keys, args in calls])
+        """Run one script many times on one master in one pipelined round trip; results in
+        call order."""
+        results = await self._execute(client, [(name, keys, args) for keys, args in calls])
         for result in results:
             if isinstance(result, Exception):
                 raise result
         return results
 
-    async def _execute(self, calls: Sequence[Call]) -> list[Any]:
+    async def _execute(self, client: Redis, calls: Sequence[Call]) -> list[Any]:
         """Results in call order, errors as exception objects; NOSCRIPT ones run again."""
-        results = await self._pipeline(calls)
-        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
-        if missing:
-            await self.load()
-            retried = await self._pipeline([calls[i] for i in missing])
-            for i, result in zip(missing, retried, strict=True):
-                results[i] = result
+        try:
+            results = await self._pipeline(client, calls)
+            missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+            if missing:
+                await self.load(client)
+                retried = await self._pipeline(client, [calls[i] for i in missing])
+                for i, result in zip(missing, retried, strict=True):
+                    results[i] = result
+        except Exception as exc:
+            self._nodes.noticed(exc)
+            raise
+        for result in results:
+            if isinstance(result, Exception):
+                self._nodes.noticed(result)
         return results
 
-    async def _pipeline(self, calls: Sequence[Call]) -> list[Any]:
-        async with self._redis.pipeline(transaction=False) as pipe:
+    async def _pipeline(self, client: Redis, calls: Sequence[Call]) -> list[Any]:
+        async with client.pipeline(transaction=False) as pipe:
             for name, keys, args in calls:
                 pipe.evalsha(SHAS[name], len(keys), *keys, *args)
             return list(await timed(self._timeout_s, pipe.execute(raise_on_error=False)))

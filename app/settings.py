@@ -20,6 +20,7 @@ class Settings(BaseSettings):
     namespace: str = Field(
         "evq", min_length=1, validation_alias=AliasChoices("EVQ_NAMESPACE", "namespace")
     )
+    shards: int = Field(16, ge=1, le=16_384)
     concurrency: int = Field(500, ge=1, le=10_000)
     process_seconds: float = Field(1.0, ge=0)
     lease_seconds: float = Field(30.0, gt=0)

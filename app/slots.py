@@ -72,7 +72,7 @@ class Slots:
 
     async def drain(self, slot: int, holding: Holding, first: Event | Won) -> None:
         """Handle the held account's events until it is released, drained or lost."""
-        step = first if isinstance(first, Event) else await self._take(holding)
+        step = first if isinstance(first, Event) else await self._release(holding)
         while isinstance(step, Event):
             holding.event, holding.ran = step, False
             step = await self._handle(slot, holding, step)

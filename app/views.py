@@ -4,8 +4,9 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import orjson
+from redis.asyncio.client import Pipeline
 
-from app.queue import FENCE, LOCK, Queue
+from app.queue import Queue
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,14 +25,12 @@ class AccountState:
 async def account_state(queue: Queue, account: int) -> AccountState:
     """Backlog, the event in flight, the owner's fencing token and lease, and settled counts."""
     keys = queue.keys
-    layout = keys.account(account)
-    lock, fence = layout[LOCK], layout[FENCE]
-    async with queue.redis.pipeline(transaction=True) as tx:
+    async with queue.node(keys.shard_of(account)).pipeline(transaction=True) as tx:
         tx.llen(keys.pending(account))
         tx.lindex(keys.in_flight(account), 0)
-        tx.get(lock)
-        tx.get(fence)
-        tx.pttl(lock)
+        tx.get(keys.lock(account))
+        tx.get(keys.fence(account))
+        tx.pttl(keys.lock(account))
         tx.hgetall(keys.totals(account))
         backlog, body, held, fenced, lease_ms, totals = await tx.execute()
     totals = cast(dict[bytes, bytes], totals)
@@ -55,9 +54,16 @@ async def account_state(queue: Queue, account: int) -> AccountState:
 
 
 async def dead_letters(queue: Queue, offset: int, limit: int) -> tuple[int, list[Any]]:
-    """The total number of dead letters and the page [offset, offset + limit), oldest first."""
-    async with queue.redis.pipeline(transaction=True) as tx:
-        tx.llen(queue.keys.dead)
-        tx.lrange(queue.keys.dead, offset, offset + limit - 1)
-        total, page = await tx.execute()
-    return total, [orjson.loads(entry) for entry in page]
+    """The total number of dead letters and the page [offset, offset + limit), oldest first
+    over all shards."""
+    keys = queue.keys
+
+    def read(pipe: Pipeline, shard: int) -> None:
+        pipe.llen(keys.dead(shard))
+        pipe.lrange(keys.dead(shard), 0, offset + limit - 1)
+
+    shards = await queue.each_shard(read)
+    total = sum(length for length, _ in shards)
+    entries = [orjson.loads(entry) for _, page in shards for entry in page]
+    entries.sort(key=lambda entry: entry["dead_ns"])
+    return total, entries[offset : offset + limit]

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 import redis as sync_redis
-from redis.asyncio import Redis
+from redis.cluster import RedisCluster
 
-from app.queue import Queue
-from tests.support import Consumers, RedisServer, running, settings
+from app.queue import Queue, open_queue
+from tests.support import Consumers, RedisServer, free_block, make, running, settings
 
 
 @pytest.fixture(scope="session")
@@ -19,6 +19,27 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
             yield server
     except RuntimeError as exc:
         pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def cluster_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """A local Redis Cluster for the session (make cluster-up: 3 masters, 3 replicas); its
+    first port."""
+    var, base = tmp_path_factory.mktemp("cluster"), free_block()
+    try:
+        make("cluster-up", var, base)
+        yield base
+    finally:
+        make("cluster-down", var, base)
+
+
+@pytest.fixture
+def cluster_url(cluster_server: int) -> str:
+    """The session cluster's URL, every master emptied for this test."""
+    client = RedisCluster(host="127.0.0.1", port=cluster_server)
+    client.flushall(target_nodes=RedisCluster.PRIMARIES)
+    client.close()
+    return f"redis+cluster://127.0.0.1:{cluster_server}"
 
 
 @pytest.fixture
@@ -33,9 +54,8 @@ def redis_url(redis_server: RedisServer) -> str:
 @pytest.fixture
 async def queue(redis_url: str) -> AsyncIterator[Queue]:
     """An engine on the real server with test settings."""
-    client = Redis.from_url(redis_url)
-    yield Queue(client, settings(redis_url))
-    await client.aclose()
+    async with open_queue(settings(redis_url)) as queue:
+        yield queue
 
 
 @pytest.fixture

@@ -13,11 +13,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import redis as sync_redis
-from redis.asyncio import Redis
 
-from app.queue import Event
+from app.queue import Event, Queue
 from app.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -90,6 +90,37 @@ def settings(url: str, **overrides: object) -> Settings:
     return Settings(_env_file=None, **values)  # type: ignore[arg-type]
 
 
+NODES = 6
+BUS_OFFSET = 10_000  # Redis Cluster's bus listens on port + 10000
+
+
+def free_block(first: int = 21_000, last: int = 29_000) -> int:
+    """A base port whose NODES ports and their bus ports are all free right now."""
+    for base in range(first, last, NODES):
+        ports = [base + i for i in range(NODES)] + [base + i + BUS_OFFSET for i in range(NODES)]
+        try:
+            for port in ports:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no free block of cluster ports")
+
+
+def make(target: str, var: Path, base: int) -> str:
+    """Run a cluster target of the Makefile on VAR and CLUSTER_PORT; its output."""
+    done = subprocess.run(
+        ["make", "-s", "-C", str(REPO), target, f"VAR={var}", f"CLUSTER_PORT={base}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
 @dataclass
 class Consumers:
     """Starts `evq consume` processes against one server and one event log."""
@@ -157,10 +188,50 @@ def sleeping(settings: Settings) -> "object":
     return handle
 
 
-async def snapshot(redis: Redis) -> dict[object, object]:
+class Routed:
+    """Redis commands sent to the master of their key's slot: `Routed(queue).llen(key)` on one
+    Redis and on a cluster alike."""
+
+    def __init__(self, queue: Queue) -> None:
+        self._nodes = queue.nodes
+
+    def __getattr__(self, command: str) -> Any:
+        def send(key: str | bytes, *args: Any, **options: Any) -> Any:
+            name = key.decode() if isinstance(key, bytes) else key
+            return getattr(self._nodes.for_key(name), command)(key, *args, **options)
+
+        return send
+
+
+async def all_keys(queue: Queue) -> list[bytes]:
+    """Every key of every master."""
+    found: list[bytes] = []
+    for master in queue.nodes.masters():
+        found += cast(list[bytes], await master.keys("*"))
+    return sorted(found)
+
+
+async def flush_scripts(queue: Queue) -> None:
+    """What a restart or a failover does to the script cache of every master."""
+    for master in queue.nodes.masters():
+        await master.script_flush()
+
+
+async def ready_scores(queue: Queue) -> dict[int, float]:
+    """Account -> score of every shard's ready index."""
+    scores: dict[int, float] = {}
+    for shard in range(queue.keys.shards):
+        ready = queue.keys.ready(shard)
+        for member, score in await Routed(queue).zrange(ready, 0, -1, withscores=True):
+            scores[int(member)] = score
+    return scores
+
+
+async def snapshot(queue: Queue) -> dict[object, object]:
     """Every key with its value (not its TTL), to show that a call changed nothing."""
     found: dict[object, object] = {}
-    for key in sorted(await redis.keys("*")):
+    redis = Routed(queue)
+    for key in await all_keys(queue):
         kind = await redis.type(key)
         if kind == b"string":
             found[key] = await redis.get(key)

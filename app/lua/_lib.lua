@@ -1,7 +1,7 @@
 -- Shared by every account script; scripts.py prepends it to each one.
--- KEYS layout (keys.py builds it, every per-account key shares the account's hash tag):
+-- KEYS layout (keys.py builds it, every key carries the hash tag of the account's shard):
 --   1 pending list, 2 in-flight list, 3 lock, 4 fence, 5 attempt hash, 6 seq,
---   7 ready index, 8 stats, 9 active set, 10 dead letters, 11 account totals
+--   7 ready index, 8 stats, 9 active set, 10 dead letters of the shard, 11 account totals
 -- The attempt hash describes the event at the head or in flight: n (attempts handed out),
 -- and of the in-flight attempt its seq, token (the owner that took it) and claim (the claim
 -- that took it, when one did).
@@ -19,6 +19,19 @@ local function owns(token)
   local held = redis.call('MGET', lock, fence)
   if not held[1] then return false end
   return tonumber(held[2]) - tonumber(held[1]) + 1 == tonumber(token)
+end
+
+-- The token of a claim that just won (lock 1, so the token is the fence), raised to the
+-- server clock in microseconds when the fence is behind it: a failover that loses the newest
+-- fence increments cannot hand out a token again, as long as the new master's clock is
+-- ahead of the old one's by less than the failover took. The caller stores it in the fence
+-- once the take has succeeded.
+local function fresh_token()
+  local fenced = redis.call('GET', fence)
+  local time = redis.call('TIME')
+  local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+  if tonumber(fenced) >= now then return fenced end
+  return string.format('%.0f', now)
 end
 
 -- The in-flight event as a take reply, when `token` took it; nil otherwise.
@@ -52,11 +65,17 @@ local function ready_score(order, rand, backlog)
   return rand
 end
 
+-- Into the shard's ready index. When the index was empty, idle claimers are told on the
+-- namespace's wake channel (they wait for it instead of polling every shard).
 local function make_ready(account, order, rand, backlog)
+  local was_empty = redis.call('ZCARD', ready) == 0
   if order == 'random' then
     redis.call('ZADD', ready, 'NX', ready_score(order, rand), account)
   else
     redis.call('ZADD', ready, ready_score(order, rand, backlog), account)
+  end
+  if was_empty then
+    redis.call('PUBLISH', string.match(ready, '^{(.+):%d+}:ready$') .. ':wake', '1')
   end
 end
 
@@ -110,14 +129,18 @@ local function release(account, order, rand)
 end
 
 -- After an event is settled: take the next one while this account is still the best choice,
--- otherwise put it back. The best waiting account must beat this one's score by `margin`.
-local function next_step(account, token, order, rand, want_next, margin)
+-- otherwise put it back. The best waiting account, in this shard or in the consumer's latest
+-- view of the others (`elsewhere`, a ready score, or '' for none), must beat this one's score
+-- by `margin`.
+local function next_step(account, token, order, rand, want_next, margin, elsewhere)
   if want_next ~= '1' or redis.call('LLEN', pending) == 0 then
     return release(account, order, rand)
   end
   if order ~= 'random' then
-    local best = redis.call('ZRANGE', ready, 0, 0, 'WITHSCORES')
-    if best[2] and tonumber(best[2]) <= tonumber(ready_score(order, rand)) - tonumber(margin) then
+    local best = tonumber(redis.call('ZRANGE', ready, 0, 0, 'WITHSCORES')[2])
+    local other = tonumber(elsewhere)
+    if other and (not best or other < best) then best = other end
+    if best and best <= tonumber(ready_score(order, rand)) - tonumber(margin) then
       return release(account, order, rand)
     end
   end

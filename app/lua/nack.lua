@@ -1,8 +1,8 @@
 -- nack: the handler failed; retry the event in place or dead-letter it and go on.
 -- KEYS: the account layout (_lib.lua)
 -- ARGV: 1 account, 2 fencing token, 3 claim order, 4 random score, 5 seq and 6 attempt of
---       the failed event, 7 want next ('1' or '0'), 8 switch margin (next_step in _lib.lua),
---       9 dead-letter entry (JSON), or '' to retry
+--       the failed event, 7 want next ('1' or '0'), 8 switch margin and 9 best ready score
+--       elsewhere (next_step in _lib.lua), 10 dead-letter entry (JSON), or '' to retry
 -- Returns {'retry'} (back at the head, still owned), a next step as ack.lua does, or {'lost'}.
 -- Sent again: the same answer, nothing changed.
 local account, token, seq, attempt = ARGV[1], ARGV[2], ARGV[5], ARGV[6]
@@ -11,15 +11,15 @@ if not holds(token, seq, attempt) then
 end
 redis.call('HINCRBY', stats, 'nacked', 1)
 local reply
-if ARGV[9] == '' then
+if ARGV[10] == '' then
   redis.call('LMOVE', in_flight, pending, 'RIGHT', 'LEFT')
   reply = {'retry'}
   if ARGV[7] ~= '1' then reply = release(account, ARGV[3], ARGV[4]) end
 else
-  redis.call('RPUSH', dead, ARGV[9])
+  redis.call('RPUSH', dead, ARGV[10])
   redis.call('DEL', in_flight, attempt_key)
   redis.call('HINCRBY', stats, 'dead', 1)
   redis.call('HINCRBY', totals, 'dead', 1)
-  reply = next_step(account, token, ARGV[3], ARGV[4], ARGV[7], ARGV[8])
+  reply = next_step(account, token, ARGV[3], ARGV[4], ARGV[7], ARGV[8], ARGV[9])
 end
 return remember(token, seq, attempt, 'nack', reply)

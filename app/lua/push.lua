@@ -1,33 +1,27 @@
--- push: accept a batch of events, all or none (a script runs whole).
--- KEYS: 1 ready index, 2 stats, 3 active set
--- ARGV: 1..4 the key prefixes an account's tag completes (Keys.push_prefixes: pending, lock,
---       seq, dedupe), 5 dedupe bucket now, 6 dedupe bucket before, 7 bucket TTL ms,
---       8 claim order, 9 random seed (claim order random), then 3 per event: account,
---       event_id, body after its opening brace.
--- One call carries events of many accounts, so their keys are built here instead of declared
--- in KEYS; evq runs on one Redis (the claim's MULTI spans accounts as well).
+-- push: accept a batch of events of one shard, all or none (a script runs whole).
+-- KEYS: 1 ready index, 2 stats, 3 active set of the shard, then 5 per account of the batch:
+--       pending list, lock, seq, dedupe hash of this time bucket and of the one before
+-- ARGV: 1 dedupe bucket TTL ms, 2 claim order, 3 random seed (claim order random), then 4 per
+--       event: the account's number among the batch's accounts (1 for the first one's keys),
+--       account, event_id, body after its opening brace.
 -- Returns 2 per event: 1 and its seq when queued, 0 and the earlier seq when the event_id was
 -- accepted within the dedupe window (an earlier event of this batch counts).
 ready, stats, active = KEYS[1], KEYS[2], KEYS[3]
-local pending_prefix, lock_prefix, seq_prefix, dedupe_prefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local now_suffix, before_suffix, ttl, order = ':' .. ARGV[5], ':' .. ARGV[6], ARGV[7], ARGV[8]
-math.randomseed(tonumber(ARGV[9]))
-local out, accounts, tags, backlog, was_idle, accepted = {}, {}, {}, {}, {}, 0
-for i = 10, #ARGV, 3 do
-  local account, id = ARGV[i], ARGV[i + 1]
-  local tag = '{' .. account .. '}'
-  local bucket = dedupe_prefix .. tag .. now_suffix
-  local seen = redis.call('HGET', bucket, id)
-    or redis.call('HGET', dedupe_prefix .. tag .. before_suffix, id)
+local ttl, order = ARGV[1], ARGV[2]
+math.randomseed(tonumber(ARGV[3]))
+local out, accounts, base, backlog, was_idle, accepted = {}, {}, {}, {}, {}, 0
+for i = 4, #ARGV, 4 do
+  local at, account, id = 4 + 5 * (tonumber(ARGV[i]) - 1), ARGV[i + 1], ARGV[i + 2]
+  local seen = redis.call('HGET', KEYS[at + 3], id) or redis.call('HGET', KEYS[at + 4], id)
   if seen then
     out[#out + 1], out[#out + 2] = 0, tonumber(seen)
   else
-    local seq = redis.call('INCR', seq_prefix .. tag)
-    redis.call('HSET', bucket, id, seq)
-    redis.call('PEXPIRE', bucket, ttl)
-    local length = redis.call('RPUSH', pending_prefix .. tag, '{"seq":' .. seq .. ',' .. ARGV[i + 2])
-    if not tags[account] then
-      tags[account] = tag
+    local seq = redis.call('INCR', KEYS[at + 2])
+    redis.call('HSET', KEYS[at + 3], id, seq)
+    redis.call('PEXPIRE', KEYS[at + 3], ttl)
+    local length = redis.call('RPUSH', KEYS[at], '{"seq":' .. seq .. ',' .. ARGV[i + 3])
+    if not base[account] then
+      base[account] = at
       accounts[#accounts + 1] = account
       was_idle[account] = length == 1
     end
@@ -41,7 +35,7 @@ end
 -- No one sees the state between the loops.
 for _, account in ipairs(accounts) do
   -- _lib.lua's make_ready reads these locals: point them at this account.
-  pending, lock = pending_prefix .. tags[account], lock_prefix .. tags[account]
+  pending, lock = KEYS[base[account]], KEYS[base[account] + 1]
   if was_idle[account] then redis.call('SADD', active, account) end
   if redis.call('EXISTS', lock) == 0 then
     make_ready(account, order, tostring(math.random()), backlog[account])

@@ -1,10 +1,12 @@
 -- take: the owner takes the head event, after recovering one a dead owner left in flight.
 -- KEYS: the account layout (_lib.lua)
 -- ARGV: 1 account, 2 fencing token, or 'claim' inside the claim's MULTI right after its INCR
---       of the lock (a lock of 1 means that INCR won, and the token is the fence), or 'resume'
---       after the reply of that MULTI was lost, 3 claim order, 4 random score, 5 claim id
--- Returns {'event', body, attempt} (with 'resume': and the token), {'drained'} (nothing to do,
--- released) or {'lost'}. Sent again by the same owner, it hands out the same attempt.
+--       of the lock (a lock of 1 means that INCR won: the account leaves the ready index and
+--       the token is the fence, raised to the clock by fresh_token), or 'resume' after the
+--       reply of that MULTI was lost, 3 claim order, 4 random score, 5 claim id
+-- Returns {'event', body, attempt} (with 'claim' and 'resume': and the token), {'drained'}
+-- (nothing to do, released; with 'claim': and the token) or {'lost'}. Sent again by the same
+-- owner, it hands out the same attempt.
 local account, token, claim = ARGV[1], ARGV[2], nil
 if token == 'resume' then
   if redis.call('HGET', attempt_key, 'claim') == ARGV[5] then
@@ -17,7 +19,8 @@ if token == 'resume' then
 end
 if token == 'claim' then
   if redis.call('GET', lock) ~= '1' then return {'lost'} end
-  token, claim = redis.call('GET', fence), ARGV[5]
+  redis.call('ZREM', ready, account)
+  token, claim = fresh_token(), ARGV[5]
   forget_old_calls()
 elseif not owns(token) then
   return {'lost'}
@@ -26,4 +29,9 @@ else
   if held then return held end
 end
 recover()
-return take_head(token, claim) or release(account, ARGV[3], ARGV[4])
+local taken = take_head(token, claim) or release(account, ARGV[3], ARGV[4])
+if claim then
+  redis.call('SET', fence, token)
+  taken[#taken + 1] = token
+end
+return taken

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from app.api import MAX_PAYLOAD_BYTES, create_app
 from app.queue import NewEvent, Queue
-from tests.support import RedisServer, settings
+from tests.support import RedisServer, Routed, settings
 
 
 @pytest.fixture
@@ -49,7 +49,7 @@ async def test_event_is_queued_with_its_seq(api: httpx.AsyncClient, queue: Queue
     assert first.status_code == second.status_code == 202
     assert first.json() == {"account_id": 7, "event_id": "a", "seq": 1, "duplicate": False}
     assert second.json()["seq"] == 2
-    assert await queue.redis.llen(queue.keys.pending(7)) == 2
+    assert await Routed(queue).llen(queue.keys.pending(7)) == 2
 
 
 async def test_duplicate_is_200_and_not_queued_again(api: httpx.AsyncClient, queue: Queue) -> None:
@@ -59,7 +59,7 @@ async def test_duplicate_is_200_and_not_queued_again(api: httpx.AsyncClient, que
     assert again.status_code == 200
     assert again.json()["duplicate"] is True
     assert again.json()["seq"] == 1
-    assert await queue.redis.llen(queue.keys.pending(7)) == 1
+    assert await Routed(queue).llen(queue.keys.pending(7)) == 1
 
 
 async def test_batch_results_in_request_order(api: httpx.AsyncClient, queue: Queue) -> None:

@@ -1,8 +1,6 @@
 """The local Redis Cluster: make cluster-up forms 3 masters + 3 replicas, cluster-down stops
 them, and cluster-up again brings them back from their own state, data included."""
 
-import socket
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,36 +8,7 @@ import pytest
 import redis as sync_redis
 from redis.cluster import RedisCluster
 
-from tests.support import REPO
-
-NODES = 6
-BUS_OFFSET = 10_000  # Redis Cluster's bus listens on port + 10000
-
-
-def free_block(first: int = 21_000, last: int = 29_000) -> int:
-    """A base port whose NODES ports and their bus ports are all free right now."""
-    for base in range(first, last, NODES):
-        ports = [base + i for i in range(NODES)] + [base + i + BUS_OFFSET for i in range(NODES)]
-        try:
-            for port in ports:
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError("no free block of cluster ports")
-
-
-def make(target: str, var: Path, base: int) -> str:
-    done = subprocess.run(
-        ["make", "-s", "-C", str(REPO), target, f"VAR={var}", f"CLUSTER_PORT={base}"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout
+from tests.support import free_block, make
 
 
 @pytest.fixture

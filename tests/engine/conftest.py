@@ -1,31 +1,37 @@
-"""The engine suite runs once on fakeredis (with Lua) and once on the real redis-server."""
+"""The engine suite runs on fakeredis (with Lua), on a real redis-server and on a real
+3-master Redis Cluster."""
 
 from collections.abc import AsyncIterator, Callable
 
 import fakeredis
 import pytest
-from redis.asyncio import Redis
 
+from app.connection import Nodes, connect
 from app.queue import Queue
-from app.settings import Settings
 from tests.support import settings
 
 MakeQueue = Callable[..., Queue]
 
 
-@pytest.fixture(params=["fakeredis", "redis-server"])
+@pytest.fixture(params=["fakeredis", "redis-server", "cluster"])
 async def make_queue(request: pytest.FixtureRequest) -> AsyncIterator[MakeQueue]:
-    """Builds engines (with setting overrides) sharing one empty Redis of either kind."""
+    """Builds engines (with setting overrides) sharing one empty Redis of that kind."""
     if request.param == "fakeredis":
-        client: Redis = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
         url = "redis://fake"
+        nodes = Nodes.wrap(fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer()), settings(url))
     else:
-        url = request.getfixturevalue("redis_url")
-        client = Redis.from_url(url)
+        url = request.getfixturevalue(
+            "redis_url" if request.param == "redis-server" else "cluster_url"
+        )
+        nodes = connect(settings(url))
+        await nodes.start()
+
+    built: list[Queue] = []
 
     def build(**overrides: object) -> Queue:
-        config: Settings = settings(url, **overrides)
-        return Queue(client, config)
+        built.append(Queue(nodes, settings(url, **overrides)))
+        return built[-1]
 
     yield build
-    await client.aclose()
+    for queue in built:  # they share `nodes`: closing it twice is harmless
+        await queue.aclose()

@@ -6,10 +6,16 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
+from redis.asyncio import Redis
 
 from app.queue import Event, NewEvent, Queue, Step, Won
 from app.scripts import Call
 from tests.engine.conftest import MakeQueue
+from tests.support import Routed, all_keys, flush_scripts, ready_scores
+
+
+def ready_of(queue: Queue, account: int) -> str:
+    return queue.keys.ready(queue.keys.shard_of(account))
 
 
 async def push(queue: Queue, account: int, *ids: str, **payload: object) -> None:
@@ -27,8 +33,7 @@ async def test_push_assigns_seq_and_readies_account(make_queue: MakeQueue) -> No
     queue = make_queue()
     results = await queue.push_many([NewEvent(7, "a"), NewEvent(7, "b"), NewEvent(8, "c")])
     assert [(r.queued, r.seq) for r in results] == [(True, 1), (True, 2), (True, 1)]
-    ready = await queue.redis.zrange(queue.keys.ready, 0, -1, withscores=True)
-    assert ready == [(b"7", -2.0), (b"8", -1.0)]
+    assert await ready_scores(queue) == {7: -2.0, 8: -1.0}
     assert (await queue.stats())["accepted"] == 3
 
 
@@ -46,18 +51,19 @@ async def test_duplicate_event_id_is_queued_once(make_queue: MakeQueue) -> None:
         (True, 2),
         (False, 2),
     ]
-    assert await queue.redis.llen(queue.keys.pending(1)) == 2
+    assert await Routed(queue).llen(queue.keys.pending(1)) == 2
     assert (await queue.stats())["accepted"] == 2
 
 
 async def test_push_writes_the_keys_the_other_scripts_read(make_queue: MakeQueue) -> None:
-    """push.lua builds account keys from prefixes; they must be the keys of Keys.account."""
+    """push.lua writes the keys the other scripts read (Keys.account), all in one shard."""
     queue = make_queue()
     await push(queue, 42, "a")
     pending, _, _, _, _, seq, ready, stats, active, _, _ = queue.keys.account(42)
-    found = {key.decode() for key in await queue.redis.keys("*")}
-    dedupe = {key for key in found if key.startswith(queue.keys.push_prefixes()[3] + "{42}:")}
+    found = {key.decode() for key in await all_keys(queue)} - {queue.keys.layout}
+    dedupe = {key for key in found if key.startswith(queue.keys.dedupe(42, 0)[:-1])}
     assert len(dedupe) == 1
+    assert {key.split("}")[0] for key in found} == {queue.keys.tag(queue.keys.shard_of(42))[:-1]}
     assert found - dedupe == {pending, seq, ready, stats, active}
 
 
@@ -68,7 +74,7 @@ async def test_claim_takes_longest_backlog_first(make_queue: MakeQueue) -> None:
     await push(queue, 2, "y1", "y2", "y3")
     event = await claim_one(queue)
     assert (event.account, event.seq, event.event_id, event.attempt) == (2, 1, "y1", 1)
-    assert await queue.redis.lrange(queue.keys.in_flight(2), 0, -1) != []
+    assert await Routed(queue).lrange(queue.keys.in_flight(2), 0, -1) != []
 
 
 async def test_claim_loser_skips_locked_account(make_queue: MakeQueue) -> None:
@@ -76,7 +82,7 @@ async def test_claim_loser_skips_locked_account(make_queue: MakeQueue) -> None:
     queue = make_queue()
     await push(queue, 1, "a", "b")
     owner = await claim_one(queue)
-    await queue.redis.zadd(queue.keys.ready, {"1": -1})
+    await Routed(queue).zadd(ready_of(queue, 1), {"1": -1})
     assert await queue.claim(1, 0.01) == []
     assert (await queue.ack(owner)) != Step.LOST
 
@@ -91,7 +97,7 @@ async def test_ack_hands_out_next_event_in_order(make_queue: MakeQueue) -> None:
     assert (second.seq, second.token) == (2, first.token)
     assert await queue.ack(second) == Step.DRAINED
     assert await queue.drained()
-    assert not await queue.redis.exists(queue.keys.account(3)[2])
+    assert not await Routed(queue).exists(queue.keys.lock(3))
 
 
 @pytest.mark.parametrize(
@@ -105,13 +111,14 @@ async def test_ack_switches_to_a_backlog_longer_by_the_margin(
     await push(queue, 1, "a1", "a2", "a3")
     first = await claim_one(queue)
     await push(queue, 2, *(f"b{i}" for i in range(waiting)))
+    await queue.look()  # what a busy consumer does every LOOK_EVERY_S
     step = await queue.ack(first)
     if not switches:
         assert isinstance(step, Event)
         assert (step.account, step.seq) == (1, 2)
         return
     assert step == Step.RELEASED
-    assert await queue.redis.zscore(queue.keys.ready, "1") == -2.0
+    assert (await ready_scores(queue))[1] == -2.0
     assert (await claim_one(queue)).account == 2
 
 
@@ -128,9 +135,9 @@ async def test_random_order_scores_each_account_once(make_queue: MakeQueue) -> N
     """With `random`, a batch gives each account its own score, and later events keep it."""
     queue = make_queue(claim_order="random")
     await queue.push_many([NewEvent(a, f"e{a}") for a in range(1, 21)])
-    first = dict(await queue.redis.zrange(queue.keys.ready, 0, -1, withscores=True))
+    first = await ready_scores(queue)
     await queue.push_many([NewEvent(a, f"f{a}") for a in range(1, 21)])
-    again = dict(await queue.redis.zrange(queue.keys.ready, 0, -1, withscores=True))
+    again = await ready_scores(queue)
     assert again == first
     assert len(set(first.values())) == 20
     assert all(0 <= score < 1 for score in first.values())
@@ -149,7 +156,7 @@ async def test_stale_token_is_refused_everywhere(make_queue: MakeQueue) -> None:
     queue = make_queue()
     await push(queue, 1, "a", "b")
     stale = await claim_one(queue)
-    await queue.redis.delete(queue.keys.account(1)[2])  # the lease expiring
+    await Routed(queue).delete(queue.keys.lock(1))  # the lease expiring
     assert await queue.reap() == 1
     fresh = await claim_one(queue)
     assert fresh.token > stale.token
@@ -159,7 +166,7 @@ async def test_stale_token_is_refused_everywhere(make_queue: MakeQueue) -> None:
     assert await queue.renew([(1, stale.token)]) == [False]
     assert await queue.release(1, stale.token) == Step.LOST
     assert await queue.take(1, stale.token) == Step.LOST
-    assert await queue.redis.lrange(queue.keys.in_flight(1), 0, -1) != []
+    assert await Routed(queue).lrange(queue.keys.in_flight(1), 0, -1) != []
     assert isinstance(await queue.ack(fresh), Event)
 
 
@@ -168,10 +175,10 @@ async def test_renew_extends_lease(make_queue: MakeQueue) -> None:
     queue = make_queue(lease_seconds=5)
     await push(queue, 1, "a")
     event = await claim_one(queue)
-    lock = queue.keys.account(1)[2]
-    await queue.redis.pexpire(lock, 100)
+    lock = queue.keys.lock(1)
+    await Routed(queue).pexpire(lock, 100)
     assert await queue.renew([(1, event.token)]) == [True]
-    assert await queue.redis.pttl(lock) > 4000
+    assert await Routed(queue).pttl(lock) > 4000
 
 
 async def test_nack_retries_in_place(make_queue: MakeQueue) -> None:
@@ -194,7 +201,7 @@ async def test_nack_dead_letters_and_goes_on(make_queue: MakeQueue) -> None:
     nxt = await queue.nack(first, "ValueError: bad", dead=True)
     assert isinstance(nxt, Event)
     assert (nxt.seq, nxt.attempt) == (2, 1)
-    [entry] = await queue.redis.lrange(queue.keys.dead, 0, -1)
+    [entry] = await Routed(queue).lrange(queue.keys.dead(queue.keys.shard_of(1)), 0, -1)
     assert b'"event_id":"a"' in entry
     assert b"ValueError: bad" in entry
     assert (await queue.stats())["dead"] == 1
@@ -206,7 +213,7 @@ async def test_nack_while_stopping_releases(make_queue: MakeQueue) -> None:
     await push(queue, 1, "a")
     first = await claim_one(queue)
     assert await queue.nack(first, "boom", dead=False, want_next=False) == Step.RELEASED
-    assert await queue.redis.zscore(queue.keys.ready, "1") == -1.0
+    assert await ready_scores(queue) == {1: -1.0}
 
 
 async def test_release_returns_in_flight_to_head(make_queue: MakeQueue) -> None:
@@ -225,7 +232,7 @@ async def test_reap_recovers_orphan_after_crash(make_queue: MakeQueue) -> None:
     await push(queue, 1, "a", "b")
     await claim_one(queue)
     assert await queue.reap() == 0
-    await queue.redis.delete(queue.keys.account(1)[2])
+    await Routed(queue).delete(queue.keys.lock(1))
     assert await queue.reap() == 1
     again = await claim_one(queue)
     assert (again.seq, again.attempt) == (1, 2)
@@ -233,10 +240,10 @@ async def test_reap_recovers_orphan_after_crash(make_queue: MakeQueue) -> None:
 
 
 async def test_reap_recovers_account_popped_but_never_locked(make_queue: MakeQueue) -> None:
-    """A consumer that died between the ready pop and the lock leaves nothing stranded."""
+    """An account with work that is neither owned nor ready is readied by the reaper."""
     queue = make_queue()
     await push(queue, 1, "a")
-    await queue.redis.zpopmin(queue.keys.ready)
+    await Routed(queue).zpopmin(ready_of(queue, 1))
     assert await queue.reap() == 1
     assert (await claim_one(queue)).seq == 1
 
@@ -244,7 +251,7 @@ async def test_reap_recovers_account_popped_but_never_locked(make_queue: MakeQue
 async def test_reap_forgets_accounts_without_work(make_queue: MakeQueue) -> None:
     """The active set loses accounts with no pending and no in-flight event."""
     queue = make_queue()
-    await queue.redis.sadd(queue.keys.active, "9")
+    await Routed(queue).sadd(queue.keys.active(queue.keys.shard_of(9)), "9")
     assert await queue.reap() == 0
     assert await queue.drained()
 
@@ -270,7 +277,8 @@ async def test_every_order_drains_everything_in_seq_order(
 async def test_concurrent_calls_share_a_round_trip_and_keep_their_answers(
     make_queue: MakeQueue,
 ) -> None:
-    """Acks issued in one loop turn go out together; each caller gets its own account's step."""
+    """Acks issued in one loop turn go out together, one round trip per master; each caller
+    gets its own account's step."""
     queue = make_queue()
     for account in range(1, 31):
         await push(queue, account, "a", "b")
@@ -279,38 +287,40 @@ async def test_concurrent_calls_share_a_round_trip_and_keep_their_answers(
     sizes: list[int] = []
     send = queue.scripts._pipeline
 
-    async def counted(calls: Sequence[Call]) -> list[Any]:
+    async def counted(client: Redis, calls: Sequence[Call]) -> list[Any]:
         sizes.append(len(calls))
-        return await send(calls)
+        return await send(client, calls)
 
     queue.scripts._pipeline = counted  # type: ignore[method-assign]
     steps = await asyncio.gather(*(queue.ack(e) for e in events), queue.ack(stale))
-    assert sizes == [31]
+    assert len(sizes) == len(queue.nodes.masters())
+    assert sum(sizes) == 31
     assert steps[-1] is Step.LOST
     assert [(s.account, s.seq) for s in steps[:-1]] == [(e.account, 2) for e in events]
-    assert await queue.redis.hget(queue.keys.totals(events[0].account), "last_acked_seq") == b"1"
+    assert await Routed(queue).hget(queue.keys.totals(events[0].account), "last_acked_seq") == b"1"
 
 
 async def test_claim_after_scripts_were_flushed(make_queue: MakeQueue) -> None:
-    """A claim whose in-MULTI take hits NOSCRIPT (Redis restarted) keeps the account it won,
-    and the take by token loads the scripts and hands out the head as attempt 1."""
+    """A claim whose in-MULTI take hits NOSCRIPT (Redis restarted, a replica promoted) wins
+    the account with a token not raised to the clock: the slot gives it back, and the next
+    claim hands out the head as attempt 1."""
     queue = make_queue()
     await push(queue, 4, "a")
-    await queue.scripts.load()
-    await queue.redis.script_flush()
+    await flush_scripts(queue)
     [won] = await queue.claim(1, 0.01)
     assert isinstance(won, Won)
-    event = await queue.take(won.account, won.token)
-    assert isinstance(event, Event)
+    assert await queue.release(won.account, won.token) == Step.RELEASED
+    event = await claim_one(queue)
     assert (event.account, event.seq, event.attempt) == (4, 1, 1)
-    assert await queue.redis.llen(queue.keys.in_flight(4)) == 1
+    assert event.token > won.token
+    assert await Routed(queue).llen(queue.keys.in_flight(4)) == 1
 
 
 async def test_first_calls_on_a_flushed_server_all_succeed(make_queue: MakeQueue) -> None:
     """Different scripts called at once on a server without them all load and run."""
     queue = make_queue()
     await push(queue, 1, "a")
-    await queue.redis.script_flush()
+    await flush_scripts(queue)
     pushed, _, events = await asyncio.gather(
         queue.push_many([NewEvent(2, "b")]), queue.reap(), queue.claim(2, 0)
     )

@@ -10,7 +10,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from app.queue import ClaimInterrupted, Event, NewEvent, Next, Queue, Step, Won
 from tests.engine.conftest import MakeQueue
-from tests.support import snapshot
+from tests.support import Routed, ready_scores, snapshot
 
 
 async def claim_one(queue: Queue) -> Event:
@@ -22,15 +22,15 @@ async def claim_one(queue: Queue) -> Event:
 async def twice(queue: Queue, call: Callable[[], Awaitable[Next]]) -> Next:
     """Send `call` twice; the second answer must equal the first and leave Redis as it was."""
     first = await call()
-    before = await snapshot(queue.redis)
+    before = await snapshot(queue)
     second = await call()
     assert second == first
-    assert await snapshot(queue.redis) == before
+    assert await snapshot(queue) == before
     return first
 
 
 async def expire_lease(queue: Queue, account: int) -> None:
-    await queue.redis.delete(queue.keys.account(account)[2])
+    await Routed(queue).delete(queue.keys.lock(account))
 
 
 async def test_ack_handing_out_the_next_event(make_queue: MakeQueue) -> None:
@@ -42,7 +42,7 @@ async def test_ack_handing_out_the_next_event(make_queue: MakeQueue) -> None:
     assert isinstance(step, Event)
     assert (step.seq, step.attempt) == (2, 1)
     assert (await queue.stats())["acked"] == 1
-    assert await queue.redis.llen(queue.keys.pending(1)) == 1
+    assert await Routed(queue).llen(queue.keys.pending(1)) == 1
 
 
 async def test_ack_that_drained_the_account(make_queue: MakeQueue) -> None:
@@ -67,10 +67,10 @@ async def test_ack_replayed_after_the_lease_ended_says_it_landed(make_queue: Mak
     fresh = await claim_one(queue)
     assert (fresh.seq, fresh.attempt) == (2, 2)
     assert isinstance(await queue.ack(fresh), Event)
-    before = await snapshot(queue.redis)
+    before = await snapshot(queue)
     assert await queue.ack(first) is Step.RELEASED
     assert await queue.ack(first) is Step.RELEASED
-    assert await snapshot(queue.redis) == before
+    assert await snapshot(queue) == before
     assert await queue.ack(second) is Step.LOST  # this one never landed: refused
 
 
@@ -98,7 +98,7 @@ async def test_dead_letter_nack(make_queue: MakeQueue) -> None:
     step = await twice(queue, lambda: queue.nack(event, "bad", dead=True))
     assert isinstance(step, Event)
     assert step.seq == 2
-    assert await queue.redis.llen(queue.keys.dead) == 1
+    assert await Routed(queue).llen(queue.keys.dead(queue.keys.shard_of(1))) == 1
 
 
 async def test_release(make_queue: MakeQueue) -> None:
@@ -107,7 +107,7 @@ async def test_release(make_queue: MakeQueue) -> None:
     await queue.push_many([NewEvent(1, "a"), NewEvent(1, "b")])
     event = await claim_one(queue)
     assert await twice(queue, lambda: queue.release(1, event.token, event)) is Step.RELEASED
-    assert await queue.redis.llen(queue.keys.pending(1)) == 2
+    assert await Routed(queue).llen(queue.keys.pending(1)) == 2
 
 
 async def test_release_of_an_attempt_that_never_ran(make_queue: MakeQueue) -> None:
@@ -126,7 +126,7 @@ async def test_take_by_a_lost_owner(make_queue: MakeQueue) -> None:
     event = await claim_one(queue)
     await expire_lease(queue, 1)
     assert await twice(queue, lambda: queue.take(1, event.token)) is Step.LOST
-    assert await queue.redis.llen(queue.keys.in_flight(1)) == 1
+    assert await Routed(queue).llen(queue.keys.in_flight(1)) == 1
 
 
 async def test_renew(make_queue: MakeQueue) -> None:
@@ -140,29 +140,37 @@ async def test_renew(make_queue: MakeQueue) -> None:
 
 
 class LostReply:
-    """Makes the next transaction's reply go missing: the EXEC runs (or, with `sent=False`,
-    never reaches Redis) and the caller sees a connection error."""
+    """While in use, the replies of the queue's transactions go missing: each EXEC runs (or,
+    with `sent=False`, never reaches Redis) and the caller sees a connection error."""
 
     def __init__(self, queue: Queue, sent: bool) -> None:
-        self._redis = queue.redis
-        self._make = queue.redis.pipeline
+        self._masters = queue.nodes.masters()
         self._sent = sent
-        queue.redis.pipeline = self._pipeline  # type: ignore[method-assign]
 
-    def _pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Pipeline:
-        pipe = self._make(transaction=transaction, shard_hint=shard_hint)
-        if not transaction:
+    def __enter__(self) -> None:
+        for master in self._masters:
+            master.pipeline = self._pipeline(master.pipeline)  # type: ignore[method-assign]
+
+    def __exit__(self, *exc: object) -> None:
+        for master in self._masters:
+            del master.pipeline
+
+    def _pipeline(self, make: Callable[..., Pipeline]) -> Callable[..., Pipeline]:
+        def pipeline(transaction: bool = True, shard_hint: Any = None) -> Pipeline:
+            pipe = make(transaction=transaction, shard_hint=shard_hint)
+            if not transaction:
+                return pipe
+            execute, sent = pipe.execute, self._sent
+
+            async def lost(raise_on_error: bool = True) -> list[Any]:
+                if sent:
+                    await execute(raise_on_error=raise_on_error)
+                raise RedisConnectionError("reply lost")
+
+            pipe.execute = lost  # type: ignore[method-assign]
             return pipe
-        self._redis.pipeline = self._make  # type: ignore[method-assign]
-        execute, sent = pipe.execute, self._sent
 
-        async def lost(raise_on_error: bool = True) -> list[Any]:
-            if sent:
-                await execute(raise_on_error=raise_on_error)
-            raise RedisConnectionError("reply lost")
-
-        pipe.execute = lost  # type: ignore[method-assign]
-        return pipe
+        return pipeline
 
 
 @pytest.mark.parametrize("sent", [True, False])
@@ -172,8 +180,7 @@ async def test_claim_whose_reply_was_lost_is_resumed(make_queue: MakeQueue, sent
     queue = make_queue()
     await queue.push_many([NewEvent(1, "a"), NewEvent(2, "b"), NewEvent(2, "c")])
     faulty = make_queue()
-    LostReply(faulty, sent)
-    with pytest.raises(ClaimInterrupted) as lost:
+    with LostReply(faulty, sent), pytest.raises(ClaimInterrupted) as lost:
         await faulty.claim(2, 0)
     accounts, claim_id = lost.value.accounts, lost.value.claim_id
     assert sorted(accounts) == [1, 2]
@@ -185,7 +192,7 @@ async def test_claim_whose_reply_was_lost_is_resumed(make_queue: MakeQueue, sent
             assert await queue.ack(event) is not Step.LOST
         return
     assert resumed == []
-    assert sorted(int(a) for a in await queue.redis.zrange(queue.keys.ready, 0, -1)) == [1, 2]
+    assert sorted(await ready_scores(queue)) == [1, 2]
     assert len(await queue.claim(2, 0)) == 2
 
 
@@ -195,7 +202,7 @@ async def test_claim_keeps_every_account_won_when_one_take_fails(make_queue: Mak
     queue = make_queue()
     await queue.push_many([NewEvent(a, f"e{a}") for a in (1, 2, 3)])
     attempt_key = queue.keys.account(2)[4]
-    await queue.redis.set(attempt_key, "not a hash")  # the take of account 2 errors
+    await Routed(queue).set(attempt_key, "not a hash")  # the take of account 2 errors
     claimed = await queue.claim(3, 0)
     events = sorted(c.account for c in claimed if isinstance(c, Event))
     [won] = [c for c in claimed if isinstance(c, Won)]
@@ -211,7 +218,7 @@ async def test_kept_calls_are_bounded_per_account(make_queue: MakeQueue) -> None
         await queue.push_many([NewEvent(1, f"e{i}")])
         event = await claim_one(queue)
         assert await queue.ack(event) is Step.DRAINED
-    fields = await queue.redis.hkeys(queue.keys.totals(1))
+    fields = await Routed(queue).hkeys(queue.keys.totals(1))
     kept = sorted(int(f.split(b":")[1]) for f in fields if f.startswith(b"t:"))
     assert len(kept) == 32
     assert kept[-1] == event.token

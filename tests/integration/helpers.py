@@ -8,26 +8,22 @@ from pathlib import Path
 from subprocess import Popen
 
 import redis as sync_redis
-from redis.asyncio import Redis
 
 from app.generator import workload
 from app.keys import Keys
-from app.queue import NewEvent, PushResult, Queue
+from app.queue import NewEvent, PushResult, open_queue
 from app.report import Attempt, order_violations, read_log
 from tests.support import settings, wait_for
 
-KEYS = Keys("evq")
+KEYS = Keys("evq", settings("redis://").shards)
 
 
 def push(url: str, events: Sequence[NewEvent]) -> list[PushResult]:
     """Queue events through the engine, as the generator does."""
 
     async def main() -> list[PushResult]:
-        client = Redis.from_url(url)
-        try:
-            return await Queue(client, settings(url)).push_many(events)
-        finally:
-            await client.aclose()
+        async with open_queue(settings(url)) as queue:
+            return await queue.push_many(events)
 
     return asyncio.run(main())
 
@@ -44,9 +40,29 @@ def push_workload(url: str, events: int, accounts: int, seed: int = 1) -> list[N
 
 def counter(url: str, name: str) -> int:
     client = sync_redis.Redis.from_url(url)
-    value = client.hget(KEYS.stats, name)
+    values = [client.hget(KEYS.stats(shard), name) for shard in range(KEYS.shards)]
     client.close()
-    return int(value or 0)
+    return sum(int(value or 0) for value in values)
+
+
+def held(url: str) -> int:
+    """How many events Redis holds pending or in flight."""
+    client = sync_redis.Redis.from_url(url)
+    lists = [
+        *client.scan_iter(match="{evq:*}:user:*"),
+        *client.scan_iter(match="{evq:*}:inflight:*"),
+    ]
+    count = sum(int(client.llen(key)) for key in lists)
+    client.close()
+    return count
+
+
+def dead_letters(url: str) -> list[bytes]:
+    """Every shard's dead letters."""
+    client = sync_redis.Redis.from_url(url)
+    entries = [e for shard in range(KEYS.shards) for e in client.lrange(KEYS.dead(shard), 0, -1)]
+    client.close()
+    return entries
 
 
 def live_consumers(url: str) -> int:
@@ -66,10 +82,9 @@ def in_flight(url: str) -> dict[int, int]:
     """account -> seq of every event currently in flight."""
     client = sync_redis.Redis.from_url(url)
     found = {}
-    for key in client.scan_iter(match="evq:inflight:*"):
+    for key in client.scan_iter(match="{evq:*}:inflight:*"):
         for body in client.lrange(key, 0, -1):
-            account = int(key.decode().split("{")[1].rstrip("}"))
-            found[account] = seq_of(body)
+            found[int(key.rsplit(b":", 1)[1])] = seq_of(body)
     client.close()
     return found
 

@@ -4,14 +4,13 @@ import os
 import signal
 
 import pytest
-import redis as sync_redis
 
 from app.queue import NewEvent
 from tests.integration.helpers import (
-    KEYS,
     assert_all_acked_once_in_order,
     attempts,
     counter,
+    dead_letters,
     graceful_stop,
     in_flight,
     live_consumers,
@@ -118,9 +117,7 @@ def test_poison_event_is_dead_lettered_and_account_goes_on(
         (2, 3, "dead"),
         (3, 1, "ack"),
     ]
-    client = sync_redis.Redis.from_url(redis_url)
-    [entry] = client.lrange(KEYS.dead, 0, -1)
-    client.close()
+    [entry] = dead_letters(redis_url)
     assert b'"event_id":"bad"' in entry
     assert b"ValueError: poison event bad" in entry
     assert b'"attempts":3' in entry

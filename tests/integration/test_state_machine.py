@@ -14,8 +14,8 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
-from redis.asyncio import Redis
 
+from app.connection import connect
 from app.queue import Event, NewEvent, Queue, Step
 from tests.integration.helpers import seq_of
 from tests.support import RedisServer, snapshot
@@ -35,8 +35,9 @@ class QueueMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.loop = asyncio.new_event_loop()
-        self.client = Redis.from_url(self.url)
-        self.queue = Queue(self.client, evq_settings(self.url, lease_seconds=60))
+        config = evq_settings(self.url, lease_seconds=60)
+        self.queue = Queue(connect(config), config)
+        self.client = self.queue.nodes.masters()[0]
         self.run(self.client.flushall())
         self.ids = itertools.count()
         self.pushed: dict[int, int] = {1: 0, 2: 0, 3: 0}
@@ -52,7 +53,7 @@ class QueueMachine(RuleBasedStateMachine):
         return self.loop.run_until_complete(coro)
 
     def teardown(self) -> None:
-        self.run(self.client.aclose())
+        self.run(self.queue.aclose())
         self.loop.close()
 
     @rule(account=ACCOUNTS, n=st.integers(1, 3))
@@ -108,7 +109,7 @@ class QueueMachine(RuleBasedStateMachine):
     def lease_expires(self, data: st.DataObject) -> None:
         """The owner's lease runs out (its lock key vanishes) and the reaper sweeps."""
         account = data.draw(st.sampled_from(sorted(self.slots.values(), key=repr))).account
-        self.run(self.client.delete(self.queue.keys.account(account)[2]))
+        self.run(self.client.delete(self.queue.keys.lock(account)))
         self.stale |= {(e.account, e.token) for e in self.slots.values() if e.account == account}
         self.run(self.queue.reap())
 
@@ -127,9 +128,9 @@ class QueueMachine(RuleBasedStateMachine):
         landed) or, for a take, as lost."""
         slot = data.draw(st.sampled_from(sorted(self.last)))
         call, answer, about = self.last[slot]
-        before = self.run(snapshot(self.client))
+        before = self.run(snapshot(self.queue))
         again = self.run(call())
-        assert self.run(snapshot(self.client)) == before, "a replayed call changed Redis"
+        assert self.run(snapshot(self.queue)) == before, "a replayed call changed Redis"
         if isinstance(answer, Event) and (about.account, about.token) in self.stale:
             assert again in (answer, Step.RELEASED, Step.LOST)
         else:
