@@ -7,14 +7,21 @@ STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 # The local stack (make up / down / ps / demo): a redis-server and a supervisord of the
 # project's own, with their state under $(VAR). CONCURRENCY, PROCESS_SECONDS, LEASE_SECONDS and
 # the other settings pass through from the command line or the environment (they beat .env).
+# CLUSTER=1 runs the stack on the local Redis Cluster of `make cluster-up` instead.
 VAR ?= var
 REDIS_PORT ?= 6379
+CLUSTER_PORT ?= 7000
 NUMPROCS ?= 2
 API_PORT ?= 8000
 STATE := $(abspath $(VAR))
 SUPERVISOR_CONF := docker/supervisor/supervisord.conf
+ifeq ($(CLUSTER),1)
+STACK_REDIS := redis+cluster://127.0.0.1:$(CLUSTER_PORT)
+else
+STACK_REDIS := redis://127.0.0.1:$(REDIS_PORT)/0
+endif
 STACK := PATH="$(abspath $(BIN)):$$PATH" EVQ_VAR=$(STATE) NUMPROCS=$(NUMPROCS) \
-	REDIS_URL=redis://127.0.0.1:$(REDIS_PORT)/0 EVENT_LOG=$(STATE)/log/event.log API_PORT=$(API_PORT)
+	REDIS_URL=$(STACK_REDIS) EVENT_LOG=$(STATE)/log/event.log API_PORT=$(API_PORT)
 CTL := $(STACK) $(BIN)/supervisorctl -c $(SUPERVISOR_CONF)
 REDIS_UP := $(STACK) $(BIN)/evq stats >/dev/null 2>&1
 
@@ -55,7 +62,10 @@ test: venv redis-server lint
 
 up: venv redis-server
 	@mkdir -p $(STATE)/redis $(STATE)/log $(STATE)/run
-	@if $(REDIS_UP); then echo "redis: already answering on port $(REDIS_PORT)"; else \
+	@if [ "$(CLUSTER)" = 1 ]; then $(REDIS_UP) || { echo "no Redis Cluster answering on port" \
+	  "$(CLUSTER_PORT): run 'make cluster-up' first" >&2; exit 1; }; \
+	  echo "redis: the cluster on port $(CLUSTER_PORT)"; \
+	elif $(REDIS_UP); then echo "redis: already answering on port $(REDIS_PORT)"; else \
 	  redis-server --port $(REDIS_PORT) --bind 127.0.0.1 --dir $(STATE)/redis --save "" \
 	    --appendonly yes --daemonize yes --pidfile $(STATE)/run/redis.pid \
 	    --logfile $(STATE)/log/redis.log; \
@@ -75,14 +85,15 @@ down: venv
 	  $(CTL) shutdown >/dev/null; while kill -0 $$pid 2>/dev/null; do sleep 0.2; done; \
 	  echo "supervisord: stopped (consumers drained their current events)"; \
 	else echo "supervisord: not running"; fi
-	@if pid=$$(cat $(STATE)/run/redis.pid 2>/dev/null) && kill $$pid 2>/dev/null; then \
+	@if [ "$(CLUSTER)" = 1 ]; then echo "redis: the cluster keeps running ('make cluster-down')"; \
+	elif pid=$$(cat $(STATE)/run/redis.pid 2>/dev/null) && kill $$pid 2>/dev/null; then \
 	  while kill -0 $$pid 2>/dev/null; do sleep 0.1; done; echo "redis: stopped"; \
 	else echo "redis: not running (or not started by make up)"; fi
 
 ps: venv
 	@$(CTL) status || true
-	@if $(REDIS_UP); then echo "redis: up on port $(REDIS_PORT)"; $(STACK) $(BIN)/evq stats; \
-	else echo "redis: not answering on port $(REDIS_PORT)"; fi
+	@if $(REDIS_UP); then echo "redis: up at $(STACK_REDIS)"; $(STACK) $(BIN)/evq stats; \
+	else echo "redis: not answering at $(STACK_REDIS)"; fi
 
 # The main job: 10,000 bursty events for 1,000 accounts through the running stack, then the report.
 demo: up
@@ -94,7 +105,6 @@ demo: up
 # A local Redis Cluster: 3 masters + 3 replicas from the same redis-server package, on
 # CLUSTER_PORT..CLUSTER_PORT+5 (cluster bus on +10000), AOF on, state in $(VAR)/cluster/<port>.
 # Created once; after cluster-down the nodes come back from their nodes.conf with their data.
-CLUSTER_PORT ?= 7000
 CLUSTER_PORTS = $(shell seq $(CLUSTER_PORT) $$(($(CLUSTER_PORT) + 5)))
 CLUSTER_DIR := $(STATE)/cluster
 CLI = redis-cli -h 127.0.0.1 -p

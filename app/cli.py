@@ -1,6 +1,7 @@
 """The `evq` command line (and `gen`, the same as `evq gen`): parses, then calls the app."""
 
 import asyncio
+import glob
 import sys
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
@@ -217,8 +218,12 @@ def wait(
 
 @app.command()
 def report(
-    log_path: Annotated[
-        Path | None, typer.Argument(metavar="[LOG]", help="Event log; default EVENT_LOG.")
+    logs: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="[LOG]...",
+            help="Event logs (files or quoted globs), one per host or shared; default EVENT_LOG.",
+        ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     plot: Annotated[
@@ -231,18 +236,17 @@ def report(
         int | None, typer.Option(min=1, help="W for the bound; default: what gen recorded.")
     ] = None,
 ) -> None:
-    """Prove per-account order from the event log and measure the run against its bound.
+    """Prove per-account order from the event logs and measure the run against its bound.
 
-    Exits 1 when an order violation or a lost event is found.
+    Consumers on several hosts each write their own log: name them all (or a glob) and the
+    report proves order across them. Exits 1 when an order violation or a lost event is found.
     """
     settings = _settings()
-    path = log_path or settings.event_log
-    if not path.is_file():
-        typer.echo(f"evq: no event log at {path}", err=True)
-        raise typer.Exit(2)
-    run = read_log(path, latest_run=not all_runs)
+    paths = _log_files(logs or [str(settings.event_log)])
+    run = read_log(paths, latest_run=not all_runs)
     if not run.attempts:
-        typer.echo(f"evq: no handled event in {path} yet (are consumers running?)", err=True)
+        names = ", ".join(map(str, paths))
+        typer.echo(f"evq: no handled event in {names} yet (are consumers running?)", err=True)
     found = summarize(run, _waiting(settings, run.run_id), slots)
     typer.echo(orjson.dumps(found.as_json()).decode() if as_json else render(found))
     if plot:
@@ -254,6 +258,19 @@ def report(
         typer.echo(f"plot written to {plot}", err=True)
     if not found.ok:
         raise typer.Exit(1)
+
+
+def _log_files(names: list[str]) -> list[Path]:
+    """The files `names` stand for, globs expanded; a usage error for one that names none."""
+    paths: list[Path] = []
+    for name in names:
+        found = sorted(Path(p) for p in glob.glob(name)) if glob.has_magic(name) else [Path(name)]
+        found = [path for path in found if path.is_file()]
+        if not found:
+            typer.echo(f"evq: no event log at {name}", err=True)
+            raise typer.Exit(2)
+        paths += found
+    return paths
 
 
 def _waiting(settings: Settings, run_id: str | None) -> int | None:

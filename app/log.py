@@ -4,6 +4,7 @@ import asyncio
 import errno
 import logging
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -46,7 +47,8 @@ class OrStderr(AppendFile):
 
 
 def configure(path: Path, fallback: bool = False) -> FilteringBoundLogger:
-    """A logger that appends JSON lines with an ISO timestamp (microseconds) and the pid.
+    """A logger that appends JSON lines with an ISO timestamp (microseconds), the host and the
+    pid (consumers on many hosts each write their own log; the report merges them).
 
     Its writes raise OSError when the file cannot take them, unless `fallback` sends those
     lines to stderr instead.
@@ -62,7 +64,7 @@ def configure(path: Path, fallback: bool = False) -> FilteringBoundLogger:
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
         cache_logger_on_first_use=True,
     )
-    return logger.bind(pid=os.getpid())
+    return logger.bind(host=socket.gethostname(), pid=os.getpid())
 
 
 class EventLog:

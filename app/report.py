@@ -4,7 +4,7 @@ import itertools
 import math
 import statistics
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ class Attempt:
     event_id: str
     attempt: int
     outcome: str
+    host: str
     pid: int
     slot: int
     enqueued_ns: int
@@ -82,23 +83,26 @@ class Report:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
 
 
-def read_log(path: Path, latest_run: bool = False) -> Run:
-    """All attempts in the log, or (`latest_run`) those of the run the last marker names."""
+def read_log(paths: Sequence[Path], latest_run: bool = False) -> Run:
+    """All attempts in the logs (one per consumer host, or one shared), or (`latest_run`) those
+    of the run the newest marker names."""
     markers: dict[str, dict[str, Any]] = {}
     pushed: dict[str, int] = {}
     attempts: list[Attempt] = []
-    for record in _records(path):
+    for record in (record for path in paths for record in _records(path)):
         if "outcome" in record:
-            attempts.append(
-                Attempt(**{name: record[name] for name in Attempt.__dataclass_fields__})
-            )
+            fields = {name: record.get(name) for name in Attempt.__dataclass_fields__}
+            attempts.append(Attempt(**{**fields, "host": record.get("host", "")}))
         elif record.get("event") == "run_started":
             markers[record["run_id"]] = record
         elif record.get("event") == "run_pushed":
             pushed[record["run_id"]] = record["accepted"]
     if not latest_run or not markers:
         return Run(attempts)
-    run_id, marker = list(markers.items())[-1]
+    # The newest by its timestamp; in the order read where markers carry none.
+    _, (run_id, marker) = max(
+        enumerate(markers.items()), key=lambda item: (item[1][1].get("timestamp", ""), item[0])
+    )
     prefix = f"{run_id}-"
     return Run(
         [a for a in attempts if a.event_id.startswith(prefix)],
@@ -143,14 +147,14 @@ def order_violations(attempts: Iterable[Attempt]) -> list[str]:
 def summarize(run: Run, waiting: int | None, slots: int | None = None) -> Report:
     """The report of `run`; `waiting` is how many of its events Redis still holds (None: unknown).
 
-    W is `slots`, else what `gen` recorded, else the distinct (pid, slot) pairs seen in the log;
+    W is `slots`, else what `gen` recorded, else the distinct (host, pid, slot) seen in the log;
     d is what `gen` recorded, else the median duration of an acked attempt.
     """
     attempts = run.attempts
     events = {(a.account, a.seq) for a in attempts}
     outcomes = {o: {(a.account, a.seq) for a in attempts if a.outcome == o} for o in SETTLED}
     violations = order_violations(attempts)
-    width = slots or run.slots or len({(a.pid, a.slot) for a in attempts}) or 1
+    width = slots or run.slots or len({(a.host, a.pid, a.slot) for a in attempts}) or 1
     chain = run.longest_chain or max(Counter(a for a, _ in events).values(), default=0)
     process_s = run.process_s if run.process_s is not None else _median_duration_s(attempts)
     total = run.accepted if run.accepted is not None else len(events)

@@ -182,6 +182,7 @@ def _attempts(records: Path) -> list[Attempt]:
                 event_id="",
                 attempt=1,
                 outcome="ack",
+                host="",
                 pid=r["pid"],
                 slot=0,
                 enqueued_ns=r["started_ns"],

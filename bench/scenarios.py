@@ -107,7 +107,7 @@ def _evq_drained(
     b.fresh()
     b.gen(events, accounts, pattern, slots, process_seconds=sleep_s)
     b.drain(slots, process_seconds=sleep_s)
-    return read_log(b.log, latest_run=True).attempts
+    return read_log([b.log], latest_run=True).attempts
 
 
 def _done(attempts: list[Attempt]) -> int:

@@ -90,7 +90,7 @@ def in_flight(url: str) -> dict[int, int]:
 
 
 def attempts(log: Path) -> list[Attempt]:
-    return read_log(log).attempts
+    return read_log([log]).attempts
 
 
 def assert_all_acked_once_in_order(log: Path, expected: int) -> list[Attempt]:

@@ -55,7 +55,7 @@ def write_log(tmp_path: Path, lines: list[dict[str, object]], accepted: int) -> 
 
 
 def report_of(path: Path, waiting: int | None = 0) -> Report:
-    return summarize(read_log(path, latest_run=True), waiting)
+    return summarize(read_log([path], latest_run=True), waiting)
 
 
 def test_clean_run_is_counted_and_bounded(tmp_path: Path) -> None:
@@ -65,7 +65,7 @@ def test_clean_run_is_counted_and_bounded(tmp_path: Path) -> None:
         [attempt(1, 1, 0, 1), attempt(1, 2, 1, 2), attempt(2, 1, 0.5, 1.5, slot=1)],
         accepted=3,
     )
-    report = summarize(read_log(log, latest_run=True), waiting=0)
+    report = summarize(read_log([log], latest_run=True), waiting=0)
     assert (report.events, report.accounts, report.acked, report.dead) == (3, 2, 3, 0)
     assert (report.order_violations, report.lost, report.redelivered) == (0, 0, 0)
     assert report.makespan_s == 2.0
@@ -163,3 +163,23 @@ def test_cli_says_when_nothing_was_handled(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["report", str(log)], env=NO_REDIS)
     assert result.exit_code == 0
     assert "no handled event" in result.stderr
+
+
+def test_cli_proves_order_across_the_logs_of_several_hosts(tmp_path: Path) -> None:
+    """Each host writes its own log; named together (or by a glob) the report merges them: an
+    account handed from one host to another in order is clean, an overlap across hosts is
+    found, and the run marker may sit in either file."""
+    first = write_log(tmp_path, [{**attempt(1, 1, 0, 1), "host": "a"}], accepted=3)
+    second = tmp_path / "other" / "event.log"
+    second.parent.mkdir()
+    lines = [{**attempt(1, 2, 1, 2), "host": "b"}, {**attempt(2, 1, 0, 1), "host": "b"}]
+    second.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = CliRunner().invoke(app, ["report", str(first), str(second), "--json"], env=NO_REDIS)
+    found = json.loads(result.stdout)
+    assert (result.exit_code, found["acked"], found["order_violations"]) == (0, 3, 0)
+    overlap = {**attempt(1, 3, 1.5, 2.5), "host": "b"}
+    second.write_text(second.read_text() + json.dumps(overlap) + "\n")
+    pattern = str(tmp_path / "**" / "event.log")
+    result = CliRunner().invoke(app, ["report", str(first), pattern, "--json"], env=NO_REDIS)
+    assert result.exit_code == 1
+    assert json.loads(result.stdout)["order_violations"] == 1
