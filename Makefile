@@ -105,6 +105,8 @@ demo: up
 # A local Redis Cluster: 3 masters + 3 replicas from the same redis-server package, on
 # CLUSTER_PORT..CLUSTER_PORT+5 (cluster bus on +10000), AOF on, state in $(VAR)/cluster/<port>.
 # Created once; after cluster-down the nodes come back from their nodes.conf with their data.
+# A master unreachable this long (ms) is failed over to its replica (Redis' default: 15000).
+CLUSTER_NODE_TIMEOUT ?= 3000
 CLUSTER_PORTS = $(shell seq $(CLUSTER_PORT) $$(($(CLUSTER_PORT) + 5)))
 CLUSTER_DIR := $(STATE)/cluster
 CLI = redis-cli -h 127.0.0.1 -p
@@ -113,7 +115,8 @@ cluster-up: redis-server
 	@for port in $(CLUSTER_PORTS); do mkdir -p $(CLUSTER_DIR)/$$port; \
 	  if $(CLI) $$port ping >/dev/null 2>&1; then echo "node $$port: already answering"; \
 	  else redis-server --port $$port --bind 127.0.0.1 --cluster-enabled yes \
-	    --cluster-config-file nodes.conf --dir $(CLUSTER_DIR)/$$port --appendonly yes --save "" \
+	    --cluster-node-timeout $(CLUSTER_NODE_TIMEOUT) --cluster-config-file nodes.conf \
+	    --dir $(CLUSTER_DIR)/$$port --appendonly yes --save "" \
 	    --maxmemory-policy noeviction --shutdown-on-sigterm now --daemonize yes \
 	    --pidfile $(CLUSTER_DIR)/$$port/redis.pid \
 	    --logfile $(CLUSTER_DIR)/$$port/redis.log; fi; \

@@ -126,7 +126,7 @@ class Queue:
         self.nodes = nodes
         self.keys = Keys(settings.namespace, settings.shards)
         self._timeout_s = settings.socket_timeout_s
-        self.scripts = Scripts(nodes, self._timeout_s)
+        self.scripts = Scripts(nodes, self._timeout_s, settings.replica_acks)
         self._order = settings.claim_order
         self._lease_ms = settings.lease_ms
         # Score difference that makes a slot switch accounts: events of backlog for `longest`.
@@ -283,14 +283,28 @@ class Queue:
     async def _lock(self, shard: int, accounts: list[int], claim_id: str) -> list[Event | Won]:
         """One shard's claim MULTI; what it won, taken."""
         node = self.node(shard)
-        async with node.pipeline(transaction=True) as tx:
+
+        def multi(pipe: Pipeline) -> None:
+            pipe.execute_command("MULTI")
             for account in accounts:
                 keys = self._account_keys(account)
-                tx.incr(keys[LOCK])
-                tx.pexpire(keys[LOCK], self._lease_ms, nx=True)
-                tx.incr(keys[LOCK + 1])
-                tx.evalsha(SHAS["take"], len(keys), *keys, *self._argv(account, "claim", claim_id))
-            replies = await self._timed(tx.execute(raise_on_error=False))
+                pipe.incr(keys[LOCK])
+                pipe.pexpire(keys[LOCK], self._lease_ms, nx=True)
+                pipe.incr(keys[LOCK + 1])
+                argv = self._argv(account, "claim", claim_id)
+                pipe.evalsha(SHAS["take"], len(keys), *keys, *argv)
+            pipe.execute_command("EXEC")
+
+        # MULTI, what it queued and EXEC, in one round trip on one connection of the shard's
+        # master (so a WAIT of REPLICA_ACKS can follow on the same connection).
+        try:
+            replies = (await self.scripts.send(node, multi))[-1]
+        except TRANSIENT as exc:
+            self.nodes.noticed(exc)
+            raise
+        if isinstance(replies, Exception):  # EXECABORT: a command was refused, nothing ran
+            self.nodes.noticed(replies)
+            raise replies
         claimed: list[Event | Won] = []
         for account, part in zip(accounts, _parts(replies), strict=True):
             if part.lock != 1:

@@ -31,6 +31,11 @@ class Attempt:
     enqueued_ns: int
     started_ns: int
     finished_ns: int
+    token: int = 0  # the fencing token of the claim (lines of older versions: 0)
+
+
+# What an attempt's log line holds; `host` and `token` may be missing (older versions).
+LOGGED = tuple(Attempt.__dataclass_fields__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,8 +96,8 @@ def read_log(paths: Sequence[Path], latest_run: bool = False) -> Run:
     attempts: list[Attempt] = []
     for record in (record for path in paths for record in _records(path)):
         if "outcome" in record:
-            fields = {name: record.get(name) for name in Attempt.__dataclass_fields__}
-            attempts.append(Attempt(**{**fields, "host": record.get("host", "")}))
+            fields = {name: record[name] for name in LOGGED if name in record}
+            attempts.append(Attempt(**{"host": "", **fields}))
         elif record.get("event") == "run_started":
             markers[record["run_id"]] = record
         elif record.get("event") == "run_pushed":

@@ -5,14 +5,21 @@ and the call runs again after a load on that node."""
 
 import asyncio
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.connection import Nodes, timed
+
+
+class NotReplicated(RedisTimeoutError):
+    """Fewer replicas than REPLICA_ACKS acknowledged a round trip's writes in time."""
+
 
 Args = Sequence[str | int | float | bytes]
 Call = tuple[str, Sequence[str | bytes], Args]  # script name, KEYS, ARGV
@@ -38,9 +45,11 @@ class Scripts:
     all of them costs the client far less CPU than one round trip each.
     """
 
-    def __init__(self, nodes: Nodes, timeout_s: float) -> None:
+    def __init__(self, nodes: Nodes, timeout_s: float, replicas: int = 0) -> None:
         self._nodes = nodes
         self._timeout_s = timeout_s
+        self._replicas = replicas
+        self._wait_ms = max(1, round(timeout_s * 500))
         self._queued: list[Queued] = []
         self._sending: set[asyncio.Task[None]] = set()
 
@@ -114,7 +123,27 @@ class Scripts:
         return results
 
     async def _pipeline(self, client: Redis, calls: Sequence[Call]) -> list[Any]:
-        async with client.pipeline(transaction=False) as pipe:
+        def queue(pipe: Pipeline) -> None:
             for name, keys, args in calls:
                 pipe.evalsha(SHAS[name], len(keys), *keys, *args)
-            return list(await timed(self._timeout_s, pipe.execute(raise_on_error=False)))
+
+        return await self.send(client, queue)
+
+    async def send(self, client: Redis, queue: Callable[[Pipeline], object]) -> list[Any]:
+        """One pipelined round trip of the commands `queue(pipe)` adds, on one connection;
+        replies in order, errors as exception objects. With REPLICA_ACKS=N a WAIT follows on the
+        same connection, and unless N replicas have the writes within half the Redis timeout
+        the whole round trip fails with `NotReplicated` (a fault: callers send it again)."""
+        async with client.pipeline(transaction=False) as pipe:
+            queue(pipe)
+            if self._replicas:
+                pipe.execute_command("WAIT", self._replicas, self._wait_ms)
+            replies = list(await timed(self._timeout_s, pipe.execute(raise_on_error=False)))
+        if self._replicas:
+            copies = replies.pop()
+            if isinstance(copies, Exception) or int(copies) < self._replicas:
+                raise NotReplicated(
+                    f"the writes reached {copies} of {self._replicas} replicas"
+                    f" within {self._wait_ms} ms"
+                )
+        return replies

@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     retry_backoff_seconds: float = Field(0.1, ge=0)
     retry_backoff_max_seconds: float = Field(10.0, ge=0)
     claim_block_seconds: float = Field(1.0, gt=0)
+    replica_acks: int = Field(0, ge=0, le=16)
     redis_timeout_seconds: float | None = Field(None, gt=0)
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=1, le=65_535)

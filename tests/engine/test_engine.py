@@ -9,7 +9,7 @@ import pytest
 from redis.asyncio import Redis
 
 from app.queue import Event, NewEvent, Queue, Step, Won
-from app.scripts import Call
+from app.scripts import Call, NotReplicated
 from tests.engine.conftest import MakeQueue
 from tests.support import Routed, all_keys, flush_scripts, ready_scores
 
@@ -326,3 +326,20 @@ async def test_first_calls_on_a_flushed_server_all_succeed(make_queue: MakeQueue
     )
     assert pushed[0].queued
     assert {e.account for e in events} <= {1, 2}
+
+
+async def test_replica_acks_wait_for_a_replica_or_fail_as_a_fault(make_queue: MakeQueue) -> None:
+    """REPLICA_ACKS=1: each round trip that writes is followed by WAIT on its connection. On
+    the cluster (a replica per master) push, claim and ack go through; on one Redis without a
+    replica they fail as a fault (NotReplicated, sent again by the caller), and the push is
+    not answered as accepted."""
+    queue = make_queue(replica_acks=1)
+    if queue.nodes.cluster is None:
+        with pytest.raises(NotReplicated):
+            await push(queue, 1, "a")
+        return
+    await push(queue, 1, "a", "b")
+    event = await claim_one(queue)
+    step = await queue.ack(event)
+    assert isinstance(step, Event)
+    assert await queue.ack(step) is Step.DRAINED

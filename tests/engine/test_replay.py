@@ -140,7 +140,7 @@ async def test_renew(make_queue: MakeQueue) -> None:
 
 
 class LostReply:
-    """While in use, the replies of the queue's transactions go missing: each EXEC runs (or,
+    """While in use, the replies of the queue's claim MULTIs go missing: each EXEC runs (or,
     with `sent=False`, never reaches Redis) and the caller sees a connection error."""
 
     def __init__(self, queue: Queue, sent: bool) -> None:
@@ -158,11 +158,11 @@ class LostReply:
     def _pipeline(self, make: Callable[..., Pipeline]) -> Callable[..., Pipeline]:
         def pipeline(transaction: bool = True, shard_hint: Any = None) -> Pipeline:
             pipe = make(transaction=transaction, shard_hint=shard_hint)
-            if not transaction:
-                return pipe
             execute, sent = pipe.execute, self._sent
 
             async def lost(raise_on_error: bool = True) -> list[Any]:
+                if not any(command[0][0] == "MULTI" for command in pipe.command_stack):
+                    return await execute(raise_on_error=raise_on_error)
                 if sent:
                     await execute(raise_on_error=raise_on_error)
                 raise RedisConnectionError("reply lost")

@@ -3,29 +3,33 @@
 import asyncio
 import collections
 import signal
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from subprocess import Popen
-
-import redis as sync_redis
+from typing import Any, TypeVar
 
 from app.generator import workload
-from app.keys import Keys
-from app.queue import NewEvent, PushResult, open_queue
+from app.queue import NewEvent, PushResult, Queue, open_queue
 from app.report import Attempt, order_violations, read_log
+from app.views import dead_letters as dead_letter_page
 from tests.support import settings, wait_for
 
-KEYS = Keys("evq", settings("redis://").shards)
+T = TypeVar("T")
+
+
+def engine(url: str, use: Callable[[Queue], Awaitable[T]]) -> T:
+    """`use(queue)` on an engine of its own, on one Redis or a cluster alike."""
+
+    async def main() -> T:
+        async with open_queue(settings(url)) as queue:
+            return await use(queue)
+
+    return asyncio.run(main())
 
 
 def push(url: str, events: Sequence[NewEvent]) -> list[PushResult]:
     """Queue events through the engine, as the generator does."""
-
-    async def main() -> list[PushResult]:
-        async with open_queue(settings(url)) as queue:
-            return await queue.push_many(events)
-
-    return asyncio.run(main())
+    return engine(url, lambda queue: queue.push_many(events))
 
 
 def push_workload(url: str, events: int, accounts: int, seed: int = 1) -> list[NewEvent]:
@@ -39,38 +43,40 @@ def push_workload(url: str, events: int, accounts: int, seed: int = 1) -> list[N
 
 
 def counter(url: str, name: str) -> int:
-    client = sync_redis.Redis.from_url(url)
-    values = [client.hget(KEYS.stats(shard), name) for shard in range(KEYS.shards)]
-    client.close()
-    return sum(int(value or 0) for value in values)
+    """A counter of `Queue.stats`, summed over the shards."""
+    return engine(url, lambda queue: queue.stats())[name]
+
+
+async def _lists(queue: Queue, kind: str) -> dict[int, list[bytes]]:
+    """account -> the bodies of its `kind` list ('user' or 'inflight'), on every master."""
+    found: dict[int, list[bytes]] = {}
+    for master in queue.nodes.masters():
+        async for key in master.scan_iter(match=f"{{evq:*}}:{kind}:*"):
+            found[int(key.rsplit(b":", 1)[1])] = await master.lrange(key, 0, -1)
+    return found
 
 
 def held(url: str) -> int:
     """How many events Redis holds pending or in flight."""
-    client = sync_redis.Redis.from_url(url)
-    lists = [
-        *client.scan_iter(match="{evq:*}:user:*"),
-        *client.scan_iter(match="{evq:*}:inflight:*"),
-    ]
-    count = sum(int(client.llen(key)) for key in lists)
-    client.close()
-    return count
+
+    async def count(queue: Queue) -> int:
+        lists = [
+            *(await _lists(queue, "user")).values(),
+            *(await _lists(queue, "inflight")).values(),
+        ]
+        return sum(len(bodies) for bodies in lists)
+
+    return engine(url, count)
 
 
-def dead_letters(url: str) -> list[bytes]:
+def dead_letters(url: str) -> list[dict[str, Any]]:
     """Every shard's dead letters."""
-    client = sync_redis.Redis.from_url(url)
-    entries = [e for shard in range(KEYS.shards) for e in client.lrange(KEYS.dead(shard), 0, -1)]
-    client.close()
-    return entries
+    return engine(url, lambda queue: dead_letter_page(queue, 0, 1_000_000))[1]
 
 
 def live_consumers(url: str) -> int:
-    """How many consumer processes have registered their heartbeat."""
-    client = sync_redis.Redis.from_url(url)
-    count = int(client.zcard(KEYS.consumers))
-    client.close()
-    return count
+    """How many consumer processes sent a heartbeat within a minute."""
+    return len(engine(url, lambda queue: queue.live_consumers(60)))
 
 
 def seq_of(body: bytes) -> int:
@@ -80,13 +86,8 @@ def seq_of(body: bytes) -> int:
 
 def in_flight(url: str) -> dict[int, int]:
     """account -> seq of every event currently in flight."""
-    client = sync_redis.Redis.from_url(url)
-    found = {}
-    for key in client.scan_iter(match="{evq:*}:inflight:*"):
-        for body in client.lrange(key, 0, -1):
-            found[int(key.rsplit(b":", 1)[1])] = seq_of(body)
-    client.close()
-    return found
+    flying = engine(url, lambda queue: _lists(queue, "inflight"))
+    return {account: seq_of(bodies[0]) for account, bodies in flying.items() if bodies}
 
 
 def attempts(log: Path) -> list[Attempt]:
