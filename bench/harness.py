@@ -14,17 +14,42 @@ from typing import Any
 
 import redis as sync_redis
 
-from tests.support import REPO, RedisServer, free_port, wait_for
+from tests.support import REPO, RedisServer, free_block, free_port, make, wait_for
 
 BIN = REPO / ".venv" / "bin"
 SCRATCH = REPO / "bench" / "scratch"
 RESULTS = REPO / "bench" / "results"
 
 
-class Bench:
-    """One redis-server and an event log in bench/scratch; starts evq processes against them."""
+class LocalCluster:
+    """The Makefile's local Redis Cluster (3 masters + 3 replicas) with its state in scratch."""
 
-    def __init__(self, server: RedisServer, name: str) -> None:
+    def __init__(self, var: Path) -> None:
+        self.var = var
+        self.base = free_block()
+        self.url = f"redis+cluster://127.0.0.1:{self.base}"
+
+    def start(self) -> None:
+        make("cluster-up", self.var, self.base)
+
+    def stop(self) -> None:
+        make("cluster-down", self.var, self.base)
+
+    def masters(self) -> list[sync_redis.Redis]:
+        client = sync_redis.Redis(port=self.base)
+        nodes = client.execute_command("CLUSTER NODES")  # type: ignore[no-untyped-call]
+        client.close()
+        found = [address for address, node in nodes.items() if "master" in node["flags"]]
+        return [
+            sync_redis.Redis(port=int(address.split(":")[1].split("@")[0])) for address in found
+        ]
+
+
+class Bench:
+    """One redis-server (or a local cluster) and an event log in bench/scratch; starts evq
+    processes against them."""
+
+    def __init__(self, server: RedisServer | LocalCluster, name: str) -> None:
         self.server = server
         self.log = SCRATCH / f"{name}.log"
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -35,11 +60,17 @@ class Bench:
         env.update({k.upper(): str(v) for k, v in settings.items()})
         return env
 
+    def masters(self) -> list[sync_redis.Redis]:
+        """A client of each master (the one server, or each master of the cluster)."""
+        if isinstance(self.server, LocalCluster):
+            return self.server.masters()
+        return [sync_redis.Redis.from_url(self.server.url)]
+
     def fresh(self) -> None:
         """Empty Redis and the event log before a cell."""
-        client = sync_redis.Redis.from_url(self.server.url)
-        client.flushall()
-        client.close()
+        for client in self.masters():
+            client.flushall()
+            client.close()
         self.log.unlink(missing_ok=True)
 
     def start(self, *args: str, **settings: object) -> subprocess.Popen[bytes]:
@@ -125,10 +156,14 @@ class Bench:
 
 
 @contextlib.contextmanager
-def bench(name: str) -> Iterator[Bench]:
-    """A Bench on its own redis-server; every process and the server stop at the end."""
+def bench(name: str, cluster: bool = False) -> Iterator[Bench]:
+    """A Bench on its own redis-server (or local cluster); every process and the server stop
+    at the end."""
     SCRATCH.mkdir(parents=True, exist_ok=True)
-    server = RedisServer(SCRATCH / f"redis-{name}")
+    server: RedisServer | LocalCluster
+    server = (
+        LocalCluster(SCRATCH / "cluster") if cluster else RedisServer(SCRATCH / f"redis-{name}")
+    )
     server.start()
     running = Bench(server, name)
     try:

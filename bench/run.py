@@ -18,6 +18,10 @@ PEERS = ("evq", *(peer.name for peer in peer_runs.PEERS))
 Cell = Callable[[Bench], dict[str, Any]]
 
 
+SHARDS = (1, 16, 256)
+ON_CLUSTER = ("cluster", "cluster_work")
+
+
 def plan(full: bool) -> dict[str, list[Cell]]:
     """Scenario name -> its cells, for the short or the full set."""
     patterns = ("bursty", "uniform", "zipf", "hot") if full else ("bursty",)
@@ -29,10 +33,12 @@ def plan(full: bool) -> dict[str, list[Cell]]:
             for w in widths
             for order in ORDERS
         ],
-        "headline": [
-            _cell(scenarios.makespan, "bursty", w, "longest", 1.0)
-            for w in ((100, 1000) if full else (1000,))
-        ],
+        "headline": [_cell(scenarios.makespan, "bursty", w, "longest", 1.0) for w in (100, 1000)],
+        # The same on the local 3-master Redis Cluster.
+        "cluster": [_cell(scenarios.makespan, "bursty", w, "longest", 1.0) for w in (100, 1000)],
+        # Redis commands and CPU per event at several SHARDS, on one Redis and on the cluster.
+        "work": [_cell(scenarios.redis_work, shards) for shards in SHARDS],
+        "cluster_work": [_cell(scenarios.redis_work, shards) for shards in SHARDS],
         # The 0.1 s bursty drain at W=100, calm and with every connection killed every 0.3 s.
         "faults": [
             _cell(scenarios.makespan, "bursty", 100, "longest", 0.1, kill) for kill in (0, 0.3)
@@ -70,7 +76,7 @@ def main() -> None:
         if not cells or (args.only and scenario not in args.only):
             continue
         results = []
-        with bench(scenario) as b:
+        with bench(scenario, cluster=scenario in ON_CLUSTER) as b:
             for i, cell in enumerate(cells, 1):
                 results.append(cell(b))
                 print(f"{scenario} {i}/{len(cells)}: {results[-1]}", file=sys.stderr, flush=True)

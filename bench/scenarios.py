@@ -47,6 +47,41 @@ def makespan(
     return cell | {key: report[key] for key in REPORTED}
 
 
+def redis_work(
+    b: Bench, shards: int, events: int = 20_000, accounts: int = 2_000, slots: int = 512
+) -> dict[str, Any]:
+    """What Redis does per event with SHARDS=`shards`, for the push (`gen`) and the no-op
+    drain apart: commands (INFO commandstats) and CPU microseconds of each master (INFO cpu).
+    Stable on a noisy machine, unlike rates: it decides how far a cluster scales."""
+    b.fresh()
+    cell: dict[str, Any] = {"masters": len(b.masters()), "shards": shards, "events": events}
+    for phase in ("push", "drain"):
+        masters = b.masters()
+        for client in masters:
+            client.config_resetstat()
+        before = [_cpu_s(client) for client in masters]
+        if phase == "push":
+            b.gen(events, accounts, "uniform", slots, shards=shards)
+        else:
+            b.drain(slots, process_seconds=0, shards=shards)
+        used = [_cpu_s(client) - start for client, start in zip(masters, before, strict=True)]
+        calls = sum(
+            stat["calls"] for client in masters for stat in client.info("commandstats").values()
+        )
+        cell[f"{phase}_commands_per_event"] = round(calls / events, 2)
+        cell[f"{phase}_cpu_us_per_event_per_master"] = [round(u / events * 1e6, 1) for u in used]
+        for client in masters:
+            client.close()
+    report = b.report()
+    cell |= {"acked": report["acked"], "order_violations": report["order_violations"]}
+    return cell
+
+
+def _cpu_s(client: Any) -> float:
+    cpu = client.info("cpu")
+    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+
+
 def noop_drain(b: Bench, slots: int, events: int = 50_000, accounts: int = 5_000) -> dict[str, Any]:
     """A backlog drained by burst consumers whose handler returns at once; events per second."""
     attempts = _evq_drained(b, "uniform", events, accounts, slots, 0)

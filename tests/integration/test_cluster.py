@@ -15,11 +15,15 @@ from pathlib import Path
 import pytest
 
 from app.connection import TRANSIENT
+from app.generator import workload
 from app.queue import NewEvent, open_queue
+from app.report import order_violations
+from app.views import account_state
 from tests.integration.helpers import (
     assert_all_acked_once_in_order,
     attempts,
     counter,
+    engine,
     graceful_stop,
     live_consumers,
     push,
@@ -32,7 +36,8 @@ from tests.support import REPO, Consumers, free_block, make, settings, wait_for
 def test_three_consumers_keep_order_across_a_kill_9(cluster_url: str, tmp_path: Path) -> None:
     """I1, I2 on the cluster: three processes drain 3,000 bursty events over 16 shards on three
     masters; one is killed mid-drain and a fresh one takes over its accounts after the lease.
-    Every event is acked once, in seq order."""
+    Every event is acked once, in seq order. (An ack the victim got back but had not logged
+    yet when killed is in Redis only: at most one per slot of the victim, checked there.)"""
     consumers = Consumers(cluster_url, tmp_path / "event.log")
     try:
         for _ in range(3):
@@ -48,7 +53,16 @@ def test_three_consumers_keep_order_across_a_kill_9(cluster_url: str, tmp_path: 
         graceful_stop(consumers.procs[1:])
     finally:
         consumers.stop_all()
-    found = assert_all_acked_once_in_order(consumers.event_log, 3000)
+    assert counter(cluster_url, "acked") == 3000
+    found = attempts(consumers.event_log)
+    acked = collections.Counter((a.account, a.seq) for a in found if a.outcome == "ack")
+    assert max(acked.values()) == 1
+    assert order_violations(found) == []
+    per_account = collections.Counter(a for a, _ in plan_of(3000, 300, seed=5))
+    missing = {(a, seq) for a, n in per_account.items() for seq in range(1, n + 1)} - set(acked)
+    assert len(missing) <= 20
+    for account, seq in missing:
+        assert last_acked_seq(cluster_url, account) >= seq
     assert len({a.pid for a in found}) == 4
 
 
@@ -70,6 +84,16 @@ def test_another_shards_setting_is_refused(redis_url: str, tmp_path: Path) -> No
     assert "has 16 shards and this process SHARDS=4" in message
     assert "Traceback" not in message
     assert counter(redis_url, "accepted") == 1
+
+
+def plan_of(events: int, accounts: int, seed: int) -> list[tuple[int, int]]:
+    """(account, index) of each event `push_workload` pushes."""
+    return [(a, i) for i, a in enumerate(workload("bursty", events, accounts, seed))]
+
+
+def last_acked_seq(url: str, account: int) -> int:
+    state = engine(url, lambda queue: account_state(queue, account))
+    return state.last_acked_seq or 0
 
 
 @pytest.fixture
