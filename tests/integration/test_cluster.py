@@ -13,9 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis as sync_redis
 
 from app.connection import TRANSIENT
 from app.generator import workload
+from app.keys import Keys
 from app.queue import NewEvent, open_queue
 from app.report import order_violations
 from app.views import account_state
@@ -175,3 +177,63 @@ def test_master_killed_mid_drain_loses_nothing_accepted(
         in_time = [token for _, token in sorted(seen)]
         assert in_time == sorted(in_time), f"account {account}: a token went back"
     assert {a.attempt for a in found} <= {1, 2, 3}
+
+
+def migrate_slot(base: int, slot: int) -> tuple[int, int]:
+    """Move `slot` to another master the way `redis-cli --cluster reshard` does (IMPORTING,
+    MIGRATING, MIGRATE in batches, SETSLOT NODE); (from port, to port)."""
+    seed = sync_redis.Redis(port=base)
+    nodes = seed.execute_command("CLUSTER NODES")  # type: ignore[no-untyped-call]
+    seed.close()
+    masters = {
+        int(address.split(":")[1].split("@")[0]): node["node_id"]
+        for address, node in nodes.items()
+        if "master" in node["flags"]
+    }
+    owner = sync_redis.Redis(port=base).execute_command(  # type: ignore[no-untyped-call]
+        "CLUSTER", "SLOTS"
+    )
+    source_port = next(int(r[2][1]) for r in owner if r[0] <= slot <= r[1])
+    target_port = next(port for port in masters if port != source_port)
+    source, target = sync_redis.Redis(port=source_port), sync_redis.Redis(port=target_port)
+    target.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", masters[source_port])
+    source.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", masters[target_port])
+    while keys := source.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 10):
+        source.execute_command("MIGRATE", "127.0.0.1", target_port, "", 0, 5000, "KEYS", *keys)
+        time.sleep(0.01)  # a migration in small steps, so the drain meets it half done
+    for port in masters:
+        client = sync_redis.Redis(port=port)
+        client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", masters[target_port])
+        client.close()
+    source.close()
+    target.close()
+    return source_port, target_port
+
+
+def test_slot_of_a_busy_shard_moved_mid_drain(
+    own_cluster: tuple[Path, int], tmp_path: Path
+) -> None:
+    """Live resharding: the slot of a shard being drained moves to another master, key batch by
+    key batch, while three consumers work on it. Calls meeting ASK or TRYAGAIN are sent again
+    until the slot has moved; every event is acked once, in seq order."""
+    _, base = own_cluster
+    url = f"redis+cluster://127.0.0.1:{base}"
+    consumers = Consumers(url, tmp_path / "event.log")
+    try:
+        for _ in range(3):
+            consumers.start(concurrency=10, process_seconds=0.02, lease_seconds=5)
+        wait_for(lambda: live_consumers(url) == 3, 30, "three consumers' heartbeats")
+        push_workload(url, 3000, 300, seed=7)
+        wait_for(lambda: counter(url, "acked") >= 300, 60, "300 acks")
+        keys = Keys("evq", settings(url).shards)
+        busiest = collections.Counter(keys.shard_of(a) for a, _ in plan_of(3000, 300, seed=7))
+        shard = busiest.most_common(1)[0][0]
+        moved = migrate_slot(base, keys.slot(shard))
+        assert counter(url, "acked") < 3000, "the drain ended before the slot moved"
+        wait_settled(url, 3000, timeout=120)
+        graceful_stop(consumers.procs)
+    finally:
+        consumers.stop_all()
+    assert moved[0] != moved[1]
+    assert "redis_faults_ridden_out" in consumers.event_log.read_text()  # it met the move
+    assert_all_acked_once_in_order(consumers.event_log, 3000)
