@@ -35,6 +35,16 @@ from tests.integration.helpers import (
 from tests.support import REPO, Consumers, free_block, make, settings, wait_for
 
 
+def three_draining(consumers: Consumers, seed: int, acked: int, **settings: object) -> None:
+    """Three consumer processes with `settings`, 3,000 bursty events over 300 accounts pushed
+    once they are up; returns when `acked` of them are acked."""
+    for _ in range(3):
+        consumers.start(lease_seconds=2, **settings)
+    wait_for(lambda: live_consumers(consumers.url) == 3, 30, "three consumers' heartbeats")
+    push_workload(consumers.url, 3000, 300, seed=seed)
+    wait_for(lambda: counter(consumers.url, "acked") >= acked, 60, f"{acked} acks")
+
+
 def test_three_consumers_keep_order_across_a_kill_9(cluster_url: str, tmp_path: Path) -> None:
     """I1, I2 on the cluster: three processes drain 3,000 bursty events over 16 shards on three
     masters; one is killed mid-drain and a fresh one takes over its accounts after the lease.
@@ -42,11 +52,7 @@ def test_three_consumers_keep_order_across_a_kill_9(cluster_url: str, tmp_path: 
     yet when killed is in Redis only: at most one per slot of the victim, checked there.)"""
     consumers = Consumers(cluster_url, tmp_path / "event.log")
     try:
-        for _ in range(3):
-            consumers.start(concurrency=20, process_seconds=0.01, lease_seconds=2)
-        wait_for(lambda: live_consumers(cluster_url) == 3, 30, "three consumers' heartbeats")
-        push_workload(cluster_url, 3000, 300, seed=5)
-        wait_for(lambda: counter(cluster_url, "acked") >= 500, 60, "500 acks")
+        three_draining(consumers, seed=5, acked=500, concurrency=20, process_seconds=0.01)
         victim = consumers.procs[0]
         victim.kill()
         victim.wait()
@@ -220,11 +226,7 @@ def test_slot_of_a_busy_shard_moved_mid_drain(
     url = f"redis+cluster://127.0.0.1:{base}"
     consumers = Consumers(url, tmp_path / "event.log")
     try:
-        for _ in range(3):
-            consumers.start(concurrency=10, process_seconds=0.02, lease_seconds=5)
-        wait_for(lambda: live_consumers(url) == 3, 30, "three consumers' heartbeats")
-        push_workload(url, 3000, 300, seed=7)
-        wait_for(lambda: counter(url, "acked") >= 300, 60, "300 acks")
+        three_draining(consumers, seed=7, acked=300, concurrency=10, process_seconds=0.02)
         keys = Keys("evq", settings(url).shards)
         busiest = collections.Counter(keys.shard_of(a) for a, _ in plan_of(3000, 300, seed=7))
         shard = busiest.most_common(1)[0][0]
