@@ -19,7 +19,7 @@ from app.connection import TRANSIENT
 from app.generator import workload
 from app.keys import Keys
 from app.queue import NewEvent, open_queue
-from app.report import order_violations
+from app.report import Attempt, order_violations
 from app.views import account_state
 from tests.integration.helpers import (
     assert_all_acked_once_in_order,
@@ -92,6 +92,18 @@ def test_another_shards_setting_is_refused(redis_url: str, tmp_path: Path) -> No
     assert "has 16 shards and this process SHARDS=4" in message
     assert "Traceback" not in message
     assert counter(redis_url, "accepted") == 1
+
+
+def assert_tokens_only_grow(found: list[Attempt]) -> None:
+    """I8: per account, the fencing tokens of its attempts, in the order they started, never
+    go back, and two owners never share one (a token's attempts do not interleave another's)."""
+    tokens: dict[int, list[tuple[int, int]]] = collections.defaultdict(list)
+    for a in found:
+        tokens[a.account].append((a.started_ns, a.token))
+    for account, seen in tokens.items():
+        in_time = [token for _, token in sorted(seen)]
+        assert in_time == sorted(in_time), f"account {account}: a token went back"
+        assert all(token > 0 for token in in_time)
 
 
 def plan_of(events: int, accounts: int, seed: int) -> list[tuple[int, int]]:
@@ -176,12 +188,7 @@ def test_master_killed_mid_drain_loses_nothing_accepted(
     assert pusher.confirmed == 3000
     assert counter(url, "accepted") == 3000  # none queued twice by the batches sent again
     found = assert_all_acked_once_in_order(consumers.event_log, 3000)
-    tokens: dict[int, list[tuple[int, int]]] = collections.defaultdict(list)
-    for a in attempts(consumers.event_log):
-        tokens[a.account].append((a.started_ns, a.token))
-    for account, seen in tokens.items():
-        in_time = [token for _, token in sorted(seen)]
-        assert in_time == sorted(in_time), f"account {account}: a token went back"
+    assert_tokens_only_grow(found)
     assert {a.attempt for a in found} <= {1, 2, 3}
 
 
@@ -238,4 +245,4 @@ def test_slot_of_a_busy_shard_moved_mid_drain(
         consumers.stop_all()
     assert moved[0] != moved[1]
     assert "redis_faults_ridden_out" in consumers.event_log.read_text()  # it met the move
-    assert_all_acked_once_in_order(consumers.event_log, 3000)
+    assert_tokens_only_grow(assert_all_acked_once_in_order(consumers.event_log, 3000))
