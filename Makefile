@@ -67,7 +67,8 @@ up: venv redis-server
 	  echo "redis: the cluster on port $(CLUSTER_PORT)"; \
 	elif $(REDIS_UP); then echo "redis: already answering on port $(REDIS_PORT)"; else \
 	  redis-server --port $(REDIS_PORT) --bind 127.0.0.1 --dir $(STATE)/redis --save "" \
-	    --appendonly yes --daemonize yes --pidfile $(STATE)/run/redis.pid \
+	    --appendonly yes --maxmemory-policy noeviction --daemonize yes \
+	    --pidfile $(STATE)/run/redis.pid \
 	    --logfile $(STATE)/log/redis.log; \
 	  for i in $$(seq 50); do $(REDIS_UP) && break; sleep 0.1; done; \
 	  $(REDIS_UP) || { echo "redis did not start: see $(STATE)/log/redis.log" >&2; exit 1; }; \

@@ -1,6 +1,7 @@
 """The `evq` command line (and `gen`, the same as `evq gen`): parses, then calls the app."""
 
 import asyncio
+import contextlib
 import glob
 import sys
 import uuid
@@ -19,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from app import handlers, log, progress
 from app.client import ApiError
+from app.connection import TRANSIENT, masked
 from app.consumer import Consumer
 from app.generator import (
     Pattern,
@@ -31,7 +33,7 @@ from app.generator import (
     workload,
 )
 from app.plot import PlotUnavailable, draw
-from app.queue import LayoutMismatch, open_queue
+from app.queue import LayoutMismatch, UnsafeRedis, open_queue
 from app.report import read_log, render, summarize
 from app.settings import Settings
 from app.slots import Slots
@@ -62,9 +64,9 @@ def _run(coro: Coroutine[Any, Any, T], settings: Settings) -> T:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             return runner.run(coro)
     except (RedisConnectionError, RedisClusterException) as exc:
-        typer.echo(f"evq: cannot reach Redis at {settings.redis_url}: {exc}", err=True)
+        typer.echo(f"evq: cannot reach Redis at {masked(settings.redis_url)}: {exc}", err=True)
         raise typer.Exit(1) from exc
-    except LayoutMismatch as exc:
+    except (LayoutMismatch, UnsafeRedis) as exc:
         typer.echo(f"evq: {exc}", err=True)
         raise typer.Exit(2) from exc
     except ApiError as exc:
@@ -172,6 +174,15 @@ def _progress_bar(total: int) -> Iterator[Callable[[int], None]]:
 def api() -> None:
     """Serve the HTTP API on API_HOST:API_PORT (OpenAPI docs at /docs)."""
     settings = _settings()
+
+    async def check() -> None:
+        """Refuse an evicting Redis or another SHARDS at once; a Redis down now is the
+        API's 503s until it answers."""
+        with contextlib.suppress(*TRANSIENT, RedisClusterException):
+            async with open_queue(settings):
+                pass
+
+    _run(check(), settings)
     import uvicorn  # noqa: PLC0415 (the web stack loads only for this command)
 
     from app.api import create_app  # noqa: PLC0415

@@ -209,6 +209,17 @@ def _cluster_seeds(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
     return seeds, auth
 
 
+def masked(url: str) -> str:
+    """`url` with its password replaced by `***`, for every message a person may read."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    credentials, hosts = parts.netloc.rsplit("@", 1)
+    user, has_password, _ = credentials.partition(":")
+    shown = f"{user}:***" if has_password else user
+    return parts._replace(netloc=f"{shown}@{hosts}").geturl()
+
+
 def connect(settings: Settings, max_connections: int = 64, consumer: bool = False) -> Nodes:
     """The masters named by REDIS_URL (call `Nodes.start` before use)."""
     return Nodes(settings, max_connections, consumer)

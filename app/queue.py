@@ -11,6 +11,7 @@ import enum
 import functools
 import os
 import random
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -102,6 +103,11 @@ class LayoutMismatch(RuntimeError):
     """The namespace was set up with another number of shards than this process has."""
 
 
+class UnsafeRedis(RuntimeError):
+    """Redis may evict keys (maxmemory-policy other than noeviction): queued events could
+    vanish, leases and event ids with them."""
+
+
 class _Claimed(NamedTuple):
     """The replies of one account's part of the claim MULTI."""
 
@@ -149,11 +155,13 @@ class Queue:
         self._listener: asyncio.Task[None] | None = None
         self._opened = False
         self._closing = False
+        self._allow_eviction = settings.allow_eviction
 
     async def open(self, connections: int = 1) -> None:
         """Learn where the shards live, check the namespace's number of shards (recording it
         on first use), and open `connections` connections to every master."""
         await self.nodes.start()
+        await self._check_eviction()
         layout = self.keys.layout
         node = self.nodes.for_key(layout)
         async with node.pipeline(transaction=False) as pipe:
@@ -171,6 +179,27 @@ class Queue:
         with contextlib.suppress(*TRANSIENT):
             pings = [master.ping() for master in self.nodes.masters() for _ in range(connections)]
             await self._timed(asyncio.gather(*pings))
+
+    async def _check_eviction(self) -> None:
+        """Every master must keep what it is given: `maxmemory-policy noeviction` (read from
+        INFO, which managed services answer where CONFIG is disabled). Any other policy can
+        evict queued events, leases or dedupe buckets; EVQ_ALLOW_EVICTION=1 runs anyway."""
+        for master in self.nodes.masters():
+            memory = await self._timed(master.info("memory"))
+            policy = memory.get("maxmemory_policy", "noeviction")
+            if policy == "noeviction":
+                continue
+            where = master.connection_pool.connection_kwargs
+            address = f"{where.get('host', '?')}:{where.get('port', '?')}"
+            message = (
+                f"Redis at {address} has maxmemory-policy {policy}: it may evict queued events,"
+                " leases and event ids when memory runs short. Set it to noeviction (redis.conf,"
+                " or CONFIG SET maxmemory-policy noeviction; on a managed service, its parameter"
+                " group), or set EVQ_ALLOW_EVICTION=1 to run anyway and risk losing events"
+            )
+            if not self._allow_eviction:
+                raise UnsafeRedis(message)
+            print(f"evq: WARNING: {message}", file=sys.stderr)
 
     async def ping(self) -> None:
         """Every master answers (else a connection fault)."""

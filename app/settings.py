@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     claim_block_seconds: float = Field(1.0, gt=0)
     replica_acks: int = Field(0, ge=0, le=16)
     redis_timeout_seconds: float | None = Field(None, gt=0)
+    allow_eviction: bool = Field(
+        False, validation_alias=AliasChoices("EVQ_ALLOW_EVICTION", "allow_eviction")
+    )
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=1, le=65_535)
 

@@ -43,6 +43,8 @@ class RedisServer:
     appendonly: bool = False
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
+    options: tuple[str, ...] = ()  # more redis-server options
+    password: str | None = None
 
     @property
     def url(self) -> str:
@@ -56,8 +58,10 @@ class RedisServer:
         args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
         args += ["--dir", str(self.data_dir), "--appendonly", "yes" if self.appendonly else "no"]
         args += ["--appendfsync", "always"] if self.appendonly else []
+        args += ["--maxmemory-policy", "noeviction", *self.options]
+        args += ["--requirepass", self.password] if self.password else []
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL)
-        client = sync_redis.Redis(port=self.port)
+        client = sync_redis.Redis(port=self.port, password=self.password)
         deadline = time.monotonic() + 10
         while True:
             with contextlib.suppress(sync_redis.ConnectionError, sync_redis.BusyLoadingError):

@@ -1,0 +1,75 @@
+"""What evq requires of Redis and how it talks to one that asks for credentials: an evicting
+Redis is refused, passwords and ACL users work, and no message shows a password."""
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis as sync_redis
+
+from tests.support import REPO, RedisServer, free_port, running
+
+PASSWORD = "s3cret-pw"
+
+
+def evq(url: str, *args: str, timeout: float = 30, **env: str) -> subprocess.CompletedProcess[str]:
+    """`evq <args>` against `url`, to completion."""
+    values = {**os.environ, "PYTHONPATH": str(REPO), "REDIS_URL": url, **env}
+    return subprocess.run(
+        [sys.executable, "-m", "app", *args],
+        env=values,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.fixture
+def evicting(tmp_path: Path) -> Iterator[RedisServer]:
+    with running(RedisServer(tmp_path, options=("--maxmemory-policy", "allkeys-lru"))) as server:
+        yield server
+
+
+def test_an_evicting_redis_is_refused(evicting: RedisServer, tmp_path: Path) -> None:
+    """maxmemory-policy allkeys-lru: the consumer and the API refuse to start (exit 2), saying
+    why and how to fix it; EVQ_ALLOW_EVICTION=1 runs anyway, with a warning."""
+    log = str(tmp_path / "event.log")
+    consumer = evq(evicting.url, "consume", EVENT_LOG=log)
+    assert consumer.returncode == 2
+    assert "maxmemory-policy allkeys-lru" in consumer.stderr
+    assert "noeviction" in consumer.stderr and "EVQ_ALLOW_EVICTION=1" in consumer.stderr
+    assert "Traceback" not in consumer.stderr
+    api = evq(evicting.url, "api", API_PORT=str(free_port()), EVENT_LOG=log)
+    assert api.returncode == 2
+    assert "maxmemory-policy allkeys-lru" in api.stderr and "Traceback" not in api.stderr
+    allowed = evq(evicting.url, "stats", EVQ_ALLOW_EVICTION="1")
+    assert allowed.returncode == 0, allowed.stderr
+    assert "WARNING" in allowed.stderr and '"accepted":0' in allowed.stdout
+
+
+@pytest.fixture
+def protected(tmp_path: Path) -> Iterator[RedisServer]:
+    with running(RedisServer(tmp_path, password=PASSWORD)) as server:
+        yield server
+
+
+def test_password_and_acl_user_work_and_are_never_shown(protected: RedisServer) -> None:
+    """AUTH with the default user's password and with an ACL user works; a wrong password
+    is a clear error whose URL shows `***` in place of the password."""
+    url = f"redis://:{PASSWORD}@127.0.0.1:{protected.port}/0"
+    assert evq(url, "stats").returncode == 0
+    admin = sync_redis.Redis(port=protected.port, password=PASSWORD)
+    admin.acl_setuser(
+        "evq", enabled=True, passwords=["+acl-pw"], keys="*", channels="*", commands=["+@all"]
+    )
+    admin.close()
+    assert evq(f"redis://evq:acl-pw@127.0.0.1:{protected.port}/0", "stats").returncode == 0
+    wrong = evq(f"redis://evq:not-the-pw@127.0.0.1:{protected.port}/0", "stats")
+    assert wrong.returncode == 1
+    assert f"redis://evq:***@127.0.0.1:{protected.port}/0" in wrong.stderr
+    assert "not-the-pw" not in wrong.stderr + wrong.stdout
+    assert "Traceback" not in wrong.stderr
