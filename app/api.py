@@ -1,6 +1,7 @@
 """The HTTP API: validates events and hands them to the engine; no Redis logic here."""
 
 import contextlib
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import asdict
@@ -10,7 +11,7 @@ import orjson
 from fastapi import FastAPI, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, StrictInt, field_validator
 from redis.exceptions import RedisClusterException
 from starlette.exceptions import HTTPException
 
@@ -21,6 +22,8 @@ from app.views import account_state, dead_letters
 
 MAX_PAYLOAD_BYTES = 64 * 1024
 MAX_BATCH = 1000
+MAX_EVENT_ID_BYTES = 128
+MAX_ERRORS_SHOWN = 20  # per answer: a batch of 1,000 bad items still gets a small body
 MAX_ACCOUNT_ID = 2**53 - 1  # exact in every JSON client; also the largest page offset
 BODY_LIMITS = {"/events": MAX_PAYLOAD_BYTES + 1024, "/events/batch": 8 * 1024 * 1024}
 DEFAULT_BODY_LIMIT = 64 * 1024
@@ -41,21 +44,40 @@ class EventIn(BaseModel):
         },
     )
 
-    account_id: int = Field(
+    account_id: StrictInt = Field(
         gt=0,
         le=MAX_ACCOUNT_ID,
-        description="The account; events of one account are handled in order.",
+        description="The account, a JSON integer; its events are handled in order.",
     )
     event_id: str = Field(
         min_length=1,
-        max_length=128,
-        description="Idempotency key: re-sent within the dedupe window, the event is queued once.",
+        max_length=MAX_EVENT_ID_BYTES,
+        description=f"Idempotency key, 1 to {MAX_EVENT_ID_BYTES} bytes of UTF-8: re-sent within"
+        " the dedupe window, the event is queued once.",
     )
-    payload: JsonValue = Field(default=None, description="Any JSON, at most 64 KiB serialized.")
+    payload: JsonValue = Field(
+        default=None, description="Any JSON with finite numbers, at most 64 KiB serialized."
+    )
+
+    @field_validator("event_id")
+    @classmethod
+    def _fits(cls, event_id: str) -> str:
+        try:
+            size = len(event_id.encode())
+        except UnicodeEncodeError as exc:  # a lone surrogate escape, "\ud800"
+            raise ValueError("event_id is not valid UTF-8 text") from exc
+        if size > MAX_EVENT_ID_BYTES:
+            raise ValueError(f"event_id is longer than {MAX_EVENT_ID_BYTES} bytes in UTF-8")
+        return event_id
 
     @field_validator("payload")
     @classmethod
     def _storable(cls, payload: JsonValue) -> JsonValue:
+        if not _finite(payload):
+            raise ValueError(
+                "payload has a number that is not finite (NaN, Infinity, or too large for a"
+                " double, like 1e400): JSON cannot carry it"
+            )
         try:
             size = len(orjson.dumps(payload))
         except orjson.JSONEncodeError as exc:  # integers beyond 64 bits
@@ -66,6 +88,21 @@ class EventIn(BaseModel):
 
     def new_event(self) -> NewEvent:
         return NewEvent(self.account_id, self.event_id, self.payload)
+
+
+def _finite(value: JsonValue) -> bool:
+    """Whether every number in `value` is finite (walked without recursion: a 64 KiB payload
+    can nest thousands deep)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return False
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
 
 
 class BatchIn(BaseModel):
@@ -211,7 +248,13 @@ def _where(loc: tuple[int | str, ...]) -> str:
 
 async def _invalid(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    detail = [{"loc": _where(tuple(e["loc"])), "msg": e["msg"]} for e in exc.errors()]
+    errors = exc.errors()
+    detail = [
+        {"loc": _where(tuple(e["loc"])), "msg": str(e["msg"])[:200]}
+        for e in errors[:MAX_ERRORS_SHOWN]
+    ]
+    if len(errors) > MAX_ERRORS_SHOWN:
+        detail.append({"loc": "", "msg": f"and {len(errors) - MAX_ERRORS_SHOWN} more errors"})
     message = "; ".join(f"{d['loc']}: {d['msg']}" for d in detail[:5])
     return JSONResponse({"error": message, "detail": detail}, status_code=422)
 

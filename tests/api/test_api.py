@@ -95,6 +95,10 @@ BAD_EVENTS: list[tuple[Any, str]] = [
     ({"account_id": 1, "event_id": "a", "colour": "red"}, "colour"),
     ({"account_id": 1, "event_id": "a", "payload": "p" * MAX_PAYLOAD_BYTES}, "payload"),
     ({"account_id": 1, "event_id": "a", "payload": {"n": 2**64}}, "payload"),
+    ({"account_id": True, "event_id": "a"}, "account_id"),
+    ({"account_id": "42", "event_id": "a"}, "account_id"),
+    ({"account_id": 42.0, "event_id": "a"}, "account_id"),
+    ({"account_id": 1, "event_id": "é" * 65}, "event_id"),  # 65 characters, 130 bytes
     ([1, 2], "body"),
 ]
 
@@ -107,6 +111,39 @@ async def test_invalid_event_is_422_naming_the_field(
     reply = await api.post("/events", json=event)
     assert reply.status_code == 422
     assert field in reply.json()["error"]
+    assert await accepted(queue) == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ('{"account_id": 1, "event_id": "a", "payload": {"x": 1e400}}', "payload"),
+        ('{"account_id": 1, "event_id": "a", "payload": [-Infinity]}', "payload"),
+        ('{"account_id": 1, "event_id": "a", "payload": {"deep": [1, NaN]}}', "payload"),
+        ('{"account_id": 1, "event_id": "\\ud800"}', "event_id"),
+        ('{"account_id": 1e400, "event_id": "a"}', "account_id"),
+    ],
+)
+async def test_numbers_json_cannot_carry_and_broken_text_are_422(
+    api: httpx.AsyncClient, queue: Queue, body: str, field: str
+) -> None:
+    """Numbers without a finite value and ids that are not UTF-8 are refused, not stored
+    changed (orjson would have written null)."""
+    reply = await api.post("/events", content=body, headers={"content-type": "application/json"})
+    assert reply.status_code == 422
+    assert field in reply.json()["error"]
+    assert await accepted(queue) == 0
+
+
+async def test_a_batch_of_bad_items_gets_a_small_answer(
+    api: httpx.AsyncClient, queue: Queue
+) -> None:
+    """1,000 bad items: the answer names the first 20 and counts the rest, in a few KiB."""
+    events = [{"account_id": True, "event_id": "e" * 200} for _ in range(1000)]
+    reply = await api.post("/events/batch", json={"events": events})
+    assert reply.status_code == 422
+    assert len(reply.content) < 8 * 1024
+    assert reply.json()["detail"][-1]["msg"] == "and 1980 more errors"
     assert await accepted(queue) == 0
 
 
