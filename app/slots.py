@@ -34,6 +34,10 @@ OUTCOME_EVENTS = {
 LEASE_MARGIN = 0.1  # share of the lease a slot keeps in hand when it judges its own lease
 
 
+class HandlerTimeout(Exception):
+    """The handler ran past HANDLER_TIMEOUT_SECONDS; its attempt is nacked like any failure."""
+
+
 @dataclass(eq=False, slots=True)
 class Holding:
     """What a slot holds: an account, its token, the lease by this process's clock (monotonic
@@ -66,6 +70,7 @@ class Slots:
         self._log = log
         self._events = events
         self._call = _as_async(handler, settings.concurrency)
+        self._handler_timeout_s = settings.handler_timeout_seconds
         self._margin_s = settings.lease_seconds * LEASE_MARGIN
         self.stopping = asyncio.Event()
         self.faults = 0
@@ -95,7 +100,7 @@ class Slots:
             await self._record(slot, event, outcome, started, finished)
             return step
         dead = event.attempt >= self._settings.max_attempts
-        text = f"{type(error).__name__}: {error}"
+        text = _reason(error)
         step = await self.retrying(lambda: self._queue.nack(event, text, dead, want_next))
         outcome = "lost_lease" if step is Step.LOST else "dead" if dead else "nack"
         await self._record(slot, event, outcome, started, finished, error=text[:500])
@@ -108,13 +113,38 @@ class Slots:
 
     async def _run_handler(self, event: Event) -> BaseException | None:
         """None when the handler returned, else what it raised, whatever its type: a handler's
-        failure is its event's, never the slot's."""
+        failure is its event's, never the slot's. Past HANDLER_TIMEOUT_SECONDS the attempt
+        fails as a `HandlerTimeout`: an async handler is cancelled, a sync one left running
+        in its thread (a thread cannot be killed)."""
+        if self._handler_timeout_s is None:
+            return await self._guarded(self._call(event))
+        deadline = asyncio.timeout(self._handler_timeout_s)
         try:
-            await self._call(event)
+            async with deadline:
+                return await self._guarded(self._call(event))
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+        self._log.warning(
+            "handler_timed_out",
+            account=event.account,
+            seq=event.seq,
+            attempt=event.attempt,
+            timeout_s=self._handler_timeout_s,
+        )
+        return HandlerTimeout(
+            f"timeout: the handler ran longer than {self._handler_timeout_s:g} s"
+            " (HANDLER_TIMEOUT_SECONDS)"
+        )
+
+    @staticmethod
+    async def _guarded(call: Awaitable[None]) -> BaseException | None:
+        try:
+            await call
         except asyncio.CancelledError as exc:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
-                raise  # a forced stop, not the handler
+                raise  # a forced stop or the handler's deadline, not the handler
             return exc
         except BaseException as exc:
             return exc
@@ -193,6 +223,13 @@ class Slots:
             await self._release(holding)
         except Exception:
             self._log.exception("release_failed", account=holding.account)
+
+
+def _reason(error: BaseException) -> str:
+    """What a nack records of a failed attempt."""
+    if isinstance(error, HandlerTimeout):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
 
 
 def _as_async(handler: Handler, threads: int) -> Callable[[Event], Awaitable[None]]:

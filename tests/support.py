@@ -183,6 +183,28 @@ def failing_marked(settings: Settings) -> "object":
     return handle
 
 
+def hanging_marked(settings: Settings) -> "object":
+    """Handler factory for tests: an async handler that never returns for events whose
+    payload says `hang`."""
+
+    async def handle(event: Event) -> None:
+        if isinstance(event.payload, dict) and event.payload.get("hang"):
+            await asyncio.sleep(3600)
+
+    return handle
+
+
+def hanging_marked_sync(settings: Settings) -> "object":
+    """The same as a sync handler; it hangs 6 s (a thread cannot be cancelled, and the
+    process waits for its threads when it exits)."""
+
+    def handle(event: Event) -> None:
+        if isinstance(event.payload, dict) and event.payload.get("hang"):
+            time.sleep(6)
+
+    return handle
+
+
 def sleeping(settings: Settings) -> "object":
     """Handler factory for tests: a sync handler that sleeps PROCESS_SECONDS."""
 

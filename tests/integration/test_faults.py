@@ -123,6 +123,36 @@ def test_poison_event_is_dead_lettered_and_account_goes_on(
     assert entry["attempts"] == 3
 
 
+@pytest.mark.parametrize(
+    "handler", ["tests.support:hanging_marked", "tests.support:hanging_marked_sync"]
+)
+def test_hung_handler_times_out_and_the_account_goes_on(
+    redis_url: str, consumers: Consumers, handler: str
+) -> None:
+    """HANDLER_TIMEOUT_SECONDS: a handler that hangs (async: cancelled; sync: left in its
+    thread) fails its attempt with reason timeout, is retried and dead-lettered like any
+    failure, and the account's later events run in order; each timeout is logged."""
+    push(
+        redis_url,
+        [NewEvent(1, "ok1"), NewEvent(1, "stuck", {"hang": True}), NewEvent(1, "ok2")],
+    )
+    consumers.start(burst=True, handler=handler, max_attempts=2, handler_timeout_seconds=0.5)
+    wait_burst(consumers.procs)
+    found = attempts(consumers.event_log)
+    assert [(a.seq, a.attempt, a.outcome) for a in found] == [
+        (1, 1, "ack"),
+        (2, 1, "nack"),
+        (2, 2, "dead"),
+        (3, 1, "ack"),
+    ]
+    stuck = [a for a in found if a.seq == 2]
+    took = [(a.finished_ns - a.started_ns) / 1e9 for a in stuck]
+    assert all(0.45 < s < 2 for s in took), took  # wall clock against the loop's
+    [entry] = dead_letters(redis_url)
+    assert entry["error"].startswith("timeout: the handler ran longer than 0.5 s")
+    assert consumers.event_log.read_text().count('"handler_timed_out"') == 2
+
+
 def test_dedupe_across_processes(redis_url: str, consumers: Consumers) -> None:
     """I6: a re-sent event_id is reported duplicate and handled once."""
     first = push(redis_url, [NewEvent(5, "dup"), NewEvent(5, "next")])
