@@ -12,7 +12,7 @@ from fastapi import FastAPI, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, StrictInt, field_validator
-from redis.exceptions import RedisClusterException
+from redis.exceptions import OutOfMemoryError, RedisClusterException
 from starlette.exceptions import HTTPException
 
 from app.connection import TRANSIENT, connect
@@ -23,6 +23,7 @@ from app.views import account_state, dead_letters
 MAX_PAYLOAD_BYTES = 64 * 1024
 MAX_BATCH = 1000
 MAX_EVENT_ID_BYTES = 128
+RETRY_FULL_S = 5  # Retry-After of a 507: a drain frees memory within seconds
 MAX_ERRORS_SHOWN = 20  # per answer: a batch of 1,000 bad items still gets a small body
 MAX_ACCOUNT_ID = 2**53 - 1  # exact in every JSON client; also the largest page offset
 BODY_LIMITS = {"/events": MAX_PAYLOAD_BYTES + 1024, "/events/batch": 8 * 1024 * 1024}
@@ -141,6 +142,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"model": Problem, "description": "Body too large"},
     422: {"model": Problem, "description": "Invalid event"},
     503: {"model": Problem, "description": "Redis unreachable; nothing was queued"},
+    507: {"model": Problem, "description": "Redis full (maxmemory); see Retry-After"},
 }
 
 
@@ -168,6 +170,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(HTTPException, _http_error)
     for fault in (*TRANSIENT, RedisClusterException):
         app.add_exception_handler(fault, _redis_down)
+    app.add_exception_handler(OutOfMemoryError, _redis_full)  # the more specific one wins
     _routes(app, settings)
     return app
 
@@ -262,6 +265,18 @@ async def _invalid(request: Request, exc: Exception) -> JSONResponse:
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     return JSONResponse({"error": str(exc.detail)}, exc.status_code, headers=exc.headers)
+
+
+async def _redis_full(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse(
+        {
+            "error": "Redis is full (maxmemory): nothing of this event was queued, or of a batch"
+            " nothing in the shards it refused. Send it again once consumers have drained some:"
+            " events already queued come back as duplicates."
+        },
+        status_code=507,
+        headers={"Retry-After": str(RETRY_FULL_S)},
+    )
 
 
 async def _redis_down(request: Request, exc: Exception) -> JSONResponse:

@@ -15,7 +15,7 @@ import typer
 import uvloop
 from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisClusterException
+from redis.exceptions import OutOfMemoryError, RedisClusterException
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from app import handlers, log, progress
@@ -65,6 +65,13 @@ def _run(coro: Coroutine[Any, Any, T], settings: Settings) -> T:
             return runner.run(coro)
     except (RedisConnectionError, RedisClusterException) as exc:
         typer.echo(f"evq: cannot reach Redis at {masked(settings.redis_url)}: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    except OutOfMemoryError as exc:
+        typer.echo(
+            f"evq: Redis at {masked(settings.redis_url)} is full (maxmemory): {exc}. Let the"
+            " consumers drain, then run it again: events already queued are duplicates then",
+            err=True,
+        )
         raise typer.Exit(1) from exc
     except (LayoutMismatch, UnsafeRedis) as exc:
         typer.echo(f"evq: {exc}", err=True)

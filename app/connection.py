@@ -26,6 +26,7 @@ from redis.exceptions import (
     AskError,
     ClusterDownError,
     ExecAbortError,
+    OutOfMemoryError,
     ReadOnlyError,
     TryAgainError,
 )
@@ -43,7 +44,10 @@ REFRESH_EVERY_S = 0.1  # at most this often the slot map is read again after fau
 
 # Faults of the connection or of the cluster's routing, not answers: the call may or may not
 # have run (MOVED, ASK, TRYAGAIN, CLUSTERDOWN and READONLY during a failover or resharding:
-# it did not). Every transition is idempotent, so the caller sends the same call again.
+# it did not). A full Redis (OOM) did not run it either: a script is refused at its first
+# write that needs memory, and every script writes first something that frees it or needs
+# it (ack's DEL of the in-flight event frees it, so acks go on and make room). Every
+# transition is idempotent, so the caller sends the same call again.
 TRANSIENT = (
     RedisConnectionError,
     RedisTimeoutError,
@@ -52,6 +56,7 @@ TRANSIENT = (
     ClusterDownError,
     ReadOnlyError,
     ExecAbortError,
+    OutOfMemoryError,
 )
 
 

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple, TypeVar, cast
 import orjson
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, OutOfMemoryError, RedisError, ResponseError
 
 from app.connection import TRANSIENT, Nodes, backoff, connect, timed
 from app.keys import Keys
@@ -30,6 +30,8 @@ from app.settings import Settings
 T = TypeVar("T")
 Arg = bytes | int | str
 LOCK = 2  # position in Keys.account()
+HIGH_WATER = 0.9  # share of a master's maxmemory above which pushes are refused
+ROOM_CHECK_S = 1.0  # how long a master's memory reading is trusted
 REAP_CHUNK = 500
 
 
@@ -103,6 +105,11 @@ class LayoutMismatch(RuntimeError):
     """The namespace was set up with another number of shards than this process has."""
 
 
+class RedisFull(OutOfMemoryError):
+    """A master is above HIGH_WATER of its maxmemory: pushes wait, so claims and acks keep the
+    room they need to drain (Redis refuses a MULTI and most writes once it is full)."""
+
+
 class UnsafeRedis(RuntimeError):
     """Redis may evict keys (maxmemory-policy other than noeviction): queued events could
     vanish, leases and event ids with them."""
@@ -156,6 +163,7 @@ class Queue:
         self._opened = False
         self._closing = False
         self._allow_eviction = settings.allow_eviction
+        self._memory: dict[Redis, tuple[float, int, int]] = {}  # at, used_memory, maxmemory
 
     async def open(self, connections: int = 1) -> None:
         """Learn where the shards live, check the namespace's number of shards (recording it
@@ -185,12 +193,19 @@ class Queue:
         INFO, which managed services answer where CONFIG is disabled). Any other policy can
         evict queued events, leases or dedupe buckets; EVQ_ALLOW_EVICTION=1 runs anyway."""
         for master in self.nodes.masters():
-            memory = await self._timed(master.info("memory"))
+            where = master.connection_pool.connection_kwargs
+            address = f"{where.get('host', '?')}:{where.get('port', '?')}"
+            memory = await self._memory_info(master)
+            if memory is None:
+                print(
+                    f"evq: WARNING: Redis at {address} answers no INFO (a proxy?), so its"
+                    " maxmemory-policy cannot be checked: it must be noeviction",
+                    file=sys.stderr,
+                )
+                continue
             policy = memory.get("maxmemory_policy", "noeviction")
             if policy == "noeviction":
                 continue
-            where = master.connection_pool.connection_kwargs
-            address = f"{where.get('host', '?')}:{where.get('port', '?')}"
             message = (
                 f"Redis at {address} has maxmemory-policy {policy}: it may evict queued events,"
                 " leases and event ids when memory runs short. Set it to noeviction (redis.conf,"
@@ -200,6 +215,15 @@ class Queue:
             if not self._allow_eviction:
                 raise UnsafeRedis(message)
             print(f"evq: WARNING: {message}", file=sys.stderr)
+
+    async def _memory_info(self, node: Redis) -> dict[str, Any] | None:
+        """INFO memory of `node`; None where INFO is not served (some proxies, fakeredis)."""
+        try:
+            return cast(dict[str, Any], await self._timed(node.info("memory")))
+        except ResponseError as exc:
+            if "unknown command" not in str(exc):
+                raise
+            return None
 
     async def ping(self) -> None:
         """Every master answers (else a connection fault)."""
@@ -224,26 +248,58 @@ class Queue:
     async def push_many(self, events: Sequence[NewEvent]) -> list[PushResult]:
         """Queue events, one script call per shard in one round trip per master; results in
         the order given. Each shard's part is queued whole or not at all: after an error,
-        sending the same batch again is safe, as event ids already accepted are duplicates."""
+        sending the same batch again is safe, as event ids already accepted are duplicates.
+        Refused whole (RedisFull) when it would take a master above HIGH_WATER of its
+        maxmemory."""
+        if not self._opened:  # the API starts while Redis is down: check the shards first
+            await self.open()
         now_ns = time.time_ns()
         bucket = now_ns // 1_000_000 // self._dedupe_ms
         by_shard: dict[int, list[int]] = {}
         for i, event in enumerate(events):
             by_shard.setdefault(self.keys.shard_of(event.account), []).append(i)
-        calls = [
-            self._push_call(shard, [events[i] for i in picks], now_ns, bucket)
+        parts = [
+            (shard, *self._push_args(shard, [events[i] for i in picks], now_ns, bucket))
             for shard, picks in by_shard.items()
         ]
-        replies = await _every(calls)
+        adding: dict[Redis, int] = {}
+        for shard, _, args in parts:
+            node = self.node(shard)
+            adding[node] = adding.get(node, 0) + sum(len(a) for a in args if isinstance(a, bytes))
+        await _every([self._room(node, size) for node, size in adding.items()])
+        replies = await _every(
+            [self.scripts.call(self.node(shard), "push", keys, args) for shard, keys, args in parts]
+        )
         results: list[PushResult] = [PushResult(False, 0)] * len(events)
         for picks, reply in zip(by_shard.values(), replies, strict=True):
             for n, i in enumerate(picks):
                 results[i] = PushResult(bool(reply[2 * n]), int(reply[2 * n + 1]))
         return results
 
-    def _push_call(
+    async def _room(self, node: Redis, adding: int) -> None:
+        """Raise RedisFull when `adding` more bytes of events would take `node` above
+        HIGH_WATER of its maxmemory. The reading is kept for ROOM_CHECK_S and grown by twice
+        what is pushed meanwhile (keys, ids, list overhead); near the line it is taken again."""
+        now = time.monotonic()
+        at, used, limit = self._memory.get(node, (0.0, 0, 0))
+        growth = 2 * adding
+        stale = now - at > ROOM_CHECK_S or (limit and used + growth > limit * HIGH_WATER)
+        if stale:
+            memory = await self._memory_info(node) or {}
+            at, used = now, int(memory.get("used_memory", 0))
+            limit = int(memory.get("maxmemory", 0))
+        if limit and used + growth > limit * HIGH_WATER:
+            self._memory[node] = (at, used, limit)
+            raise RedisFull(
+                f"Redis uses {used:,} of its maxmemory {limit:,} bytes: this push would take it"
+                f" past {HIGH_WATER:.0%}, which pushes leave to the consumers' claims and acks"
+            )
+        self._memory[node] = (at, used + growth, limit)
+
+    def _push_args(
         self, shard: int, events: Sequence[NewEvent], now_ns: int, bucket: int
-    ) -> Awaitable[list[int]]:
+    ) -> tuple[list[bytes], list[str | int | bytes]]:
+        """KEYS and ARGV of push.lua for one shard's events."""
         keys = list(self._push_keys[shard])
         args: list[str | int | bytes] = [
             2 * self._dedupe_ms,
@@ -264,7 +320,7 @@ class Queue:
                 orjson.dumps(event.payload),
             )
             args += (number, event.account, event.event_id, body)
-        return self.scripts.call(self.node(shard), "push", keys, args)
+        return keys, args
 
     async def claim(self, n: int, block_s: float) -> list[Event | Won]:
         """Claim up to `n` accounts, best first over all shards, and take the head event of each.

@@ -1,5 +1,9 @@
 """The HTTP API against a real Redis: accepted, duplicate, batch, validation, Redis down."""
 
+import asyncio
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -10,7 +14,7 @@ from fastapi import FastAPI
 
 from app.api import MAX_PAYLOAD_BYTES, create_app
 from app.queue import NewEvent, Queue
-from tests.support import RedisServer, Routed, settings
+from tests.support import Consumers, RedisServer, Routed, settings
 
 
 @pytest.fixture
@@ -246,5 +250,50 @@ async def test_redis_down_is_503_and_queues_nothing(tmp_path: Path) -> None:
             server.start()
             stats = (await api.get("/stats")).json()
             assert stats["accepted"] == 1
+    finally:
+        server.stop()
+
+
+async def test_redis_full_is_507_and_pushes_resume_after_a_drain(tmp_path: Path) -> None:
+    """A Redis with a small maxmemory filled through the API: past 90% of it a batch is a 507
+    with Retry-After and queues nothing (claims and acks keep the rest to drain with); gen
+    stops with a clear message. Consumers drain, and the same batch is then accepted whole:
+    nothing lost, nothing queued twice."""
+    server = RedisServer(tmp_path / "redis", options=("--maxmemory", "4mb"))
+    server.start()
+    try:
+        async with Lifespan(create_app(settings(server.url))) as api:
+            sent = 0
+            for b in range(100):
+                batch = [
+                    {"account_id": i % 40 + 1, "event_id": f"b{b}-{i}", "payload": "x" * 2000}
+                    for i in range(50)
+                ]
+                reply = await api.post("/events/batch", json={"events": batch})
+                if reply.status_code != 202:
+                    break
+                sent += 50
+                await asyncio.sleep(0.02)
+            assert reply.status_code == 507, reply.text
+            assert int(reply.headers["retry-after"]) > 0
+            assert "full" in reply.json()["error"]
+            assert (await api.get("/stats")).json()["accepted"] == sent
+            gen = subprocess.run(
+                [sys.executable, "-m", "app", "gen", "--events=3000", "--batch=3000"],
+                env={**os.environ, "REDIS_URL": server.url, "EVENT_LOG": str(tmp_path / "g")},
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            assert gen.returncode == 1 and "is full" in gen.stderr, gen.stderr
+            consumers = Consumers(server.url, tmp_path / "event.log")
+            consumers.start(burst=True)
+            assert consumers.procs[0].wait(timeout=60) == 0
+            consumers.stop_all()
+            await asyncio.sleep(1.1)  # the push's memory reading is a second old at most
+            again = await api.post("/events/batch", json={"events": batch})
+            assert again.status_code == 202, again.text
+            assert again.json()["accepted"] == 50
+            assert (await api.get("/stats")).json()["accepted"] == sent + 50
     finally:
         server.stop()
