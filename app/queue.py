@@ -32,6 +32,7 @@ Arg = bytes | int | str
 LOCK = 2  # position in Keys.account()
 HIGH_WATER = 0.9  # share of a master's maxmemory above which pushes are refused
 ROOM_CHECK_S = 1.0  # how long a master's memory reading is trusted
+HEARTBEATS_KEPT_S = 3600.0  # a consumer silent this long is forgotten
 REAP_CHUNK = 500
 
 
@@ -164,6 +165,7 @@ class Queue:
         self._closing = False
         self._allow_eviction = settings.allow_eviction
         self._memory: dict[Redis, tuple[float, int, int]] = {}  # at, used_memory, maxmemory
+        self._dead_max = settings.dead_letters_max
 
     async def open(self, connections: int = 1) -> None:
         """Learn where the shards live, check the namespace's number of shards (recording it
@@ -507,9 +509,10 @@ class Queue:
         return self._settle("ack", event, want_next, ())
 
     def nack(self, event: Event, error: str, dead: bool, want_next: bool = True) -> Awaitable[Next]:
-        """Settle a failed event: back to the head for a retry, or into dead letters when `dead`."""
+        """Settle a failed event: back to the head for a retry, or into dead letters when `dead`
+        (each shard keeps the newest DEAD_LETTERS_MAX)."""
         entry = _dead_entry(event, error) if dead else b""
-        return self._settle("nack", event, want_next, (entry,))
+        return self._settle("nack", event, want_next, (entry, self._dead_max))
 
     async def release(
         self, account: int, token: int, event: Event | None = None, ran: bool = True
@@ -551,9 +554,13 @@ class Queue:
         return bool(await self._timed(self.nodes.for_key(key).set(key, b"1", nx=True, px=ttl_ms)))
 
     async def register(self, member: str) -> None:
-        """Record a live consumer as `host:pid:slots` with the time of this heartbeat."""
-        key = self.keys.consumers
-        await self._timed(self.nodes.for_key(key).zadd(key, {member: time.time()}))
+        """Record a live consumer as `host:pid:slots` with the time of this heartbeat, and
+        forget the consumers silent for HEARTBEATS_KEPT_S (they died without unregistering)."""
+        key, now = self.keys.consumers, time.time()
+        async with self.nodes.for_key(key).pipeline(transaction=False) as pipe:
+            pipe.zadd(key, {member: now})
+            pipe.zremrangebyscore(key, "-inf", now - HEARTBEATS_KEPT_S)
+            await self._timed(pipe.execute())
 
     async def unregister(self, member: str) -> None:
         """Forget a consumer that stopped."""
@@ -610,7 +617,7 @@ class Queue:
         return not any(size for (size,) in sizes)
 
     def _settle(
-        self, name: str, event: Event, want_next: bool, extra: tuple[bytes, ...]
+        self, name: str, event: Event, want_next: bool, extra: tuple[Arg, ...]
     ) -> Awaitable[Next]:
         """ack and nack: ARGV 5 seq, 6 attempt, 7 want next, 8 switch margin, 9 the best ready
         score elsewhere, then `extra`."""

@@ -2,7 +2,8 @@
 -- KEYS: the account layout (_lib.lua)
 -- ARGV: 1 account, 2 fencing token, 3 claim order, 4 random score, 5 seq and 6 attempt of
 --       the failed event, 7 want next ('1' or '0'), 8 switch margin and 9 best ready score
---       elsewhere (next_step in _lib.lua), 10 dead-letter entry (JSON), or '' to retry
+--       elsewhere (next_step in _lib.lua), 10 dead-letter entry (JSON), or '' to retry,
+--       11 how many dead letters the shard keeps (the oldest go first)
 -- Returns {'retry'} (back at the head, still owned), a next step as ack.lua does, or {'lost'}.
 -- Sent again: the same answer, nothing changed.
 local account, token, seq, attempt = ARGV[1], ARGV[2], ARGV[5], ARGV[6]
@@ -17,6 +18,7 @@ if ARGV[10] == '' then
   if ARGV[7] ~= '1' then reply = release(account, ARGV[3], ARGV[4]) end
 else
   redis.call('RPUSH', dead, ARGV[10])
+  redis.call('LTRIM', dead, -tonumber(ARGV[11]), -1)
   redis.call('DEL', in_flight, attempt_key)
   redis.call('HINCRBY', stats, 'dead', 1)
   redis.call('HINCRBY', totals, 'dead', 1)

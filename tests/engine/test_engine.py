@@ -2,9 +2,11 @@
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
 import pytest
 from redis.asyncio import Redis
 
@@ -343,3 +345,25 @@ async def test_replica_acks_wait_for_a_replica_or_fail_as_a_fault(make_queue: Ma
     step = await queue.ack(event)
     assert isinstance(step, Event)
     assert await queue.ack(step) is Step.DRAINED
+
+
+async def test_dead_letters_keep_the_newest_per_shard(make_queue: MakeQueue) -> None:
+    """DEAD_LETTERS_MAX bounds each shard's dead letters: the oldest go; the count of dead
+    events still counts all of them."""
+    queue = make_queue(dead_letters_max=2)
+    await push(queue, 1, "a", "b", "c")
+    for _ in range(3):
+        event = await claim_one(queue)
+        await queue.nack(event, "bad", dead=True, want_next=False)
+    entries = await Routed(queue).lrange(queue.keys.dead(queue.keys.shard_of(1)), 0, -1)
+    assert [orjson.loads(e)["event_id"] for e in entries] == ["b", "c"]
+    assert (await queue.stats())["dead"] == 3
+
+
+async def test_heartbeats_of_dead_consumers_are_forgotten(make_queue: MakeQueue) -> None:
+    """A consumer that died without unregistering drops out of the heartbeats after an hour."""
+    queue = make_queue()
+    key = queue.keys.consumers
+    await Routed(queue).zadd(key, {"gone:1:4": time.time() - 2 * 3600})
+    await queue.register("here:2:4")
+    assert await queue.live_consumers(3 * 3600) == {"here:2": 4}
