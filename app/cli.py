@@ -100,9 +100,9 @@ def consume(
         pool_size = min(settings.concurrency, LANE_CONNECTIONS) + 4
         # Open the pools before the first claim, so the first wave of acks does not pay for it.
         async with open_queue(settings, pool_size, consumer=True, connections=pool_size) as queue:
-            diagnostics = log.configure(settings.event_log, fallback=True)
+            diagnostics = log.configure(settings, fallback=True)
             # A slot waits for an unwritable event log at most half a lease, then gives up.
-            events = log.EventLog(settings.event_log, diagnostics, settings.lease_seconds / 2)
+            events = log.EventLog(settings, diagnostics, settings.lease_seconds / 2)
             slots = Slots(queue, handler, settings, diagnostics, events)
             consumer = Consumer(queue, slots, settings, diagnostics)
             await consumer.run(burst=burst)
@@ -137,7 +137,7 @@ def gen(
     plan = workload(pattern, events, accounts, seed)
     chain = longest_chain(plan)
     run_id = uuid.uuid4().hex[:12]
-    run_log = log.configure(settings.event_log)
+    run_log = log.configure(settings)
 
     async def main() -> tuple[PushSummary, int]:
         async with open_target(settings, via, api_url) as (push_many, live_slots):
@@ -260,7 +260,8 @@ def report(
     report proves order across them. Exits 1 when an order violation or a lost event is found.
     """
     settings = _settings()
-    paths = _log_files(logs or [str(settings.event_log)])
+    named = _log_files(logs or [str(settings.event_log)])
+    paths = [older for path in named for older in log.rotated(path)]  # oldest first
     run = read_log(paths, latest_run=not all_runs)
     if not run.attempts:
         names = ", ".join(map(str, paths))

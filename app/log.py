@@ -1,7 +1,9 @@
 """Structured logging: JSON lines, each one write() on an O_APPEND file shared by processes."""
 
 import asyncio
+import contextlib
 import errno
+import fcntl
 import logging
 import os
 import socket
@@ -15,20 +17,59 @@ import structlog
 from structlog.typing import FilteringBoundLogger
 
 from app.connection import backoff
+from app.settings import Settings
 
 
 class AppendFile:
     """The log file opened O_APPEND: a line is one write(), so lines of many processes never
-    interleave. A failed or short write raises OSError."""
+    interleave. A failed or short write raises OSError.
 
-    def __init__(self, path: Path) -> None:
+    With `max_bytes`, the file is rotated when it has grown past it: `<log>` becomes
+    `<log>.1`, `<log>.1` becomes `<log>.2` and so on, and `<log>.<keep>` is dropped. Every
+    process writing the log checks every CHECK_EVERY lines; one rotates (under a lock file),
+    the others find the new file and reopen it. Lines written meanwhile land whole in the
+    renamed file, which `evq report` reads too (`rotated`).
+    """
+
+    CHECK_EVERY = 256
+
+    def __init__(self, path: Path, max_bytes: int | None = None, keep: int = 8) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._path, self._max_bytes, self._keep = path, max_bytes, keep
+        self._fd = self._open()
+        self._lines = 0
+
+    def _open(self) -> int:
+        return os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def write(self, line: bytes) -> None:
         written = os.write(self._fd, line)
         if written != len(line):
             raise OSError(errno.EIO, f"short write: {written} of {len(line)} bytes")
+        if self._max_bytes is not None:
+            self._lines += 1
+            if self._lines % self.CHECK_EVERY == 0:
+                self._follow_rotation()
+
+    def _follow_rotation(self) -> None:
+        """Reopen the log if another process rotated it; rotate it if it is too large."""
+        mine = os.fstat(self._fd)
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(self._path).st_ino == mine.st_ino and mine.st_size < (self._max_bytes or 0):
+                return
+        with open(f"{self._path}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                current = os.stat(self._path)
+            except FileNotFoundError:
+                current = None
+            if current is not None and current.st_ino == mine.st_ino:
+                for n in range(self._keep - 1, 0, -1):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.replace(f"{self._path}.{n}", f"{self._path}.{n + 1}")
+                os.replace(self._path, f"{self._path}.1")
+            os.close(self._fd)
+            self._fd = self._open()
 
     def flush(self) -> None:
         """Nothing is buffered."""
@@ -46,14 +87,26 @@ class OrStderr(AppendFile):
             sys.stderr.flush()
 
 
-def configure(path: Path, fallback: bool = False) -> FilteringBoundLogger:
+def rotated(path: Path) -> list[Path]:
+    """`path` and its rotated files, oldest first."""
+    older = sorted(
+        (p for p in path.parent.glob(f"{path.name}.*") if p.suffix[1:].isdigit()),
+        key=lambda p: -int(p.suffix[1:]),
+    )
+    return [*older, *([path] if path.is_file() else [])]
+
+
+def configure(settings: Settings, fallback: bool = False) -> FilteringBoundLogger:
     """A logger that appends JSON lines with an ISO timestamp (microseconds), the host and the
     pid (consumers on many hosts each write their own log; the report merges them).
 
-    Its writes raise OSError when the file cannot take them, unless `fallback` sends those
-    lines to stderr instead.
+    It appends to EVENT_LOG, rotated past EVENT_LOG_MAX_BYTES (`AppendFile`). Its writes
+    raise OSError when the file cannot take them, unless `fallback` sends those lines to
+    stderr instead.
     """
-    sink = OrStderr(path) if fallback else AppendFile(path)
+    sink = (OrStderr if fallback else AppendFile)(
+        settings.event_log, settings.event_log_max_bytes, settings.event_log_keep
+    )
     logger: FilteringBoundLogger = structlog.wrap_logger(
         structlog.BytesLogger(cast(BinaryIO, sink)),  # it only calls write() and flush()
         processors=[
@@ -75,8 +128,10 @@ class EventLog:
     when the file takes nothing) and the OSError is raised.
     """
 
-    def __init__(self, path: Path, diagnostics: FilteringBoundLogger, patience_s: float) -> None:
-        self._lines = configure(path)
+    def __init__(
+        self, settings: Settings, diagnostics: FilteringBoundLogger, patience_s: float
+    ) -> None:
+        self._lines = configure(settings)
         self._diagnostics = diagnostics
         self._patience_s = patience_s
 

@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     fail_rate: float = Field(0.0, ge=0, le=1)
     handler: str = "app.handlers:reference"
     event_log: Path = Path("var/log/event.log")
+    event_log_max_bytes: int | None = Field(256 * 1024 * 1024, ge=64 * 1024)
+    event_log_keep: int = Field(8, ge=1)
     claim_order: ClaimOrder = "longest"
     switch_margin: int = Field(3, ge=1)
     dedupe_seconds: float = Field(86_400.0, gt=0)

@@ -1,11 +1,16 @@
 """Ordering and no-loss under real consumer processes: many slots, kill -9, SIGSTOP, SIGTERM."""
 
+import json
 import os
 import signal
 
 import pytest
+from typer.testing import CliRunner
 
+from app.cli import app
+from app.log import rotated
 from app.queue import NewEvent
+from app.report import order_violations
 from tests.integration.helpers import (
     assert_all_acked_once_in_order,
     attempts,
@@ -179,3 +184,28 @@ def test_sigterm_finishes_current_events_and_loses_nothing(
     found = assert_all_acked_once_in_order(consumers.event_log, 100)
     assert all(a.attempt == 1 for a in found)
     assert counter(redis_url, "redelivered") == 0
+
+
+def test_event_log_rotates_by_size_and_the_report_reads_it_whole(
+    redis_url: str, consumers: Consumers
+) -> None:
+    """EVENT_LOG_MAX_BYTES: two processes writing one log rotate it (`event.log.1`, `.2`, ...)
+    without losing or splitting a line, and `evq report` reads the rotated files as one log."""
+    for _ in range(2):
+        consumers.start(concurrency=20, event_log_max_bytes=65536, event_log_keep=100)
+    wait_for(lambda: live_consumers(redis_url) == 2, 30, "two consumers' heartbeats")
+    push_workload(redis_url, 2000, 100, seed=9)
+    wait_settled(redis_url, 2000, timeout=60)
+    graceful_stop(consumers.procs)
+    log = consumers.event_log
+    files = rotated(log)
+    assert len(files) >= 5
+    assert all(path.stat().st_size < 4 * 65536 for path in files)
+    found = [a for path in files for a in attempts(path)]
+    assert len({(a.account, a.seq) for a in found if a.outcome == "ack"}) == 2000
+    assert order_violations(found) == []
+    report = CliRunner().invoke(
+        app, ["report", str(log), "--json", "--all"], env={"REDIS_URL": redis_url}
+    )
+    assert report.exit_code == 0, report.output
+    assert json.loads(report.stdout)["acked"] == 2000
