@@ -12,10 +12,10 @@ from fastapi import FastAPI, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, StrictInt, field_validator
-from redis.exceptions import OutOfMemoryError, RedisClusterException
+from redis.exceptions import OutOfMemoryError
 from starlette.exceptions import HTTPException
 
-from app.connection import TRANSIENT, connect
+from app.connection import UNREACHABLE, Nodes
 from app.queue import NewEvent, PushResult, Queue
 from app.settings import Settings
 from app.views import account_state, dead_letters
@@ -151,10 +151,10 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        queue = Queue(connect(settings), settings)
+        queue = Queue(Nodes(settings), settings)
         app.state.queue = queue
         # Redis down now is a 503 per request until it answers; another SHARDS stops the API.
-        with contextlib.suppress(*TRANSIENT, RedisClusterException):
+        with contextlib.suppress(*UNREACHABLE):
             await queue.open()
         yield
         await queue.aclose()
@@ -168,7 +168,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(BodyLimit)
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(HTTPException, _http_error)
-    for fault in (*TRANSIENT, RedisClusterException):
+    for fault in UNREACHABLE:
         app.add_exception_handler(fault, _redis_down)
     app.add_exception_handler(OutOfMemoryError, _redis_full)  # the more specific one wins
     _routes(app, settings)

@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from app import handlers, log, progress
 from app.client import ApiError
-from app.connection import TRANSIENT, masked
+from app.connection import UNREACHABLE, masked
 from app.consumer import Consumer
 from app.generator import (
     Pattern,
@@ -185,7 +185,7 @@ def api() -> None:
     async def check() -> None:
         """Refuse an evicting Redis or another SHARDS at once; a Redis down now is the
         API's 503s until it answers."""
-        with contextlib.suppress(*TRANSIENT, RedisClusterException):
+        with contextlib.suppress(*UNREACHABLE):
             async with open_queue(settings):
                 pass
 

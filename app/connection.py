@@ -1,4 +1,5 @@
-"""Building the Redis clients, and what counts as a connection fault; nothing else makes one.
+"""Building the Redis clients (`Nodes`), and what counts as a connection fault; nothing else
+makes a client.
 
 One Redis and a Redis Cluster look the same to the engine: `Nodes.for_slot` names the client of
 the master serving a slot. On a cluster, redis-py's asyncio `RedisCluster` keeps the slot map
@@ -28,6 +29,7 @@ from redis.exceptions import (
     ExecAbortError,
     OutOfMemoryError,
     ReadOnlyError,
+    RedisClusterException,
     TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -58,6 +60,8 @@ TRANSIENT = (
     ExecAbortError,
     OutOfMemoryError,
 )
+# TRANSIENT, and a cluster none of whose seeds answers: Redis cannot be reached now.
+UNREACHABLE = (*TRANSIENT, RedisClusterException)
 
 
 class _PackedInC:
@@ -223,11 +227,6 @@ def masked(url: str) -> str:
     user, has_password, _ = credentials.partition(":")
     shown = f"{user}:***" if has_password else user
     return parts._replace(netloc=f"{shown}@{hosts}").geturl()
-
-
-def connect(settings: Settings, max_connections: int = 64, consumer: bool = False) -> Nodes:
-    """The masters named by REDIS_URL (call `Nodes.start` before use)."""
-    return Nodes(settings, max_connections, consumer)
 
 
 async def timed(seconds: float, round_trip: Awaitable[T]) -> T:

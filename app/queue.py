@@ -22,14 +22,15 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError, OutOfMemoryError, RedisError, ResponseError
 
-from app.connection import TRANSIENT, Nodes, backoff, connect, timed
-from app.keys import Keys
+from app.connection import TRANSIENT, Nodes, backoff, timed
+from app.keys import ACCOUNT_KINDS, Keys
 from app.scripts import SHAS, Scripts
 from app.settings import Settings
 
 T = TypeVar("T")
 Arg = bytes | int | str
-LOCK = 2  # position in Keys.account()
+# Positions in Keys.account().
+PENDING, LOCK, FENCE, SEQ = (ACCOUNT_KINDS.index(kind) for kind in ("user", "lock", "fence", "seq"))
 HIGH_WATER = 0.9  # share of a master's maxmemory above which pushes are refused
 ROOM_CHECK_S = 1.0  # how long a master's memory reading is trusted
 HEARTBEATS_KEPT_S = 3600.0  # a consumer silent this long is forgotten
@@ -244,7 +245,8 @@ class Queue:
         """The client of the master that serves `shard`."""
         return self.nodes.for_slot(self._slot[shard])
 
-    def _node_of(self, account: int) -> Redis:
+    def node_of(self, account: int) -> Redis:
+        """The client of the master that serves `account`."""
         return self.node(self.keys.shard_of(account))
 
     async def push_many(self, events: Sequence[NewEvent]) -> list[PushResult]:
@@ -261,16 +263,15 @@ class Queue:
         for i, event in enumerate(events):
             by_shard.setdefault(self.keys.shard_of(event.account), []).append(i)
         parts = [
-            (shard, *self._push_args(shard, [events[i] for i in picks], now_ns, bucket))
+            (self.node(shard), *self._push_args(shard, [events[i] for i in picks], now_ns, bucket))
             for shard, picks in by_shard.items()
         ]
         adding: dict[Redis, int] = {}
-        for shard, _, args in parts:
-            node = self.node(shard)
+        for node, _, args in parts:
             adding[node] = adding.get(node, 0) + sum(len(a) for a in args if isinstance(a, bytes))
         await _every([self._room(node, size) for node, size in adding.items()])
         replies = await _every(
-            [self.scripts.call(self.node(shard), "push", keys, args) for shard, keys, args in parts]
+            [self.scripts.call(node, "push", keys, args) for node, keys, args in parts]
         )
         results: list[PushResult] = [PushResult(False, 0)] * len(events)
         for picks, reply in zip(by_shard.values(), replies, strict=True):
@@ -314,7 +315,7 @@ class Queue:
             if number is None:
                 number = numbers[event.account] = len(numbers) + 1
                 own = self._account_keys(event.account)
-                keys += (own[0], own[LOCK], own[5])
+                keys += (own[PENDING], own[LOCK], own[SEQ])
                 keys += (self.keys.dedupe(event.account, b).encode() for b in (bucket, bucket - 1))
             body = b'"enq_ns":%d,"id":%b,"p":%b}' % (
                 now_ns,
@@ -377,20 +378,15 @@ class Queue:
                 keys = self._account_keys(account)
                 pipe.incr(keys[LOCK])
                 pipe.pexpire(keys[LOCK], self._lease_ms, nx=True)
-                pipe.incr(keys[LOCK + 1])
+                pipe.incr(keys[FENCE])
                 argv = self._argv(account, "claim", claim_id)
                 pipe.evalsha(SHAS["take"], len(keys), *keys, *argv)
             pipe.execute_command("EXEC")
 
         # MULTI, what it queued and EXEC, in one round trip on one connection of the shard's
         # master (so a WAIT of REPLICA_ACKS can follow on the same connection).
-        try:
-            replies = (await self.scripts.send(node, multi))[-1]
-        except TRANSIENT as exc:
-            self.nodes.noticed(exc)
-            raise
+        replies = (await self.scripts.send(node, multi))[-1]
         if isinstance(replies, Exception):  # EXECABORT: a command was refused, nothing ran
-            self.nodes.noticed(replies)
             raise replies
         claimed: list[Event | Won] = []
         for account, part in zip(accounts, _parts(replies), strict=True):
@@ -638,7 +634,7 @@ class Queue:
 
     def _script(self, account: int, name: str, args: Sequence[Arg]) -> Awaitable[Any]:
         """One account script on the account's master (auto-pipelined with the others)."""
-        return self.scripts.call(self._node_of(account), name, self._account_keys(account), args)
+        return self.scripts.call(self.node_of(account), name, self._account_keys(account), args)
 
     def _argv(self, account: int, token: int | str, *args: Arg) -> tuple[Arg, ...]:
         """ARGV of every account script but reap and renew: 1 account, 2 fencing token (or
@@ -674,7 +670,7 @@ async def open_queue(
 ) -> AsyncIterator["Queue"]:
     """A `Queue` on the Redis or Redis Cluster of REDIS_URL, checked (`Queue.open`) and closed
     at the end. The one way an entrypoint reaches Redis."""
-    queue = Queue(connect(settings, max_connections, consumer), settings)
+    queue = Queue(Nodes(settings, max_connections, consumer), settings)
     try:
         await queue.open(connections)
         yield queue

@@ -106,20 +106,13 @@ class Scripts:
 
     async def _execute(self, client: Redis, calls: Sequence[Call]) -> list[Any]:
         """Results in call order, errors as exception objects; NOSCRIPT ones run again."""
-        try:
-            results = await self._pipeline(client, calls)
-            missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
-            if missing:
-                await self.load(client)
-                retried = await self._pipeline(client, [calls[i] for i in missing])
-                for i, result in zip(missing, retried, strict=True):
-                    results[i] = result
-        except Exception as exc:
-            self._nodes.noticed(exc)
-            raise
-        for result in results:
-            if isinstance(result, Exception):
-                self._nodes.noticed(result)
+        results = await self._pipeline(client, calls)
+        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+        if missing:
+            await self.load(client)
+            retried = await self._pipeline(client, [calls[i] for i in missing])
+            for i, result in zip(missing, retried, strict=True):
+                results[i] = result
         return results
 
     async def _pipeline(self, client: Redis, calls: Sequence[Call]) -> list[Any]:
@@ -133,17 +126,25 @@ class Scripts:
         """One pipelined round trip of the commands `queue(pipe)` adds, on one connection;
         replies in order, errors as exception objects. With REPLICA_ACKS=N a WAIT follows on the
         same connection, and unless N replicas have the writes within half the Redis timeout
-        the whole round trip fails with `NotReplicated` (a fault: callers send it again)."""
-        async with client.pipeline(transaction=False) as pipe:
-            queue(pipe)
+        the whole round trip fails with `NotReplicated` (a fault: callers send it again). Faults,
+        raised or replied, are told to `Nodes.noticed` (a cluster's slot may have moved)."""
+        try:
+            async with client.pipeline(transaction=False) as pipe:
+                queue(pipe)
+                if self._replicas:
+                    pipe.execute_command("WAIT", self._replicas, self._wait_ms)
+                replies = list(await timed(self._timeout_s, pipe.execute(raise_on_error=False)))
             if self._replicas:
-                pipe.execute_command("WAIT", self._replicas, self._wait_ms)
-            replies = list(await timed(self._timeout_s, pipe.execute(raise_on_error=False)))
-        if self._replicas:
-            copies = replies.pop()
-            if isinstance(copies, Exception) or int(copies) < self._replicas:
-                raise NotReplicated(
-                    f"the writes reached {copies} of {self._replicas} replicas"
-                    f" within {self._wait_ms} ms"
-                )
+                copies = replies.pop()
+                if isinstance(copies, Exception) or int(copies) < self._replicas:
+                    raise NotReplicated(
+                        f"the writes reached {copies} of {self._replicas} replicas"
+                        f" within {self._wait_ms} ms"
+                    )
+        except Exception as exc:
+            self._nodes.noticed(exc)
+            raise
+        for reply in replies:
+            if isinstance(reply, Exception):
+                self._nodes.noticed(reply)
         return replies

@@ -25,7 +25,7 @@ class AccountState:
 async def account_state(queue: Queue, account: int) -> AccountState:
     """Backlog, the event in flight, the owner's fencing token and lease, and settled counts."""
     keys = queue.keys
-    async with queue.node(keys.shard_of(account)).pipeline(transaction=True) as tx:
+    async with queue.node_of(account).pipeline(transaction=True) as tx:
         tx.llen(keys.pending(account))
         tx.lindex(keys.in_flight(account), 0)
         tx.get(keys.lock(account))

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator, Callable
 import fakeredis
 import pytest
 
-from app.connection import Nodes, connect
+from app.connection import Nodes
 from app.queue import Queue
 from tests.support import settings
 
@@ -23,7 +23,7 @@ async def make_queue(request: pytest.FixtureRequest) -> AsyncIterator[MakeQueue]
         url = request.getfixturevalue(
             "redis_url" if request.param == "redis-server" else "cluster_url"
         )
-        nodes = connect(settings(url))
+        nodes = Nodes(settings(url))
         await nodes.start()
 
     built: list[Queue] = []

@@ -15,7 +15,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from app.connection import connect
+from app.connection import Nodes
 from app.queue import Event, NewEvent, Queue, Step
 from tests.integration.helpers import seq_of
 from tests.support import RedisServer, snapshot
@@ -36,7 +36,7 @@ class QueueMachine(RuleBasedStateMachine):
         super().__init__()
         self.loop = asyncio.new_event_loop()
         config = evq_settings(self.url, lease_seconds=60)
-        self.queue = Queue(connect(config), config)
+        self.queue = Queue(Nodes(config), config)
         self.client = self.queue.nodes.masters()[0]
         self.run(self.client.flushall())
         self.ids = itertools.count()
