@@ -26,18 +26,20 @@ class AppendFile:
 
     With `max_bytes`, the file is rotated when it has grown past it: `<log>` becomes
     `<log>.1`, `<log>.1` becomes `<log>.2` and so on, and `<log>.<keep>` is dropped. Every
-    process writing the log checks every CHECK_EVERY lines; one rotates (under a lock file),
-    the others find the new file and reopen it. Lines written meanwhile land whole in the
-    renamed file, which `evq report` reads too (`rotated`).
+    process writing the log checks each time it has written CHECK_BYTES more (a sixteenth of
+    `max_bytes` for small limits); one rotates (under a lock file), the others find the new
+    file and reopen it. Lines written meanwhile land whole in the renamed file, which
+    `evq report` reads too (`rotated`).
     """
 
-    CHECK_EVERY = 256
+    CHECK_BYTES = 65536
 
     def __init__(self, path: Path, max_bytes: int | None = None, keep: int = 8) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._path, self._max_bytes, self._keep = path, max_bytes, keep
         self._fd = self._open()
-        self._lines = 0
+        self._check_bytes = min(self.CHECK_BYTES, max(1, (max_bytes or 0) // 16))
+        self._unchecked = 0
 
     def _open(self) -> int:
         return os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -47,8 +49,9 @@ class AppendFile:
         if written != len(line):
             raise OSError(errno.EIO, f"short write: {written} of {len(line)} bytes")
         if self._max_bytes is not None:
-            self._lines += 1
-            if self._lines % self.CHECK_EVERY == 0:
+            self._unchecked += written
+            if self._unchecked >= self._check_bytes:
+                self._unchecked = 0
                 self._follow_rotation()
 
     def _follow_rotation(self) -> None:
