@@ -24,7 +24,7 @@ from redis.exceptions import NoScriptError, OutOfMemoryError, RedisError, Respon
 
 from app.connection import TRANSIENT, Nodes, backoff, timed
 from app.keys import ACCOUNT_KINDS, Keys
-from app.scripts import SHAS, Scripts
+from app.scripts import Scripts
 from app.settings import Settings
 
 T = TypeVar("T")
@@ -37,6 +37,12 @@ HEARTBEATS_KEPT_S = 3600.0  # a consumer silent this long is forgotten
 REAP_CHUNK = 500
 
 
+def enqueued_ns(seq: int) -> int:
+    """When an event with this seq was queued: a seq is the Redis clock in microseconds at
+    the push, raised where needed to stay above the account's previous seq (push.lua)."""
+    return seq * 1000
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
     """One delivery of an event to a handler, with its attempt number and fencing token."""
@@ -45,9 +51,12 @@ class Event:
     seq: int
     event_id: str
     payload: Any
-    enqueued_ns: int
     attempt: int
     token: int
+
+    @property
+    def enqueued_ns(self) -> int:
+        return enqueued_ns(self.seq)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +150,9 @@ class Queue:
         self.nodes = nodes
         self.keys = Keys(settings.namespace, settings.shards)
         self._timeout_s = settings.socket_timeout_s
-        self.scripts = Scripts(nodes, self._timeout_s, settings.replica_acks)
+        self.scripts = Scripts(
+            nodes, self._timeout_s, settings.account_idle_ms, settings.replica_acks
+        )
         self._order = settings.claim_order
         self._lease_ms = settings.lease_ms
         # Score difference that makes a slot switch accounts: events of backlog for `longest`.
@@ -257,13 +268,12 @@ class Queue:
         maxmemory."""
         if not self._opened:  # the API starts while Redis is down: check the shards first
             await self.open()
-        now_ns = time.time_ns()
-        bucket = now_ns // 1_000_000 // self._dedupe_ms
+        bucket = time.time_ns() // 1_000_000 // self._dedupe_ms
         by_shard: dict[int, list[int]] = {}
         for i, event in enumerate(events):
             by_shard.setdefault(self.keys.shard_of(event.account), []).append(i)
         parts = [
-            (self.node(shard), *self._push_args(shard, [events[i] for i in picks], now_ns, bucket))
+            (self.node(shard), *self._push_args(shard, [events[i] for i in picks], bucket))
             for shard, picks in by_shard.items()
         ]
         adding: dict[Redis, int] = {}
@@ -300,7 +310,7 @@ class Queue:
         self._memory[node] = (at, used + growth, limit)
 
     def _push_args(
-        self, shard: int, events: Sequence[NewEvent], now_ns: int, bucket: int
+        self, shard: int, events: Sequence[NewEvent], bucket: int
     ) -> tuple[list[bytes], list[str | int | bytes]]:
         """KEYS and ARGV of push.lua for one shard's events."""
         keys = list(self._push_keys[shard])
@@ -317,8 +327,7 @@ class Queue:
                 own = self._account_keys(event.account)
                 keys += (own[PENDING], own[LOCK], own[SEQ])
                 keys += (self.keys.dedupe(event.account, b).encode() for b in (bucket, bucket - 1))
-            body = b'"enq_ns":%d,"id":%b,"p":%b}' % (
-                now_ns,
+            body = b'"id":%b,"p":%b}' % (
                 orjson.dumps(event.event_id),
                 orjson.dumps(event.payload),
             )
@@ -380,7 +389,7 @@ class Queue:
                 pipe.pexpire(keys[LOCK], self._lease_ms, nx=True)
                 pipe.incr(keys[FENCE])
                 argv = self._argv(account, "claim", claim_id)
-                pipe.evalsha(SHAS["take"], len(keys), *keys, *argv)
+                pipe.evalsha(self.scripts.shas["take"], len(keys), *keys, *argv)
             pipe.execute_command("EXEC")
 
         # MULTI, what it queued and EXEC, in one round trip on one connection of the shard's
@@ -658,7 +667,6 @@ class Queue:
             seq=body["seq"],
             event_id=body["id"],
             payload=body["p"],
-            enqueued_ns=body["enq_ns"],
             attempt=int(reply[2]),
             token=token,
         )

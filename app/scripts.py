@@ -32,9 +32,7 @@ def _source(name: str) -> str:
     return (lua / "_lib.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
 
 
-SOURCES = {name: _source(name) for name in NAMES}
-# Redis names a script by the SHA1 of its source, so the names are known before any load.
-SHAS = {name: hashlib.sha1(source.encode()).hexdigest() for name, source in SOURCES.items()}
+LIBRARY = {name: _source(name) for name in NAMES}
 
 
 class Scripts:
@@ -45,7 +43,13 @@ class Scripts:
     all of them costs the client far less CPU than one round trip each.
     """
 
-    def __init__(self, nodes: Nodes, timeout_s: float, replicas: int = 0) -> None:
+    def __init__(
+        self, nodes: Nodes, timeout_s: float, account_idle_ms: int, replicas: int = 0
+    ) -> None:
+        settings = f"local ACCOUNT_IDLE_MS = {account_idle_ms}\n"
+        self._sources = {name: settings + source for name, source in LIBRARY.items()}
+        # Redis names a script by the SHA1 of its source, so the names are known before a load.
+        self.shas = {n: hashlib.sha1(s.encode()).hexdigest() for n, s in self._sources.items()}
         self._nodes = nodes
         self._timeout_s = timeout_s
         self._replicas = replicas
@@ -56,7 +60,7 @@ class Scripts:
     async def load(self, client: Redis) -> None:
         """Register every script with one master (after a restart or failover flushed them)."""
         async with client.pipeline(transaction=False) as pipe:
-            for source in SOURCES.values():
+            for source in self._sources.values():
                 pipe.script_load(source)
             await timed(self._timeout_s, pipe.execute())
 
@@ -118,7 +122,7 @@ class Scripts:
     async def _pipeline(self, client: Redis, calls: Sequence[Call]) -> list[Any]:
         def queue(pipe: Pipeline) -> None:
             for name, keys, args in calls:
-                pipe.evalsha(SHAS[name], len(keys), *keys, *args)
+                pipe.evalsha(self.shas[name], len(keys), *keys, *args)
 
         return await self.send(client, queue)
 

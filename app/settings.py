@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     claim_order: ClaimOrder = "longest"
     switch_margin: int = Field(3, ge=1)
     dedupe_seconds: float = Field(86_400.0, gt=0)
+    account_idle_seconds: float = Field(3 * 86_400.0, gt=0)
     reaper_seconds: float = Field(5.0, gt=0)
     retry_backoff_seconds: float = Field(0.1, ge=0)
     retry_backoff_max_seconds: float = Field(10.0, ge=0)
@@ -59,6 +60,16 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _idle_outlasts_dedupe(self) -> "Settings":
+        if self.account_idle_seconds < self.dedupe_seconds:
+            raise ValueError(
+                f"ACCOUNT_IDLE_SECONDS ({self.account_idle_seconds:g}) must be at least"
+                f" DEDUPE_SECONDS ({self.dedupe_seconds:g}): an idle account is forgotten no"
+                " sooner than the event ids it accepted"
+            )
+        return self
+
     @property
     def socket_timeout_s(self) -> float:
         """How long one Redis call may take: REDIS_TIMEOUT_SECONDS, else 5 s or a third of the
@@ -75,6 +86,11 @@ class Settings(BaseSettings):
     def lease_ms(self) -> int:
         """The lease in milliseconds, as the scripts take it."""
         return max(1, round(self.lease_seconds * 1000))
+
+    @property
+    def account_idle_ms(self) -> int:
+        """ACCOUNT_IDLE_SECONDS in milliseconds, as the scripts take it."""
+        return max(1, round(self.account_idle_seconds * 1000))
 
     def backoff_s(self, attempt: int) -> float:
         """Seconds to wait before retrying an event that failed its `attempt`-th try."""

@@ -6,7 +6,7 @@ from typing import Any, cast
 import orjson
 from redis.asyncio.client import Pipeline
 
-from app.queue import Queue
+from app.queue import Queue, enqueued_ns
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +37,8 @@ async def account_state(queue: Queue, account: int) -> AccountState:
     in_flight = None
     if body is not None:
         event = orjson.loads(body)
-        in_flight = {"seq": event["seq"], "event_id": event["id"], "enqueued_ns": event["enq_ns"]}
+        seq = event["seq"]
+        in_flight = {"seq": seq, "event_id": event["id"], "enqueued_ns": enqueued_ns(seq)}
     owner = None
     if held is not None:
         owner = {"token": int(fenced) - int(held) + 1, "lease_remaining_ms": max(0, lease_ms)}

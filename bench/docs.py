@@ -64,6 +64,7 @@ def _section(name: str, found: dict[str, dict[str, Any]]) -> str:
         "peers": _peers,
         "api": _plain,
         "growth": _plain,
+        "idle": _plain,
     }
     for scenario, table in tables.items():
         if scenario in found:

@@ -149,10 +149,20 @@ class Bench:
         self.procs.clear()
 
     def used_memory(self) -> int:
+        """Redis' used_memory, less its slow log (up to 128 recent slow commands with their
+        arguments, a fixed cost that would count as data)."""
         client = sync_redis.Redis.from_url(self.server.url)
+        client.slowlog_reset()
         used = int(client.info("memory")["used_memory"])
         client.close()
         return used
+
+    def account_keys(self) -> int:
+        """How many keys of accounts (`{<ns>:<shard>}:<kind>:<account>...`) the server holds."""
+        client = sync_redis.Redis.from_url(self.server.url)
+        count = sum(1 for _ in client.scan_iter(match="{*}:*:*", count=1000))
+        client.close()
+        return count
 
 
 @contextlib.contextmanager

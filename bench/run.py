@@ -54,6 +54,7 @@ def plan(full: bool) -> dict[str, list[Cell]]:
             _cell(scenarios.growth, n)
             for n in ((10_000, 100_000, 1_000_000) if full else (10_000,))
         ],
+        "idle": [_cell(scenarios.idle_memory)],
     }
 
 

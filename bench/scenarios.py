@@ -179,6 +179,37 @@ def growth(b: Bench, events: int, accounts: int = 100_000) -> dict[str, Any]:
     }
 
 
+def idle_memory(b: Bench, accounts: int = 10_000, idle_s: float = 5.0) -> dict[str, Any]:
+    """Redis bytes each account still holds once its events are drained, then once it has been
+    idle for ACCOUNT_IDLE_SECONDS (short here; a few days in production)."""
+    settings = {"account_idle_seconds": idle_s, "dedupe_seconds": idle_s / 2}
+    events = 5 * accounts
+    touched = len(set(workload("bursty", events, accounts, 1)))
+    # A smaller run first: Redis' script cache and its buffers sized by the largest call stay
+    # after FLUSHALL, so what is left at the end is what the accounts left.
+    b.gen(events // 10, accounts // 10, "bursty", 1024, process_seconds=0, **settings)
+    b.drain(1024, process_seconds=0, **settings)
+    b.fresh()
+    before = b.used_memory()
+    b.gen(events, accounts, "bursty", 1024, process_seconds=0, **settings)
+    b.drain(1024, process_seconds=0, **settings)
+    drained = b.used_memory()
+    started = time.monotonic()
+    while b.account_keys() and time.monotonic() - started < 120:
+        time.sleep(0.5)
+    forgotten_s = time.monotonic() - started
+    time.sleep(2)  # a few server cron runs: emptied hash tables shrink
+    return {
+        "accounts": touched,
+        "events": events,
+        "account_idle_s": idle_s,
+        "bytes_per_account_drained": round((drained - before) / touched, 1),
+        "bytes_per_account_idle": round((b.used_memory() - before) / touched, 1),
+        "account_keys_left": b.account_keys(),
+        "forgotten_after_s": round(forgotten_s, 1),
+    }
+
+
 def _peak_rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):

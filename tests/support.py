@@ -253,6 +253,12 @@ async def ready_scores(queue: Queue) -> dict[int, float]:
     return scores
 
 
+async def server_clock_us(queue: Queue) -> int:
+    """The Redis server's clock in microseconds (the floor of every seq and token)."""
+    seconds, micros = await queue.nodes.masters()[0].time()
+    return int(seconds) * 1_000_000 + int(micros)
+
+
 async def snapshot(queue: Queue) -> dict[object, object]:
     """Every key with its value (not its TTL), to show that a call changed nothing."""
     found: dict[object, object] = {}

@@ -8,6 +8,9 @@
 -- The totals hash keeps, beside the settled counts, the last settling call of each recent
 -- token, field 't:<token>' = '<seq>:<attempt>:<op>:<reply>': a call sent again (a client
 -- retry after a lost reply) is answered from it and changes nothing.
+-- ACCOUNT_IDLE_MS (scripts.py puts it above this file): once an account is drained, its
+-- seq, fence and totals expire after that long unless it is claimed again. Nothing depends on
+-- them surviving: seqs and tokens never go below the server clock in microseconds (`now_us`).
 local pending, in_flight, lock, fence, attempt_key, seq_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local ready, stats, active, dead, totals = KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11]
 -- Tokens whose last call is kept; older ones are dropped when the account is claimed again.
@@ -21,17 +24,25 @@ local function owns(token)
   return tonumber(held[2]) - tonumber(held[1]) + 1 == tonumber(token)
 end
 
--- The token of a claim that just won (lock 1, so the token is the fence), raised to the
--- server clock in microseconds when the fence is behind it: a failover that loses the newest
--- fence increments cannot hand out a token again, as long as the new master's clock is
--- ahead of the old one's by less than the failover took. The caller stores it in the fence
--- once the take has succeeded.
-local function fresh_token()
-  local fenced = redis.call('GET', fence)
+-- The server clock in microseconds: the floor of every seq and token. A failover that loses
+-- the newest writes, or the expiry of an idle account's state, cannot hand out a seq or a
+-- token again, as long as the clock of the master that takes over is behind the old one's by
+-- less than the failover (or the idle time) took. A number below 2^53, exact in Lua.
+local function now_us()
   local time = redis.call('TIME')
-  local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
-  if tonumber(fenced) >= now then return fenced end
-  return string.format('%.0f', now)
+  return tonumber(time[1]) * 1000000 + tonumber(time[2])
+end
+
+-- A seq or token as Redis and the event body take it (Lua would print 16 digits as 1.7e+15).
+local function digits(n)
+  return string.format('%.0f', n)
+end
+
+-- The token of a claim that just won (lock 1, so the token is the fence), raised to the
+-- server clock when the fence is behind it. The caller stores it in the fence once the take
+-- has succeeded.
+local function fresh_token()
+  return digits(math.max(tonumber(redis.call('GET', fence)) or 0, now_us()))
 end
 
 -- The in-flight event as a take reply, when `token` took it; nil otherwise.
@@ -58,9 +69,8 @@ end
 -- pending list's length when the caller knows it.
 local function ready_score(order, rand, backlog)
   if order == 'longest' then return tostring(-(backlog or redis.call('LLEN', pending))) end
-  if order == 'oldest' then
-    local enq_ns = string.match(redis.call('LINDEX', pending, 0), '"enq_ns":(%d+)')
-    return string.sub(enq_ns, 1, -4)
+  if order == 'oldest' then  -- a seq is when its event was queued, in microseconds
+    return string.match(redis.call('LINDEX', pending, 0), '^{"seq":(%d+)')
   end
   return rand
 end
@@ -79,6 +89,15 @@ local function make_ready(account, order, rand, backlog)
   end
 end
 
+-- Nothing left to do and no owner: out of the active set, and its state starts to age
+-- (a claim keeps it again: the fence is SET, the totals made persistent).
+local function drained(account)
+  redis.call('SREM', active, account)
+  for _, key in ipairs({seq_key, fence, totals}) do
+    redis.call('PEXPIRE', key, ACCOUNT_IDLE_MS)
+  end
+end
+
 -- An event left in flight by an owner that died goes back to the head, first in line.
 local function recover()
   if redis.call('LLEN', in_flight) > 0 then
@@ -93,7 +112,7 @@ local function reready(account, order, rand)
   if redis.call('EXISTS', lock) == 1 or redis.call('ZSCORE', ready, account) then return 0 end
   recover()
   if redis.call('LLEN', pending) == 0 then
-    redis.call('SREM', active, account)
+    drained(account)
     return 0
   end
   make_ready(account, order, rand)
@@ -124,7 +143,7 @@ local function release(account, order, rand)
     make_ready(account, order, rand)
     return {'released'}
   end
-  redis.call('SREM', active, account)
+  drained(account)
   return {'drained'}
 end
 

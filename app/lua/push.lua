@@ -6,20 +6,26 @@
 --       account, event_id, body after its opening brace.
 -- Returns 2 per event: 1 and its seq when queued, 0 and the earlier seq when the event_id was
 -- accepted within the dedupe window (an earlier event of this batch counts).
+-- An account's seqs only grow: each is the account's last seq + 1, or the server clock in
+-- microseconds when that is more (_lib.lua's now_us), so a lost or expired seq key is harmless.
 ready, stats, active = KEYS[1], KEYS[2], KEYS[3]
 local ttl, order = ARGV[1], ARGV[2]
 math.randomseed(tonumber(ARGV[3]))
-local out, accounts, base, backlog, was_idle, accepted = {}, {}, {}, {}, {}, 0
+local now = now_us()
+local out, accounts, base, last, backlog, was_idle, accepted = {}, {}, {}, {}, {}, {}, 0
 for i = 4, #ARGV, 4 do
   local at, account, id = 4 + 5 * (tonumber(ARGV[i]) - 1), ARGV[i + 1], ARGV[i + 2]
   local seen = redis.call('HGET', KEYS[at + 3], id) or redis.call('HGET', KEYS[at + 4], id)
   if seen then
     out[#out + 1], out[#out + 2] = 0, tonumber(seen)
   else
-    local seq = redis.call('INCR', KEYS[at + 2])
-    redis.call('HSET', KEYS[at + 3], id, seq)
+    local before = last[account] or tonumber(redis.call('GET', KEYS[at + 2])) or 0
+    local seq = math.max(before + 1, now)
+    local text = digits(seq)
+    last[account] = seq
+    redis.call('HSET', KEYS[at + 3], id, text)
     redis.call('PEXPIRE', KEYS[at + 3], ttl)
-    local length = redis.call('RPUSH', KEYS[at], '{"seq":' .. seq .. ',' .. ARGV[i + 3])
+    local length = redis.call('RPUSH', KEYS[at], '{"seq":' .. text .. ',' .. ARGV[i + 3])
     if not base[account] then
       base[account] = at
       accounts[#accounts + 1] = account
@@ -30,10 +36,11 @@ for i = 4, #ARGV, 4 do
     out[#out + 1], out[#out + 2] = 1, seq
   end
 end
--- Once per account that got events: into the active set if its pending list was empty (else
--- it is a member already), and ready on its whole new backlog unless an owner holds it.
--- No one sees the state between the loops.
+-- Once per account that got events: its last seq stored, into the active set if its pending
+-- list was empty (else it is a member already), and ready on its whole new backlog unless an
+-- owner holds it. No one sees the state between the loops.
 for _, account in ipairs(accounts) do
+  redis.call('SET', KEYS[base[account] + 2], digits(last[account]))
   -- _lib.lua's make_ready reads these locals: point them at this account.
   pending, lock = KEYS[base[account]], KEYS[base[account] + 1]
   if was_idle[account] then redis.call('SADD', active, account) end

@@ -20,6 +20,7 @@ end
 if token == 'claim' then
   if redis.call('GET', lock) ~= '1' then return {'lost'} end
   redis.call('ZREM', ready, account)
+  redis.call('PERSIST', totals)
   token, claim = fresh_token(), ARGV[5]
   forget_old_calls()
 elseif not owns(token) then
@@ -29,9 +30,10 @@ else
   if held then return held end
 end
 recover()
-local taken = take_head(token, claim) or release(account, ARGV[3], ARGV[4])
-if claim then
-  redis.call('SET', fence, token)
-  taken[#taken + 1] = token
-end
+local taken = take_head(token, claim)
+-- The claim's token is stored once the take has not failed, and before a release lets the
+-- drained account's fence age.
+if claim then redis.call('SET', fence, token) end
+taken = taken or release(account, ARGV[3], ARGV[4])
+if claim then taken[#taken + 1] = token end
 return taken

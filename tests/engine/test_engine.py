@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 from app.queue import Event, NewEvent, Queue, Step, Won
 from app.scripts import Call, NotReplicated
 from tests.engine.conftest import MakeQueue
-from tests.support import Routed, all_keys, flush_scripts, ready_scores
+from tests.support import Routed, all_keys, flush_scripts, ready_scores, server_clock_us
 
 
 def ready_of(queue: Queue, account: int) -> str:
@@ -31,12 +31,20 @@ async def claim_one(queue: Queue) -> Event:
 
 
 async def test_push_assigns_seq_and_readies_account(make_queue: MakeQueue) -> None:
-    """Each accepted event gets the next seq; the account enters the ready index by backlog."""
+    """I8: an event's seq is the account's last seq + 1, or the server clock in microseconds
+    when that is more. The account enters the ready index by backlog."""
     queue = make_queue()
+    clock = await server_clock_us(queue)
     results = await queue.push_many([NewEvent(7, "a"), NewEvent(7, "b"), NewEvent(8, "c")])
-    assert [(r.queued, r.seq) for r in results] == [(True, 1), (True, 2), (True, 1)]
+    a, b, c = (r.seq for r in results)
+    assert all(r.queued for r in results)
+    assert clock <= a < clock + 60_000_000
+    assert b == a + 1
+    assert clock <= c < clock + 60_000_000
     assert await ready_scores(queue) == {7: -2.0, 8: -1.0}
     assert (await queue.stats())["accepted"] == 3
+    [later] = await queue.push_many([NewEvent(7, "d")])
+    assert later.seq > b
 
 
 async def test_duplicate_event_id_is_queued_once(make_queue: MakeQueue) -> None:
@@ -48,11 +56,12 @@ async def test_duplicate_event_id_is_queued_once(make_queue: MakeQueue) -> None:
         [NewEvent(1, "same", {"v": 2}), NewEvent(1, "new"), NewEvent(1, "new")]
     )
     assert [(r.queued, r.seq) for r in (first, second, third, other)] == [
-        (True, 1),
-        (False, 1),
-        (True, 2),
-        (False, 2),
+        (True, first.seq),
+        (False, first.seq),
+        (True, third.seq),
+        (False, third.seq),
     ]
+    assert third.seq > first.seq
     assert await Routed(queue).llen(queue.keys.pending(1)) == 2
     assert (await queue.stats())["accepted"] == 2
 
@@ -75,7 +84,7 @@ async def test_claim_takes_longest_backlog_first(make_queue: MakeQueue) -> None:
     await push(queue, 1, "x1")
     await push(queue, 2, "y1", "y2", "y3")
     event = await claim_one(queue)
-    assert (event.account, event.seq, event.event_id, event.attempt) == (2, 1, "y1", 1)
+    assert (event.account, event.event_id, event.attempt) == (2, "y1", 1)
     assert await Routed(queue).lrange(queue.keys.in_flight(2), 0, -1) != []
 
 
@@ -96,7 +105,8 @@ async def test_ack_hands_out_next_event_in_order(make_queue: MakeQueue) -> None:
     first = await claim_one(queue)
     second = await queue.ack(first)
     assert isinstance(second, Event)
-    assert (second.seq, second.token) == (2, first.token)
+    assert (second.event_id, second.token) == ("b", first.token)
+    assert second.seq > first.seq
     assert await queue.ack(second) == Step.DRAINED
     assert await queue.drained()
     assert not await Routed(queue).exists(queue.keys.lock(3))
@@ -117,7 +127,7 @@ async def test_ack_switches_to_a_backlog_longer_by_the_margin(
     step = await queue.ack(first)
     if not switches:
         assert isinstance(step, Event)
-        assert (step.account, step.seq) == (1, 2)
+        assert (step.account, step.event_id) == (1, "a2")
         return
     assert step == Step.RELEASED
     assert (await ready_scores(queue))[1] == -2.0
@@ -162,7 +172,7 @@ async def test_stale_token_is_refused_everywhere(make_queue: MakeQueue) -> None:
     assert await queue.reap() == 1
     fresh = await claim_one(queue)
     assert fresh.token > stale.token
-    assert (fresh.seq, fresh.attempt) == (1, 2)
+    assert (fresh.event_id, fresh.seq, fresh.attempt) == ("a", stale.seq, 2)
     assert await queue.ack(stale) == Step.LOST
     assert await queue.nack(stale, "boom", dead=False) == Step.LOST
     assert await queue.renew([(1, stale.token)]) == [False]
@@ -191,7 +201,7 @@ async def test_nack_retries_in_place(make_queue: MakeQueue) -> None:
     assert await queue.nack(first, "boom", dead=False) == Step.RETRY
     again = await queue.take(1, first.token)
     assert isinstance(again, Event)
-    assert (again.seq, again.attempt) == (1, 2)
+    assert (again.event_id, again.seq, again.attempt) == ("a", first.seq, 2)
     assert (await queue.stats())["nacked"] == 1
 
 
@@ -202,7 +212,7 @@ async def test_nack_dead_letters_and_goes_on(make_queue: MakeQueue) -> None:
     first = await claim_one(queue)
     nxt = await queue.nack(first, "ValueError: bad", dead=True)
     assert isinstance(nxt, Event)
-    assert (nxt.seq, nxt.attempt) == (2, 1)
+    assert (nxt.event_id, nxt.attempt) == ("b", 1)
     [entry] = await Routed(queue).lrange(queue.keys.dead(queue.keys.shard_of(1)), 0, -1)
     assert b'"event_id":"a"' in entry
     assert b"ValueError: bad" in entry
@@ -225,19 +235,19 @@ async def test_release_returns_in_flight_to_head(make_queue: MakeQueue) -> None:
     first = await claim_one(queue)
     assert await queue.release(1, first.token) == Step.RELEASED
     again = await claim_one(queue)
-    assert (again.seq, again.attempt) == (1, 2)
+    assert (again.event_id, again.seq, again.attempt) == ("a", first.seq, 2)
 
 
 async def test_reap_recovers_orphan_after_crash(make_queue: MakeQueue) -> None:
     """An account whose owner vanished is readied by the reaper; the event is redelivered."""
     queue = make_queue()
     await push(queue, 1, "a", "b")
-    await claim_one(queue)
+    first = await claim_one(queue)
     assert await queue.reap() == 0
     await Routed(queue).delete(queue.keys.lock(1))
     assert await queue.reap() == 1
     again = await claim_one(queue)
-    assert (again.seq, again.attempt) == (1, 2)
+    assert (again.event_id, again.seq, again.attempt) == ("a", first.seq, 2)
     assert (await queue.stats())["redelivered"] == 1
 
 
@@ -247,7 +257,7 @@ async def test_reap_recovers_account_popped_but_never_locked(make_queue: MakeQue
     await push(queue, 1, "a")
     await Routed(queue).zpopmin(ready_of(queue, 1))
     assert await queue.reap() == 1
-    assert (await claim_one(queue)).seq == 1
+    assert (await claim_one(queue)).event_id == "a"
 
 
 async def test_reap_forgets_accounts_without_work(make_queue: MakeQueue) -> None:
@@ -266,13 +276,16 @@ async def test_every_order_drains_everything_in_seq_order(
     queue = make_queue(claim_order=order)
     for account in (1, 2, 3):
         await push(queue, account, *[f"{account}-{i}" for i in range(account * 2)])
-    seen: dict[int, list[int]] = {}
+    seen: dict[int, list[Event]] = {}
     while events := await queue.claim(1, 0.01):
         step: Event | Step = events[0]
         while isinstance(step, Event):
-            seen.setdefault(step.account, []).append(step.seq)
+            seen.setdefault(step.account, []).append(step)
             step = await queue.ack(step)
-    assert seen == {1: [1, 2], 2: [1, 2, 3, 4], 3: [1, 2, 3, 4, 5, 6]}
+    assert {a: [e.event_id for e in got] for a, got in seen.items()} == {
+        a: [f"{a}-{i}" for i in range(a * 2)] for a in (1, 2, 3)
+    }
+    assert all(sorted(got, key=lambda e: e.seq) == got for got in seen.values())
     assert await queue.drained()
 
 
@@ -298,8 +311,9 @@ async def test_concurrent_calls_share_a_round_trip_and_keep_their_answers(
     assert len(sizes) == len(queue.nodes.masters())
     assert sum(sizes) == 31
     assert steps[-1] is Step.LOST
-    assert [(s.account, s.seq) for s in steps[:-1]] == [(e.account, 2) for e in events]
-    assert await Routed(queue).hget(queue.keys.totals(events[0].account), "last_acked_seq") == b"1"
+    assert [(s.account, s.event_id) for s in steps[:-1]] == [(e.account, "b") for e in events]
+    last_acked = await Routed(queue).hget(queue.keys.totals(events[0].account), "last_acked_seq")
+    assert last_acked == b"%d" % events[0].seq
 
 
 async def test_claim_after_scripts_were_flushed(make_queue: MakeQueue) -> None:
@@ -313,7 +327,7 @@ async def test_claim_after_scripts_were_flushed(make_queue: MakeQueue) -> None:
     assert isinstance(won, Won)
     assert await queue.release(won.account, won.token) == Step.RELEASED
     event = await claim_one(queue)
-    assert (event.account, event.seq, event.attempt) == (4, 1, 1)
+    assert (event.account, event.event_id, event.attempt) == (4, "a", 1)
     assert event.token > won.token
     assert await Routed(queue).llen(queue.keys.in_flight(4)) == 1
 
@@ -367,3 +381,60 @@ async def test_heartbeats_of_dead_consumers_are_forgotten(make_queue: MakeQueue)
     await Routed(queue).zadd(key, {"gone:1:4": time.time() - 2 * 3600})
     await queue.register("here:2:4")
     assert await queue.live_consumers(3 * 3600) == {"here:2": 4}
+
+
+async def account_ttls_ms(queue: Queue, account: int) -> list[int]:
+    """PTTL of the account's seq, fence and totals (-1: kept, -2: gone)."""
+    keys = (queue.keys.seq(account), queue.keys.fence(account), queue.keys.totals(account))
+    return [await Routed(queue).pttl(key) for key in keys]
+
+
+async def test_drained_account_ages_and_a_claim_keeps_it(make_queue: MakeQueue) -> None:
+    """ACCOUNT_IDLE_SECONDS: a drained account's seq, fence and totals expire; a push and a
+    claim make them permanent again while the account has work."""
+    queue = make_queue(account_idle_seconds=60, dedupe_seconds=1)
+    await push(queue, 1, "a")
+    assert await queue.ack(await claim_one(queue)) is Step.DRAINED
+    assert all(0 < ttl <= 60_000 for ttl in await account_ttls_ms(queue, 1))
+    await push(queue, 1, "b")
+    await claim_one(queue)
+    assert await account_ttls_ms(queue, 1) == [-1, -1, -1]
+
+
+async def test_claim_that_finds_nothing_lets_the_account_age(make_queue: MakeQueue) -> None:
+    """A claim of an account with nothing left (a stale ready entry) leaves it aging too."""
+    queue = make_queue(account_idle_seconds=60, dedupe_seconds=1)
+    await push(queue, 1, "a")
+    assert await queue.ack(await claim_one(queue)) is Step.DRAINED
+    await Routed(queue).zadd(ready_of(queue, 1), {"1": -1})
+    assert await queue.claim(1, 0.01) == []
+    assert all(0 < ttl <= 60_000 for ttl in (await account_ttls_ms(queue, 1))[:2])
+
+
+async def test_expired_account_leaves_nothing_and_its_seqs_and_tokens_still_grow(
+    make_queue: MakeQueue,
+) -> None:
+    """I8 across expiry: once a drained account's state has expired no key of it is left, and
+    its next seq and fencing token are still above every earlier one."""
+    queue = make_queue(account_idle_seconds=0.3, dedupe_seconds=0.1)
+    await push(queue, 1, "a")
+    first = await claim_one(queue)
+    assert await queue.ack(first) is Step.DRAINED
+    await asyncio.sleep(0.5)
+    left = {key.decode() for key in await all_keys(queue)}
+    assert left <= {queue.keys.layout, queue.keys.stats(queue.keys.shard_of(1))}
+    [again] = await queue.push_many([NewEvent(1, "b")])
+    assert again.seq > first.seq
+    second = await claim_one(queue)
+    assert (second.event_id, second.attempt) == ("b", 1)
+    assert second.token > first.token
+
+
+async def test_seq_set_back_by_a_failover_still_grows(make_queue: MakeQueue) -> None:
+    """I8 across a failover that lost the newest pushes: the promoted replica's seq of the
+    account is behind, yet the next seq is above every seq handed out before."""
+    queue = make_queue()
+    [old] = await queue.push_many([NewEvent(1, "a")])
+    await Routed(queue).set(queue.keys.seq(1), old.seq - 1000)
+    [new] = await queue.push_many([NewEvent(1, "b")])
+    assert new.seq > old.seq

@@ -40,7 +40,7 @@ async def test_ack_handing_out_the_next_event(make_queue: MakeQueue) -> None:
     first = await claim_one(queue)
     step = await twice(queue, lambda: queue.ack(first))
     assert isinstance(step, Event)
-    assert (step.seq, step.attempt) == (2, 1)
+    assert (step.event_id, step.attempt) == ("b", 1)
     assert (await queue.stats())["acked"] == 1
     assert await Routed(queue).llen(queue.keys.pending(1)) == 1
 
@@ -65,7 +65,7 @@ async def test_ack_replayed_after_the_lease_ended_says_it_landed(make_queue: Mak
     await expire_lease(queue, 1)
     await queue.reap()
     fresh = await claim_one(queue)
-    assert (fresh.seq, fresh.attempt) == (2, 2)
+    assert (fresh.event_id, fresh.seq, fresh.attempt) == ("b", second.seq, 2)
     assert isinstance(await queue.ack(fresh), Event)
     before = await snapshot(queue)
     assert await queue.ack(first) is Step.RELEASED
@@ -84,7 +84,7 @@ async def test_nack_retry(make_queue: MakeQueue) -> None:
     assert (await queue.stats())["nacked"] == 1
     again = await twice(queue, lambda: queue.take(1, event.token))
     assert isinstance(again, Event)
-    assert (again.seq, again.attempt) == (1, 2)
+    assert (again.event_id, again.seq, again.attempt) == ("a", event.seq, 2)
     step = await twice(queue, lambda: queue.nack(again, "boom", dead=False))
     assert step is Step.RETRY
     assert (await queue.stats())["nacked"] == 2
@@ -97,7 +97,7 @@ async def test_dead_letter_nack(make_queue: MakeQueue) -> None:
     event = await claim_one(queue)
     step = await twice(queue, lambda: queue.nack(event, "bad", dead=True))
     assert isinstance(step, Event)
-    assert step.seq == 2
+    assert step.event_id == "b"
     assert await Routed(queue).llen(queue.keys.dead(queue.keys.shard_of(1))) == 1
 
 
@@ -187,7 +187,8 @@ async def test_claim_whose_reply_was_lost_is_resumed(make_queue: MakeQueue, sent
     resumed = await queue.resume_claim(accounts, claim_id)
     assert await queue.resume_claim(accounts, claim_id) == resumed
     if sent:
-        assert sorted((e.account, e.seq, e.attempt) for e in resumed) == [(1, 1, 1), (2, 1, 1)]
+        taken = sorted((e.account, e.event_id, e.attempt) for e in resumed)
+        assert taken == [(1, "a", 1), (2, "b", 1)]
         for event in resumed:  # the resumed tokens own their accounts
             assert await queue.ack(event) is not Step.LOST
         return

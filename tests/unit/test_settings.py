@@ -49,3 +49,9 @@ def test_cli_says_what_is_wrong_with_the_timeout() -> None:
     assert done.returncode == 2
     assert b"REDIS_TIMEOUT_SECONDS (3) must be at most half of LEASE_SECONDS (4)" in done.stderr
     assert b"Traceback" not in done.stderr
+
+
+def test_idle_expiry_shorter_than_the_dedupe_window_is_refused() -> None:
+    """An account may not be forgotten before the event ids it accepted."""
+    with pytest.raises(ValidationError, match=r"ACCOUNT_IDLE_SECONDS \(60\) must be at least"):
+        settings("redis://x", account_idle_seconds=60, dedupe_seconds=3600)
