@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import redis as sync_redis
 
+from tests.integration.helpers import assert_all_acked_once_in_order
 from tests.support import REPO, RedisServer, free_port, running
 
 PASSWORD = "s3cret-pw"
@@ -73,3 +74,93 @@ def test_password_and_acl_user_work_and_are_never_shown(protected: RedisServer) 
     assert f"redis://evq:***@127.0.0.1:{protected.port}/0" in wrong.stderr
     assert "not-the-pw" not in wrong.stderr + wrong.stdout
     assert "Traceback" not in wrong.stderr
+
+
+@pytest.fixture
+def tls(tmp_path: Path) -> Iterator[tuple[RedisServer, str]]:
+    """A redis-server that also listens with TLS (a certificate of a throwaway CA), and the
+    rediss:// URL that trusts that CA."""
+    ca_key, ca, key, csr, cert, ext = (
+        tmp_path / name
+        for name in ("ca.key", "ca.crt", "redis.key", "redis.csr", "redis.crt", "san.ext")
+    )
+
+    def openssl(*args: object) -> None:
+        subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
+
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=evq-ca",
+        "-keyout",
+        ca_key,
+        "-out",
+        ca,
+    )
+    openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        key,
+        "-out",
+        csr,
+    )
+    ext.write_text("subjectAltName = IP:127.0.0.1\n")
+    openssl(
+        "x509",
+        "-extfile",
+        ext,
+        "-req",
+        "-in",
+        csr,
+        "-CA",
+        ca,
+        "-CAkey",
+        ca_key,
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-out",
+        cert,
+    )
+    port = free_port()
+    options = (
+        "--tls-port",
+        str(port),
+        "--tls-cert-file",
+        str(cert),
+        "--tls-key-file",
+        str(key),
+        "--tls-ca-cert-file",
+        str(ca),
+        "--tls-auth-clients",
+        "no",
+    )
+    with running(RedisServer(tmp_path / "data", options=options)) as server:
+        yield server, f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={ca}&ssl_cert_reqs=required"
+
+
+def test_tls_connection_drains_in_order(tls: tuple[RedisServer, str], tmp_path: Path) -> None:
+    """REDIS_URL=rediss://...: gen, a burst consumer and stats talk TLS to Redis and every event
+    is acked once, in order. The server's certificate is checked: without the CA, no call."""
+    _, url = tls
+    log = tmp_path / "event.log"
+    gen = evq(url, "gen", "--events=200", "--accounts=20", EVENT_LOG=str(log))
+    assert gen.returncode == 0, gen.stderr
+    consumer = evq(url, "consume", "--burst", EVENT_LOG=str(log), PROCESS_SECONDS="0")
+    assert consumer.returncode == 0, consumer.stderr
+    assert_all_acked_once_in_order(log, 200)
+    untrusted = url.split("?")[0] + "?ssl_cert_reqs=required"
+    refused = evq(untrusted, "stats", REDIS_TIMEOUT_SECONDS="2")
+    assert refused.returncode == 1
+    assert "certificate verify failed" in refused.stderr and "Traceback" not in refused.stderr
