@@ -2,7 +2,10 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
+# The pinned, hashed dependencies (make lock writes them from pyproject.toml): dev.txt for
+# .venv, app.txt (no test or plot extras) for the Docker image.
+LOCK := requirements/dev.txt
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | cksum | cut -d' ' -f1)
 
 # The local stack (make up / down / ps / demo): a redis-server and a supervisord of the
 # project's own, with their state under $(VAR). CONCURRENCY, PROCESS_SECONDS, LEASE_SECONDS and
@@ -25,15 +28,26 @@ STACK := PATH="$(abspath $(BIN)):$$PATH" EVQ_VAR=$(STATE) NUMPROCS=$(NUMPROCS) \
 CTL := $(STACK) $(BIN)/supervisorctl -c $(SUPERVISOR_CONF)
 REDIS_UP := $(STACK) $(BIN)/evq stats >/dev/null 2>&1
 
-.PHONY: venv redis-server wrk test lint clean up down ps demo bench bench-full cluster-up cluster-down
+.PHONY: venv lock redis-server wrk test lint clean up down ps demo bench bench-full cluster-up cluster-down
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,plot]'
+	$(BIN)/python -m pip install --quiet --require-hashes -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps -e .
 	@rm -f $(VENV)/.installed-* && touch $@
+
+# Pin every dependency again, newest that pyproject.toml allows (pip-tools in its own venv).
+lock:
+	@test -x $(VENV)-lock/bin/pip-compile || { $(PYTHON) -m venv $(VENV)-lock && \
+	  $(VENV)-lock/bin/pip install --quiet pip-tools; }
+	$(VENV)-lock/bin/pip-compile --quiet --upgrade --strip-extras --generate-hashes \
+	  --allow-unsafe --no-emit-index-url --no-emit-find-links --extra test --extra plot \
+	  -o requirements/dev.txt pyproject.toml
+	$(VENV)-lock/bin/pip-compile --quiet --upgrade --strip-extras --generate-hashes \
+	  --allow-unsafe --no-emit-index-url --no-emit-find-links -o requirements/app.txt pyproject.toml
 
 # $(call need,COMMAND,PACKAGE): install PACKAGE from the system packages when COMMAND is
 # missing and we are root; otherwise say what to install.
@@ -163,4 +177,4 @@ bench-full: venv redis-server wrk
 	$(BIN)/python -m bench.run --full
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(VENV)-lock var .pytest_cache .mypy_cache .ruff_cache .hypothesis
