@@ -39,15 +39,17 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	@rm -f $(VENV)/.installed-* && touch $@
 
-# Pin every dependency again, newest that pyproject.toml allows (pip-tools in its own venv).
+# Pin every dependency again, newest that pyproject.toml allows, for any Python 3.11+ and
+# platform (uv's universal resolution: a marker-guarded pin such as async-timeout for Python
+# before 3.11.3 stays in), with the hashes of PyPI's files. uv lives in a venv of its own.
+LOCK_WITH = --universal --python-version 3.11 --upgrade --generate-hashes --no-emit-index-url \
+	--no-emit-find-links
 lock:
-	@test -x $(VENV)-lock/bin/pip-compile || { $(PYTHON) -m venv $(VENV)-lock && \
-	  $(VENV)-lock/bin/pip install --quiet pip-tools; }
-	$(VENV)-lock/bin/pip-compile --quiet --upgrade --strip-extras --generate-hashes \
-	  --allow-unsafe --no-emit-index-url --no-emit-find-links --extra test --extra plot \
+	@test -x $(VENV)-lock/bin/uv || { $(PYTHON) -m venv $(VENV)-lock && \
+	  $(VENV)-lock/bin/pip install --quiet uv; }
+	$(VENV)-lock/bin/uv pip compile --quiet $(LOCK_WITH) --extra test --extra plot \
 	  -o requirements/dev.txt pyproject.toml
-	$(VENV)-lock/bin/pip-compile --quiet --upgrade --strip-extras --generate-hashes \
-	  --allow-unsafe --no-emit-index-url --no-emit-find-links -o requirements/app.txt pyproject.toml
+	$(VENV)-lock/bin/uv pip compile --quiet $(LOCK_WITH) -o requirements/app.txt pyproject.toml
 
 # $(call need,COMMAND,PACKAGE): install PACKAGE from the system packages when COMMAND is
 # missing and we are root; otherwise say what to install.
