@@ -28,7 +28,7 @@ STACK := PATH="$(abspath $(BIN)):$$PATH" EVQ_VAR=$(STATE) NUMPROCS=$(NUMPROCS) \
 CTL := $(STACK) $(BIN)/supervisorctl -c $(SUPERVISOR_CONF)
 REDIS_UP := $(STACK) $(BIN)/evq stats >/dev/null 2>&1
 
-.PHONY: venv lock redis-server wrk test lint clean up down ps demo bench bench-full cluster-up cluster-down
+.PHONY: venv lock redis-server wrk test lint clean up down ps demo bench bench-full soak cluster-up cluster-down
 
 venv: $(STAMP)
 
@@ -177,6 +177,11 @@ bench: venv redis-server wrk
 
 bench-full: venv redis-server wrk
 	$(BIN)/python -m bench.run --full
+
+# 30 minutes of API ingest with a fault every 20-40 s (bench/soak.py; MINUTES=3 for a short one).
+MINUTES ?= 30
+soak: venv redis-server
+	$(BIN)/python -m bench.soak --minutes $(MINUTES)
 
 clean:
 	rm -rf $(VENV) $(VENV)-lock var .pytest_cache .mypy_cache .ruff_cache .hypothesis
