@@ -43,7 +43,10 @@ class ApiClient:
             response = await self._http.request(method, path, content=content, headers=JSON)
         except httpx.HTTPError as exc:
             raise ApiError(f"cannot reach the API at {self._http.base_url}: {exc}") from exc
-        found: dict[str, Any] = orjson.loads(response.content) if response.content else {}
+        try:
+            found: dict[str, Any] = orjson.loads(response.content) if response.content else {}
+        except orjson.JSONDecodeError:  # not the API's answer (a proxy's error page)
+            found = {}
         if response.is_error:
             raise ApiError(f"{method} {path}: {response.status_code} {found.get('error', '')}")
         return found
