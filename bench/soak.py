@@ -15,6 +15,7 @@ accepted, and writes bench/results/soak.json and docs/soak.png.
 """
 
 import argparse
+import asyncio
 import collections
 import contextlib
 import os
@@ -30,9 +31,12 @@ import httpx
 import orjson
 import redis as sync_redis
 
+from app.client import ApiClient, ApiError
 from app.log import rotated
+from app.queue import NewEvent
 from app.report import order_violations, read_log
 from bench.harness import Bench, api_url_when_up, bench, write
+from tests.integration.helpers import engine
 from tests.support import REPO
 
 SETTINGS: dict[str, object] = {
@@ -105,7 +109,8 @@ def _rss_mib(pid: int) -> float:
 
 
 class Pusher(threading.Thread):
-    """Posts batches at `rate` events/s; a batch that fails is sent again until answered."""
+    """Pushes batches through `gen --via api`'s client at `rate` events/s; a batch that fails
+    is sent again, the same event ids, until it is answered."""
 
     def __init__(self, stack: Stack, rate: float, seed: int) -> None:
         super().__init__(daemon=True)
@@ -115,52 +120,44 @@ class Pusher(threading.Thread):
         self.duplicates = self.retries = 0
 
     def run(self) -> None:
-        started = time.monotonic()
-        with httpx.Client(timeout=10) as http:
-            while not self.stop.wait(0.1):
-                due = int(self.rate * (time.monotonic() - started)) - len(self.sent)
-                n = len(self.sent)
-                batch = [(f"s{i}", self.rng.randint(1, ACCOUNTS)) for i in range(n, n + due)]
-                for start in range(0, len(batch), 500):
-                    self._send(http, batch[start : start + 500])
+        asyncio.run(self._push())
 
-    def _send(self, http: httpx.Client, batch: list[tuple[str, int]]) -> None:
-        body = orjson.dumps(
-            {"events": [{"account_id": a, "event_id": i, "payload": {"i": i}} for i, a in batch]}
-        )
+    async def _push(self) -> None:
+        started = time.monotonic()
+        while not self.stop.is_set():
+            await asyncio.sleep(0.1)
+            n = len(self.sent)
+            due = int(self.rate * (time.monotonic() - started)) - n
+            events = [
+                NewEvent(self.rng.randint(1, ACCOUNTS), f"s{i}", {"i": i})
+                for i in range(n, n + due)
+            ]
+            for start in range(0, len(events), 500):
+                await self._send(events[start : start + 500])
+
+    async def _send(self, events: list[NewEvent]) -> None:
         while True:
-            with contextlib.suppress(httpx.HTTPError):
-                reply = http.post(
-                    f"{self.stack.api_url}/events/batch",
-                    content=body,
-                    headers={"content-type": "application/json"},
-                )
-                if reply.status_code == 202:
-                    self.duplicates += sum(r["duplicate"] for r in reply.json()["results"])
-                    self.sent.update(batch)
+            async with httpx.AsyncClient(base_url=self.stack.api_url, timeout=10) as http:
+                with contextlib.suppress(ApiError):
+                    results = await ApiClient(http).push_many(events)
+                    self.duplicates += sum(not r.queued for r in results)
+                    self.sent.update((e.event_id, e.account) for e in events)
                     return
             self.retries += 1
-            time.sleep(0.2)
+            await asyncio.sleep(0.2)
 
 
-def stats(url: str) -> dict[str, Any]:
-    """accepted, acked and dead summed over the shards."""
-    client = sync_redis.Redis.from_url(url, socket_timeout=2, decode_responses=True)
-    try:
-        totals: collections.Counter[str] = collections.Counter()
-        for key in client.scan_iter(match="{*}:stats", count=1000):
-            for field, value in client.hgetall(key).items():
-                totals[str(field)] += int(value)
-        memory = client.info("memory")
-        return {
-            "accepted": totals["accepted"],
-            "acked": totals["acked"],
-            "dead": totals["dead"],
-            "redis_used_mib": round(int(memory["used_memory"]) / 2**20, 2),
-            "redis_keys": int(client.dbsize()),
-        }
-    finally:
-        client.close()
+def sample(b: Bench) -> dict[str, Any]:
+    """The counters summed over the shards, Redis' memory and its number of keys."""
+    counts = engine(b.server.url, lambda queue: queue.stats())
+    client = sync_redis.Redis.from_url(b.server.url)
+    keys = int(client.dbsize())
+    client.close()
+    return {
+        **{name: counts[name] for name in ("accepted", "acked", "dead")},
+        "redis_used_mib": round(b.used_memory() / 2**20, 2),
+        "redis_keys": keys,
+    }
 
 
 def soak(minutes: float, rate: float, seed: int) -> dict[str, Any]:
@@ -177,13 +174,11 @@ def soak(minutes: float, rate: float, seed: int) -> dict[str, Any]:
         next_sample = started
         while (now := time.monotonic()) < started + minutes * 60:
             if now >= next_sample:
-                with contextlib.suppress(sync_redis.RedisError):
-                    sample = stats(b.server.url)
-                    backlog = sample["accepted"] - sample["acked"] - sample["dead"]
-                    samples.append(
-                        {"t_s": round(now - started, 1), "backlog": backlog, **sample}
-                        | stack.rss_mib()
-                    )
+                taken = sample(b)
+                backlog = taken["accepted"] - taken["acked"] - taken["dead"]
+                samples.append(
+                    {"t_s": round(now - started, 1), "backlog": backlog, **taken} | stack.rss_mib()
+                )
                 next_sample += 5
             if now >= next_fault:
                 kind = FAULTS[len(faults) % len(FAULTS)]
@@ -195,7 +190,7 @@ def soak(minutes: float, rate: float, seed: int) -> dict[str, Any]:
         pusher.join()
         drain_started = time.monotonic()
         while True:
-            final = stats(b.server.url)
+            final = sample(b)
             if final["acked"] + final["dead"] >= final["accepted"]:
                 break
             if time.monotonic() - drain_started > 600:

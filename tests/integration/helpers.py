@@ -7,7 +7,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from subprocess import Popen
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from app.connection import TRANSIENT
 from app.generator import workload
@@ -59,7 +59,7 @@ async def _lists(queue: Queue, kind: str) -> dict[int, list[bytes]]:
     found: dict[int, list[bytes]] = {}
     for master in queue.nodes.masters():
         async for key in master.scan_iter(match=f"{{evq:*}}:{kind}:*"):
-            found[int(key.rsplit(b":", 1)[1])] = await master.lrange(key, 0, -1)
+            found[int(key.rsplit(b":", 1)[1])] = cast(list[bytes], await master.lrange(key, 0, -1))
     return found
 
 

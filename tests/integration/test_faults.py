@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from app.cli import app
 from app.log import rotated
 from app.queue import NewEvent
-from app.report import order_violations
+from app.report import Attempt, order_violations
 from tests.integration.helpers import (
     assert_all_acked_once_in_order,
     attempts,
@@ -104,17 +104,28 @@ def test_failures_retry_in_place_and_keep_order(redis_url: str, consumers: Consu
     assert counter(redis_url, "dead") == 0
 
 
+def drained_around(
+    redis_url: str, consumers: Consumers, marked: NewEvent, **settings: object
+) -> list[Attempt]:
+    """Account 1's events ok1, `marked`, ok2 drained by a burst consumer with `settings`; the
+    attempts its event log shows."""
+    push(redis_url, [NewEvent(1, "ok1"), marked, NewEvent(1, "ok2")])
+    consumers.start(burst=True, **settings)
+    wait_burst(consumers.procs)
+    return attempts(consumers.event_log)
+
+
 def test_poison_event_is_dead_lettered_and_account_goes_on(
     redis_url: str, consumers: Consumers
 ) -> None:
     """An always-failing event is tried MAX_ATTEMPTS times, dead-lettered; later ones run."""
-    push(
+    found = drained_around(
         redis_url,
-        [NewEvent(1, "ok1"), NewEvent(1, "bad", {"poison": True}), NewEvent(1, "ok2")],
+        consumers,
+        NewEvent(1, "bad", {"poison": True}),
+        handler="tests.support:failing_marked",
+        max_attempts=3,
     )
-    consumers.start(burst=True, handler="tests.support:failing_marked", max_attempts=3)
-    wait_burst(consumers.procs)
-    found = attempts(consumers.event_log)
     assert [(a.event_id, a.attempt, a.outcome) for a in found] == [
         ("ok1", 1, "ack"),
         ("bad", 1, "nack"),
@@ -137,13 +148,14 @@ def test_hung_handler_times_out_and_the_account_goes_on(
     """HANDLER_TIMEOUT_SECONDS: a handler that hangs (async: cancelled; sync: left in its
     thread) fails its attempt with reason timeout, is retried and dead-lettered like any
     failure, and the account's later events run in order; each timeout is logged."""
-    push(
+    found = drained_around(
         redis_url,
-        [NewEvent(1, "ok1"), NewEvent(1, "stuck", {"hang": True}), NewEvent(1, "ok2")],
+        consumers,
+        NewEvent(1, "stuck", {"hang": True}),
+        handler=handler,
+        max_attempts=2,
+        handler_timeout_seconds=0.5,
     )
-    consumers.start(burst=True, handler=handler, max_attempts=2, handler_timeout_seconds=0.5)
-    wait_burst(consumers.procs)
-    found = attempts(consumers.event_log)
     assert [(a.event_id, a.attempt, a.outcome) for a in found] == [
         ("ok1", 1, "ack"),
         ("stuck", 1, "nack"),
