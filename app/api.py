@@ -15,10 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, StrictInt, field_v
 from redis.exceptions import OutOfMemoryError
 from starlette.exceptions import HTTPException
 
+from app.admin import dead_letters
 from app.connection import UNREACHABLE, Nodes
 from app.queue import NewEvent, PushResult, Queue
 from app.settings import Settings
-from app.views import account_state, dead_letters
+from app.views import account_state
 
 MAX_PAYLOAD_BYTES = 64 * 1024
 MAX_BATCH = 1000

@@ -43,6 +43,10 @@ class Keys:
     def dead(self, shard: int) -> str:
         return f"{self.tag(shard)}:dead"
 
+    def paused(self, shard: int) -> str:
+        """The hash of the shard's paused accounts: account -> 'operator' or 'parked'."""
+        return f"{self.tag(shard)}:paused"
+
     @property
     def layout(self) -> str:
         """Where the number of shards of the namespace is recorded."""
@@ -73,6 +77,10 @@ class Keys:
     def fence(self, account: int) -> str:
         return self._account_key("fence", account)
 
+    def attempt(self, account: int) -> str:
+        """The hash describing the head or in-flight event's attempts (lua/_lib.lua)."""
+        return self._account_key("attempt", account)
+
     def seq(self, account: int) -> str:
         return self._account_key("seq", account)
 
@@ -88,7 +96,7 @@ class Keys:
         """KEYS of every account script, in the order `lua/_lib.lua` names them."""
         shard = self.shard_of(account)
         own = [self._account_key(kind, account) for kind in ACCOUNT_KINDS]
-        return [*own, *self.shard_keys(shard), self.totals(account)]
+        return [*own, *self.shard_keys(shard), self.totals(account), self.paused(shard)]
 
     def shard_keys(self, shard: int) -> list[str]:
         """The shard's own keys: ready index, counters, active set, dead letters."""

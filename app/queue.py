@@ -53,6 +53,7 @@ class Event:
     payload: Any
     attempt: int
     token: int
+    replays: int = 0  # how many times an operator replayed it from the dead letters
 
     @property
     def enqueued_ns(self) -> int:
@@ -161,7 +162,7 @@ class Queue:
         self._rand: Callable[[], str] = _random_score if self._order == "random" else _no_score
         self._slot = [self.keys.slot(shard) for shard in range(settings.shards)]
         self._push_keys = [
-            [key.encode() for key in self.keys.shard_keys(shard)[:3]]
+            [key.encode() for key in (*self.keys.shard_keys(shard)[:3], self.keys.paused(shard))]
             for shard in range(settings.shards)
         ]
         # Encoded once per account: redis-py would encode every key of every call again.
@@ -178,6 +179,7 @@ class Queue:
         self._allow_eviction = settings.allow_eviction
         self._memory: dict[Redis, tuple[float, int, int]] = {}  # at, used_memory, maxmemory
         self._dead_max = settings.dead_letters_max
+        self._park = b"1" if settings.poison_policy == "park" else b"0"
 
     async def open(self, connections: int = 1) -> None:
         """Learn where the shards live, check the namespace's number of shards (recording it
@@ -268,7 +270,7 @@ class Queue:
         maxmemory."""
         if not self._opened:  # the API starts while Redis is down: check the shards first
             await self.open()
-        bucket = time.time_ns() // 1_000_000 // self._dedupe_ms
+        bucket = self.dedupe_bucket()
         by_shard: dict[int, list[int]] = {}
         for i, event in enumerate(events):
             by_shard.setdefault(self.keys.shard_of(event.account), []).append(i)
@@ -288,6 +290,11 @@ class Queue:
             for n, i in enumerate(picks):
                 results[i] = PushResult(bool(reply[2 * n]), int(reply[2 * n + 1]))
         return results
+
+    def dedupe_bucket(self) -> int:
+        """The dedupe time bucket of now: an event id is remembered in its bucket's hash and
+        looked up there and in the one before."""
+        return time.time_ns() // 1_000_000 // self._dedupe_ms
 
     async def _room(self, node: Redis, adding: int) -> None:
         """Raise RedisFull when `adding` more bytes of events would take `node` above
@@ -515,9 +522,44 @@ class Queue:
 
     def nack(self, event: Event, error: str, dead: bool, want_next: bool = True) -> Awaitable[Next]:
         """Settle a failed event: back to the head for a retry, or into dead letters when `dead`
-        (each shard keeps the newest DEAD_LETTERS_MAX)."""
+        (each shard keeps the newest DEAD_LETTERS_MAX); with POISON_POLICY=park a dead letter
+        pauses its account."""
         entry = _dead_entry(event, error) if dead else b""
-        return self._settle("nack", event, want_next, (entry, self._dead_max))
+        return self._settle("nack", event, want_next, (entry, self._dead_max, self._park))
+
+    async def pause(self, account: int) -> tuple[str, bool]:
+        """Hold `account`: not claimed until resumed; its owner releases it after the current
+        event. Returns why it was already paused ('' if it was not) and whether it is held."""
+        before, held = await self._script(account, "pause", (account,))
+        return before.decode(), bool(held)
+
+    async def resume(self, account: int) -> str:
+        """Make a paused or parked account claimable at once; returns why it was paused ('' if
+        it was not)."""
+        before, _ = await self._script(account, "resume", self._argv(account, 0))
+        return str(before.decode())
+
+    async def settle_dead(
+        self, shard: int, replay: bool, entries: Sequence[tuple[int, bytes, bytes]]
+    ) -> int:
+        """Replay or purge (`replay` False) dead letters of one shard, given as (account, entry
+        exactly as stored, body to queue again); each account's newest first. Entries no longer
+        there are skipped. Returns how many were settled."""
+        keys: list[bytes | str] = [self.keys.dead(shard), *self._push_keys[shard]]
+        args: list[Arg] = [
+            b"replay" if replay else b"purge",
+            self._order,
+            random.randrange(1 << 31),
+        ]
+        numbers: dict[int, int] = {}
+        for account, entry, body in entries:
+            number = numbers.get(account)
+            if number is None:
+                number = numbers[account] = len(numbers) + 1
+                own = self._account_keys(account)
+                keys += (own[PENDING], own[LOCK])
+            args += (number, account, entry, body)
+        return int(await self.scripts.call(self.node(shard), "dead", keys, args))
 
     async def release(
         self, account: int, token: int, event: Event | None = None, ran: bool = True
@@ -583,23 +625,33 @@ class Queue:
         return {name.decode(): int(slots) for name, slots in (m.rsplit(b":", 1) for m in members)}
 
     async def stats(self) -> dict[str, int]:
-        """Counters plus the sizes of the ready indexes, active sets and dead letters, summed
-        over the shards."""
+        """Counters, summed over the shards: events accepted, acked, nacked, dead-lettered,
+        redelivered, replayed and purged; the backlog (pending and in flight, from the counters:
+        accepted + replayed - acked - dead); the sizes of the ready indexes, active sets and
+        dead letters; and how many accounts are paused by an operator or parked by a poison
+        event."""
 
         def queue(pipe: Pipeline, shard: int) -> None:
             pipe.hgetall(self.keys.stats(shard))
             pipe.zcard(self.keys.ready(shard))
             pipe.scard(self.keys.active(shard))
             pipe.llen(self.keys.dead(shard))
+            pipe.hvals(self.keys.paused(shard))
 
-        names = ("accepted", "acked", "nacked", "dead", "redelivered")
-        totals = dict.fromkeys((*names, "ready", "active", "dead_letters"), 0)
-        for counters, ready, active, dead_letters in await self.each_shard(queue):
+        names = ("accepted", "acked", "nacked", "dead", "redelivered", "replayed", "purged")
+        sizes = ("ready", "active", "dead_letters", "paused", "parked")
+        totals = dict.fromkeys((*names, "backlog", *sizes), 0)
+        for counters, ready, active, dead_letters, paused in await self.each_shard(queue):
             for name in names:
                 totals[name] += int(counters.get(name.encode(), 0))
             totals["ready"] += ready
             totals["active"] += active
             totals["dead_letters"] += dead_letters
+            totals["parked"] += paused.count(b"parked")
+            totals["paused"] += len(paused) - paused.count(b"parked")
+        totals["backlog"] = (
+            totals["accepted"] + totals["replayed"] - totals["acked"] - totals["dead"]
+        )
         return totals
 
     async def waiting(self, id_prefix: str) -> int:
@@ -669,6 +721,7 @@ class Queue:
             payload=body["p"],
             attempt=int(reply[2]),
             token=token,
+            replays=body.get("r", 0),
         )
 
 
@@ -707,6 +760,7 @@ def _dead_entry(event: Event, error: str) -> bytes:
             "seq": event.seq,
             "event_id": event.event_id,
             "attempts": event.attempt,
+            "replays": event.replays,
             "error": error[:1000],
             "payload": event.payload,
             "enqueued_ns": event.enqueued_ns,

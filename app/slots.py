@@ -199,8 +199,10 @@ class Slots:
         return None
 
     def _record(
-        self, slot: int, event: Event, outcome: str, started: int, finished: int, **extra: str
+        self, slot: int, event: Event, outcome: str, started: int, finished: int, **extra: object
     ) -> Awaitable[None]:
+        if event.replays:
+            extra["replay"] = event.replays
         return self._events.write(
             OUTCOME_EVENTS[outcome],
             account=event.account,

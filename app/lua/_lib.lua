@@ -1,7 +1,8 @@
 -- Shared by every account script; scripts.py prepends it to each one.
 -- KEYS layout (keys.py builds it, every key carries the hash tag of the account's shard):
 --   1 pending list, 2 in-flight list, 3 lock, 4 fence, 5 attempt hash, 6 seq,
---   7 ready index, 8 stats, 9 active set, 10 dead letters of the shard, 11 account totals
+--   7 ready index, 8 stats, 9 active set, 10 dead letters of the shard, 11 account totals,
+--   12 paused accounts of the shard (account -> 'operator' or 'parked')
 -- The attempt hash describes the event at the head or in flight: n (attempts handed out),
 -- and of the in-flight attempt its seq, token (the owner that took it) and claim (the claim
 -- that took it, when one did).
@@ -12,7 +13,7 @@
 -- seq, fence and totals expire after that long unless it is claimed again. Nothing depends on
 -- them surviving: seqs and tokens never go below the server clock in microseconds (`now_us`).
 local pending, in_flight, lock, fence, attempt_key, seq_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
-local ready, stats, active, dead, totals = KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11]
+local ready, stats, active, dead, totals, paused = KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11], KEYS[12]
 -- Tokens whose last call is kept; older ones are dropped when the account is claimed again.
 local KEEP_CALLS = 32
 
@@ -75,9 +76,16 @@ local function ready_score(order, rand, backlog)
   return rand
 end
 
--- Into the shard's ready index. When the index was empty, idle claimers are told on the
--- namespace's wake channel (they wait for it instead of polling every shard).
+-- Whether an operator paused the account, or a poison event parked it: it is not claimed.
+local function is_paused(account)
+  return redis.call('HEXISTS', paused, account) == 1
+end
+
+-- Into the shard's ready index, unless paused. When the index was empty, idle claimers are
+-- told on the namespace's wake channel (they wait for it instead of polling every shard).
+-- Returns whether it went in.
 local function make_ready(account, order, rand, backlog)
+  if is_paused(account) then return false end
   local was_empty = redis.call('ZCARD', ready) == 0
   if order == 'random' then
     redis.call('ZADD', ready, 'NX', ready_score(order, rand), account)
@@ -87,6 +95,7 @@ local function make_ready(account, order, rand, backlog)
   if was_empty then
     redis.call('PUBLISH', string.match(ready, '^{(.+):%d+}:ready$') .. ':wake', '1')
   end
+  return true
 end
 
 -- Nothing left to do and no owner: out of the active set, and its state starts to age
@@ -115,12 +124,13 @@ local function reready(account, order, rand)
     drained(account)
     return 0
   end
-  make_ready(account, order, rand)
-  return 1
+  return make_ready(account, order, rand) and 1 or 0
 end
 
--- Move the head in flight for `token` (and, from a claim, record the claim id).
-local function take_head(token, claim)
+-- Move the head in flight for `token` (and, from a claim, record the claim id); nil when
+-- there is none, or when the account is paused (the caller releases it).
+local function take_head(account, token, claim)
+  if is_paused(account) then return nil end
   local body = redis.call('LMOVE', pending, in_flight, 'LEFT', 'RIGHT')
   if not body then return nil end
   local attempt = redis.call('HINCRBY', attempt_key, 'n', 1)
@@ -152,7 +162,7 @@ end
 -- view of the others (`elsewhere`, a ready score, or '' for none), must beat this one's score
 -- by `margin`.
 local function next_step(account, token, order, rand, want_next, margin, elsewhere)
-  if want_next ~= '1' or redis.call('LLEN', pending) == 0 then
+  if want_next ~= '1' or redis.call('LLEN', pending) == 0 or is_paused(account) then
     return release(account, order, rand)
   end
   if order ~= 'random' then
@@ -163,7 +173,7 @@ local function next_step(account, token, order, rand, want_next, margin, elsewhe
       return release(account, order, rand)
     end
   end
-  return take_head(token)
+  return take_head(account, token)
 end
 
 -- Keep `reply` as the answer to this token's call `op` about (seq, attempt), and return it.

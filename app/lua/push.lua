@@ -1,5 +1,6 @@
 -- push: accept a batch of events of one shard, all or none (a script runs whole).
--- KEYS: 1 ready index, 2 stats, 3 active set of the shard, then 5 per account of the batch:
+-- KEYS: 1 ready index, 2 stats, 3 active set, 4 paused accounts of the shard, then 5 per
+--       account of the batch:
 --       pending list, lock, seq, dedupe hash of this time bucket and of the one before
 -- ARGV: 1 dedupe bucket TTL ms, 2 claim order, 3 random seed (claim order random), then 4 per
 --       event: the account's number among the batch's accounts (1 for the first one's keys),
@@ -8,13 +9,13 @@
 -- accepted within the dedupe window (an earlier event of this batch counts).
 -- An account's seqs only grow: each is the account's last seq + 1, or the server clock in
 -- microseconds when that is more (_lib.lua's now_us), so a lost or expired seq key is harmless.
-ready, stats, active = KEYS[1], KEYS[2], KEYS[3]
+ready, stats, active, paused = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local ttl, order = ARGV[1], ARGV[2]
 math.randomseed(tonumber(ARGV[3]))
 local now = now_us()
 local out, accounts, base, last, backlog, was_idle, accepted = {}, {}, {}, {}, {}, {}, 0
 for i = 4, #ARGV, 4 do
-  local at, account, id = 4 + 5 * (tonumber(ARGV[i]) - 1), ARGV[i + 1], ARGV[i + 2]
+  local at, account, id = 5 + 5 * (tonumber(ARGV[i]) - 1), ARGV[i + 1], ARGV[i + 2]
   local seen = redis.call('HGET', KEYS[at + 3], id) or redis.call('HGET', KEYS[at + 4], id)
   if seen then
     out[#out + 1], out[#out + 2] = 0, tonumber(seen)
@@ -38,7 +39,7 @@ for i = 4, #ARGV, 4 do
 end
 -- Once per account that got events: its last seq stored, into the active set if its pending
 -- list was empty (else it is a member already), and ready on its whole new backlog unless an
--- owner holds it. No one sees the state between the loops.
+-- owner holds it or it is paused. No one sees the state between the loops.
 for _, account in ipairs(accounts) do
   redis.call('SET', KEYS[base[account] + 2], digits(last[account]))
   -- _lib.lua's make_ready reads these locals: point them at this account.

@@ -5,8 +5,8 @@
 --       the token is the fence, raised to the clock by fresh_token), or 'resume' after the
 --       reply of that MULTI was lost, 3 claim order, 4 random score, 5 claim id
 -- Returns {'event', body, attempt} (with 'claim' and 'resume': and the token), {'drained'}
--- (nothing to do, released; with 'claim': and the token) or {'lost'}. Sent again by the same
--- owner, it hands out the same attempt.
+-- or {'released'} (nothing to take, or the account is paused: released; with 'claim': and
+-- the token) or {'lost'}. Sent again by the same owner, it hands out the same attempt.
 local account, token, claim = ARGV[1], ARGV[2], nil
 if token == 'resume' then
   if redis.call('HGET', attempt_key, 'claim') == ARGV[5] then
@@ -30,7 +30,7 @@ else
   if held then return held end
 end
 recover()
-local taken = take_head(token, claim)
+local taken = take_head(account, token, claim)
 -- The claim's token is stored once the take has not failed, and before a release lets the
 -- drained account's fence age.
 if claim then redis.call('SET', fence, token) end

@@ -70,7 +70,7 @@ async def test_push_writes_the_keys_the_other_scripts_read(make_queue: MakeQueue
     """push.lua writes the keys the other scripts read (Keys.account), all in one shard."""
     queue = make_queue()
     await push(queue, 42, "a")
-    pending, _, _, _, _, seq, ready, stats, active, _, _ = queue.keys.account(42)
+    pending, _, _, _, _, seq, ready, stats, active, _, _, _ = queue.keys.account(42)
     found = {key.decode() for key in await all_keys(queue)} - {queue.keys.layout}
     dedupe = {key for key in found if key.startswith(queue.keys.dedupe(42, 0)[:-1])}
     assert len(dedupe) == 1

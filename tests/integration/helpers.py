@@ -9,11 +9,11 @@ from pathlib import Path
 from subprocess import Popen
 from typing import Any, TypeVar, cast
 
+from app.admin import dead_letters as dead_letter_page
 from app.connection import TRANSIENT
 from app.generator import workload
 from app.queue import NewEvent, PushResult, Queue, open_queue
 from app.report import Attempt, order_violations, read_log
-from app.views import dead_letters as dead_letter_page
 from tests.support import settings, wait_for
 
 T = TypeVar("T")
@@ -78,7 +78,7 @@ def held(url: str) -> int:
 
 def dead_letters(url: str) -> list[dict[str, Any]]:
     """Every shard's dead letters."""
-    return engine(url, lambda queue: dead_letter_page(queue, 0, 1_000_000))[1]
+    return engine(url, dead_letter_page)[1]
 
 
 def live_consumers(url: str) -> int:

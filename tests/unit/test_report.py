@@ -183,3 +183,22 @@ def test_cli_proves_order_across_the_logs_of_several_hosts(tmp_path: Path) -> No
     result = CliRunner().invoke(app, ["report", str(first), pattern, "--json"], env=NO_REDIS)
     assert result.exit_code == 1
     assert json.loads(result.stdout)["order_violations"] == 1
+
+
+def test_a_replayed_dead_letter_is_a_delivery_of_its_own(tmp_path: Path) -> None:
+    """seq 2 dies, 3 runs, then an operator replays 2: not an order violation, counted as a
+    replay and no longer as dead; a replay that overlaps another event still is one."""
+    lines = [
+        attempt(1, 1, 0, 1),
+        attempt(1, 2, 1, 2, outcome="dead"),
+        attempt(1, 3, 2, 3),
+        {**attempt(1, 2, 4, 5), "replay": 1},
+    ]
+    found = report_of(write_log(tmp_path, lines, accepted=3))
+    assert (found.order_violations, found.replayed, found.dead, found.acked) == (0, 1, 0, 3)
+    assert found.lost == 0
+    overlapping = [*lines[:3], {**attempt(1, 2, 2.5, 5), "replay": 1}]
+    found = report_of(write_log(tmp_path, overlapping, accepted=3))
+    assert found.order_violations == 1
+    out_of_order = [attempt(1, 1, 0, 1), attempt(1, 3, 1, 2), attempt(1, 2, 2, 3)]
+    assert report_of(write_log(tmp_path, out_of_order, accepted=3)).order_violations == 1

@@ -1,0 +1,177 @@
+"""Operator actions on the engine: pause and resume, park on poison, dead-letter replay and
+purge, event lookup."""
+
+from app import admin
+from app.admin import Selection
+from app.queue import Event, NewEvent, Queue, Step
+from app.views import account_state, event_state
+from tests.engine.conftest import MakeQueue
+from tests.support import ready_scores
+
+
+async def push(queue: Queue, account: int, *ids: str, **payload: object) -> list[int]:
+    results = await queue.push_many([NewEvent(account, i, payload or None) for i in ids])
+    return [r.seq for r in results]
+
+
+async def claim_one(queue: Queue) -> Event:
+    [event] = await queue.claim(1, 0.01)
+    assert isinstance(event, Event)
+    return event
+
+
+async def drain(queue: Queue, account: int) -> list[tuple[str, int]]:
+    """Claim and ack until nothing is ready; (event id, replays) in the order handled."""
+    handled = []
+    while claimed := await queue.claim(1, 0.01):
+        [step] = claimed
+        while isinstance(step, Event):
+            assert step.account == account
+            handled.append((step.event_id, step.replays))
+            step = await queue.ack(step)
+    return handled
+
+
+async def test_paused_account_accepts_events_but_is_not_claimed(make_queue: MakeQueue) -> None:
+    """Pause takes the account out of the ready index; pushes queue but do not ready it;
+    resume makes it claimable at once with its whole backlog."""
+    queue = make_queue()
+    await push(queue, 1, "a")
+    assert await queue.pause(1) == ("", False)
+    await push(queue, 1, "b")
+    await push(queue, 2, "c")
+    assert await ready_scores(queue) == {2: -1.0}
+    assert (await account_state(queue, 1)).paused == "operator"
+    assert await queue.pause(1) == ("operator", False)  # sent again: the same state
+    assert await queue.resume(1) == "operator"
+    assert await ready_scores(queue) == {1: -2.0, 2: -1.0}
+    assert await queue.resume(1) == ""
+    assert (await account_state(queue, 1)).paused is None
+
+
+async def test_owned_account_is_released_after_its_current_event(make_queue: MakeQueue) -> None:
+    """A paused account's owner acks its current event and is told to let go; the account
+    waits, out of the ready index, until it is resumed."""
+    queue = make_queue()
+    await push(queue, 1, "a", "b", "c")
+    first = await claim_one(queue)
+    assert await queue.pause(1) == ("", True)
+    assert await queue.ack(first) == Step.RELEASED
+    assert await queue.claim(1, 0.01) == []
+    assert await queue.reap() == 0  # the reaper leaves a paused account alone
+    await queue.resume(1)
+    assert await drain(queue, 1) == [("b", 0), ("c", 0)]
+
+
+async def test_park_holds_the_account_at_its_poison_event(make_queue: MakeQueue) -> None:
+    """POISON_POLICY=park: the dead-lettered event parks its account, so no later event runs;
+    replaying it after a fix runs it first and then the rest, in seq order."""
+    queue = make_queue(poison_policy="park")
+    await push(queue, 1, "a", "b", "c")
+    first = await claim_one(queue)
+    assert await queue.nack(first, "ValueError: poison", dead=True) == Step.RELEASED
+    assert (await account_state(queue, 1)).paused == "parked"
+    await push(queue, 1, "d")
+    assert await queue.claim(1, 0.01) == []
+    assert await queue.reap() == 0
+    assert await admin.replay(queue, Selection(account=1, event_ids={"a"})) == 1
+    assert (await account_state(queue, 1)).paused is None
+    assert await drain(queue, 1) == [("a", 1), ("b", 0), ("c", 0), ("d", 0)]
+    assert (await admin.dead_letters(queue))[0] == 0
+
+
+async def test_resume_skips_a_parked_event(make_queue: MakeQueue) -> None:
+    """Resuming a parked account goes on past its dead letter, which stays."""
+    queue = make_queue(poison_policy="park")
+    await push(queue, 1, "a", "b")
+    first = await claim_one(queue)
+    assert await queue.nack(first, "boom", dead=True) == Step.RELEASED
+    assert await queue.resume(1) == "parked"
+    assert await drain(queue, 1) == [("b", 0)]
+    assert (await admin.dead_letters(queue))[0] == 1
+
+
+async def test_replay_goes_ahead_of_pending_in_seq_order(make_queue: MakeQueue) -> None:
+    """Replayed dead letters go to the head of their account's list in seq order, with their
+    seq, id and payload intact, and are marked as replays."""
+    queue = make_queue()
+    seqs = await push(queue, 1, "a", "b", "c", "d", big=2**62, text="ü\u2028")
+    a = await claim_one(queue)
+    b = await queue.nack(a, "no a", dead=True)
+    assert isinstance(b, Event)
+    c = await queue.ack(b)
+    assert isinstance(c, Event)
+    d = await queue.nack(c, "no c", dead=True)
+    assert isinstance(d, Event)
+    assert await queue.release(1, d.token, d, ran=False) == Step.RELEASED
+    assert [e["event_id"] for e in (await admin.dead_letters(queue))[1]] == ["a", "c"]
+    assert await admin.replay(queue, Selection()) == 2
+    assert await admin.replay(queue, Selection()) == 0  # nothing left to replay
+    order = []
+    while claimed := await queue.claim(1, 0.01):
+        [step] = claimed
+        while isinstance(step, Event):
+            order.append((step.event_id, step.seq, step.replays, step.payload))
+            step = await queue.ack(step)
+    payload = {"big": 2**62, "text": "ü\u2028"}
+    assert order == [
+        ("a", seqs[0], 1, payload),
+        ("c", seqs[2], 1, payload),
+        ("d", seqs[3], 0, payload),
+    ]
+    stats = await queue.stats()
+    assert (stats["replayed"], stats["dead_letters"], stats["backlog"]) == (2, 0, 0)
+
+
+async def test_replay_and_purge_select_by_account_and_event_id(make_queue: MakeQueue) -> None:
+    """Selections pick exactly their dead letters, over every shard; purge deletes them."""
+    queue = make_queue()
+    for account in (1, 2, 3):
+        await push(queue, account, "x", "y")
+    while claimed := await queue.claim(3, 0.01):
+        for first in claimed:
+            step: Event | Step = first
+            while isinstance(step, Event):
+                step = await queue.nack(step, "boom", dead=True)
+    assert (await admin.dead_letters(queue))[0] == 6
+    assert (await admin.dead_letters(queue, selection=Selection(account=2)))[0] == 2
+    assert await admin.purge(queue, Selection(event_ids={"x"})) == 3
+    assert await admin.purge(queue, Selection(account=3)) == 1
+    assert await admin.replay(queue, Selection(account=1)) == 1
+    _, left = await admin.dead_letters(queue)
+    assert [(e["account"], e["event_id"]) for e in left] == [(2, "y")]
+    stats = await queue.stats()
+    assert (stats["purged"], stats["replayed"], stats["backlog"]) == (4, 1, 1)
+
+
+async def test_event_lookup_follows_an_event_through_its_states(make_queue: MakeQueue) -> None:
+    """pending at its position, in flight with its owner, dead with its error, acked, and
+    unknown ids."""
+    queue = make_queue()
+    seq_a, seq_b, seq_c = await push(queue, 5, "a", "b", "c")
+    state = await event_state(queue, 5, "c")
+    assert state is not None
+    assert (state["state"], state["position"], state["seq"]) == ("pending", 3, seq_c)
+    first = await claim_one(queue)
+    state = await event_state(queue, 5, "a")
+    assert state is not None
+    assert (state["state"], state["attempt"], state["owner"]["token"]) == (
+        "in_flight",
+        1,
+        first.token,
+    )
+    assert 0 < state["owner"]["lease_remaining_ms"] <= 30_000
+    second = await queue.ack(first)
+    assert isinstance(second, Event)
+    assert await event_state(queue, 5, "a") == {
+        "account_id": 5,
+        "event_id": "a",
+        "state": "acked",
+        "seq": seq_a,
+    }
+    await queue.nack(second, "KeyError: 'x'", dead=True)
+    state = await event_state(queue, 5, "b")
+    assert state is not None
+    assert (state["state"], state["error"], state["seq"]) == ("dead", "KeyError: 'x'", seq_b)
+    assert await event_state(queue, 5, "nope") is None
+    assert await event_state(queue, 6, "a") is None
