@@ -1,25 +1,41 @@
 """The HTTP API: validates events and hands them to the engine; no Redis logic here."""
 
 import contextlib
+import hmac
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import asdict
+from importlib import resources
 from typing import Annotated, Any
 
 import orjson
-from fastapi import FastAPI, Path, Query, Request, Response
+from fastapi import Depends, FastAPI, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, StrictInt, field_validator
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.security import HTTPBearer
+from fastapi_offline import FastAPIOffline
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4 as PROMETHEUS_TEXT
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    StrictBool,
+    StrictInt,
+    field_validator,
+    model_validator,
+)
 from redis.exceptions import OutOfMemoryError
 from starlette.exceptions import HTTPException
 
-from app.admin import dead_letters
+from app import admin
+from app.admin import Selection
 from app.connection import UNREACHABLE, Nodes
+from app.metrics import exposition, snapshot
 from app.queue import NewEvent, PushResult, Queue
 from app.settings import Settings
-from app.views import account_state
+from app.views import account_state, event_state
 
 MAX_PAYLOAD_BYTES = 64 * 1024
 MAX_BATCH = 1000
@@ -29,6 +45,20 @@ MAX_ERRORS_SHOWN = 20  # per answer: a batch of 1,000 bad items still gets a sma
 MAX_ACCOUNT_ID = 2**53 - 1  # exact in every JSON client; also the largest page offset
 BODY_LIMITS = {"/events": MAX_PAYLOAD_BYTES + 1024, "/events/batch": 8 * 1024 * 1024}
 DEFAULT_BODY_LIMIT = 64 * 1024
+MAX_SELECTED_IDS = 10_000
+# Served without API_TOKEN: the probes, and pages and assets that carry no queue data (the
+# dashboard asks for the token and sends it with every call it makes).
+OPEN_PATHS = {
+    "/healthz",
+    "/readyz",
+    "/",
+    "/docs",
+    "/docs/oauth2-redirect",
+    "/redoc",
+    "/openapi.json",
+}
+OPEN_PREFIX = "/static-offline-docs/"
+DASHBOARD = (resources.files("app") / "static" / "dashboard.html").read_text()
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -115,6 +145,33 @@ class BatchIn(BaseModel):
     events: list[EventIn] = Field(min_length=1, max_length=MAX_BATCH)
 
 
+class DeadSelectionIn(BaseModel):
+    """Which dead letters: of one account, with these event ids (of any account, or of
+    `account_id`), or `all`."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"account_id": 42}, {"all": True}]}
+    )
+
+    all: StrictBool = Field(False, description="Every dead letter; then give nothing else.")
+    account_id: StrictInt | None = Field(None, gt=0, le=MAX_ACCOUNT_ID)
+    event_ids: list[str] | None = Field(None, min_length=1, max_length=MAX_SELECTED_IDS)
+
+    @model_validator(mode="after")
+    def _says_which(self) -> "DeadSelectionIn":
+        narrowed = self.account_id is not None or self.event_ids is not None
+        if self.all and narrowed:
+            raise ValueError("all: true selects every dead letter; leave out account_id and"
+                             " event_ids")  # fmt: skip
+        if not self.all and not narrowed:
+            raise ValueError("say which dead letters: account_id, event_ids, or all: true")
+        return self
+
+    def selection(self) -> Selection:
+        ids = None if self.event_ids is None else frozenset(self.event_ids)
+        return Selection(self.account_id, ids)
+
+
 class Accepted(BaseModel):
     """The result for one event: its seq, and whether it was a duplicate."""
 
@@ -140,6 +197,7 @@ class Problem(BaseModel):
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": Problem, "description": "API_TOKEN is set and the request lacks it"},
     413: {"model": Problem, "description": "Body too large"},
     422: {"model": Problem, "description": "Invalid event"},
     503: {"model": Problem, "description": "Redis unreachable; nothing was queued"},
@@ -160,13 +218,17 @@ def create_app(settings: Settings) -> FastAPI:
         yield
         await queue.aclose()
 
-    app = FastAPI(
+    # FastAPIOffline: /docs and /redoc with Swagger UI and ReDoc from the package, no CDN.
+    app = FastAPIOffline(
         title="evq",
         summary="Accepts events; each account's events are handled one at a time, in order.",
         lifespan=lifespan,
         responses=ERRORS,
+        dependencies=[Depends(HTTPBearer(auto_error=False))] if settings.api_token else [],
     )
     app.add_middleware(BodyLimit)
+    if settings.api_token:
+        app.add_middleware(TokenAuth, token=settings.api_token.get_secret_value())
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(HTTPException, _http_error)
     for fault in UNREACHABLE:
@@ -176,11 +238,20 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
-def _routes(app: FastAPI, settings: Settings) -> None:
-    def queue(request: Request) -> Queue:
-        q: Queue = request.app.state.queue
-        return q
+def queue(request: Request) -> Queue:
+    """The app's engine."""
+    q: Queue = request.app.state.queue
+    return q
 
+
+def _routes(app: FastAPI, settings: Settings) -> None:
+    _ingest_routes(app)
+    _read_routes(app, settings)
+    _ops_routes(app, settings)
+    _admin_routes(app)
+
+
+def _ingest_routes(app: FastAPI) -> None:
     @app.post("/events", status_code=202, response_model=Accepted)
     async def post_event(event: EventIn, request: Request, response: Response) -> Accepted:
         """Queue one event: 202 when queued, 200 with `duplicate: true` when seen before."""
@@ -197,6 +268,8 @@ def _routes(app: FastAPI, settings: Settings) -> None:
         dupes = sum(a.duplicate for a in accepted)
         return BatchAccepted(accepted=len(accepted) - dupes, duplicates=dupes, results=accepted)
 
+
+def _read_routes(app: FastAPI, settings: Settings) -> None:
     @app.get("/accounts/{account_id}")
     async def get_account(
         account_id: Annotated[int, Path(gt=0, le=MAX_ACCOUNT_ID)], request: Request
@@ -211,15 +284,59 @@ def _routes(app: FastAPI, settings: Settings) -> None:
         live = await q.live_consumers(settings.lease_seconds)
         return {**await q.stats(), "consumers": len(live), "slots": sum(live.values())}
 
+    @app.get("/accounts/{account_id}/events/{event_id}")
+    async def get_event(
+        account_id: Annotated[int, Path(gt=0, le=MAX_ACCOUNT_ID)],
+        event_id: Annotated[str, Path(min_length=1, max_length=MAX_EVENT_ID_BYTES)],
+        request: Request,
+    ) -> dict[str, Any]:
+        """Where one event is: pending at a position, in flight (owner, attempt), dead (its
+        error) or acked; 404 when evq does not know it."""
+        found = await event_state(queue(request), account_id, event_id)
+        if found is None:
+            raise HTTPException(
+                404,
+                f"event {event_id!r} of account {account_id} is not known: never accepted, or"
+                " settled and forgotten (its id outlived DEDUPE_SECONDS, or its dead letter was"
+                " purged)",
+            )
+        return found
+
     @app.get("/dead")
     async def get_dead(
         request: Request,
         offset: Annotated[int, Query(ge=0, le=MAX_ACCOUNT_ID)] = 0,
         limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+        account_id: Annotated[int | None, Query(gt=0, le=MAX_ACCOUNT_ID)] = None,
+        event_id: Annotated[str | None, Query(min_length=1, max_length=MAX_EVENT_ID_BYTES)] = None,
     ) -> dict[str, Any]:
-        """Dead letters with their errors, oldest first, a page at a time."""
-        total, items = await dead_letters(queue(request), offset, limit)
+        """Dead letters with their errors, oldest first, a page at a time; optionally of one
+        account or one event id."""
+        ids = None if event_id is None else {event_id}
+        total, items = await admin.dead_letters(
+            queue(request), offset, limit, Selection(account_id, ids)
+        )
         return {"total": total, "offset": offset, "limit": limit, "items": items}
+
+    @app.get("/overview")
+    async def overview(request: Request) -> dict[str, Any]:
+        """What the dashboard shows: counters, consumers with their busy slots and heartbeat
+        age, the oldest unsettled event's age and the longest backlogs."""
+        return (await snapshot(queue(request), settings.lease_seconds)).as_json()
+
+
+def _ops_routes(app: FastAPI, settings: Settings) -> None:
+    @app.get(
+        "/metrics", response_class=Response, responses={200: {"content": {PROMETHEUS_TEXT: {}}}}
+    )
+    async def metrics(request: Request) -> Response:
+        """Prometheus text format; counts come from Redis, so restarts reset nothing."""
+        found = await snapshot(queue(request), settings.lease_seconds)
+        return Response(exposition(found), media_type=PROMETHEUS_TEXT)
+
+    @app.get("/", include_in_schema=False)
+    async def dashboard() -> HTMLResponse:
+        return HTMLResponse(DASHBOARD)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -231,6 +348,37 @@ def _routes(app: FastAPI, settings: Settings) -> None:
         """Redis answers (503 otherwise)."""
         await queue(request).ping()
         return {"status": "ready"}
+
+
+def _admin_routes(app: FastAPI) -> None:
+    @app.post("/accounts/{account_id}/pause")
+    async def pause(
+        account_id: Annotated[int, Path(gt=0, le=MAX_ACCOUNT_ID)], request: Request
+    ) -> dict[str, Any]:
+        """Hold an account: it keeps accepting events but is not claimed; a consumer holding
+        it lets go after its current event."""
+        before, held = await queue(request).pause(account_id)
+        return {"account_id": account_id, "paused": before or "operator", "held": held}
+
+    @app.post("/accounts/{account_id}/resume")
+    async def resume(
+        account_id: Annotated[int, Path(gt=0, le=MAX_ACCOUNT_ID)], request: Request
+    ) -> dict[str, Any]:
+        """Make a paused or parked account claimable at once (a parked one goes on past its
+        dead letter, which stays); `was_paused` is null when it was not paused."""
+        before = await queue(request).resume(account_id)
+        return {"account_id": account_id, "was_paused": before or None}
+
+    @app.post("/dead/replay")
+    async def replay_dead(selection: DeadSelectionIn, request: Request) -> dict[str, int]:
+        """Queue dead letters again, ids and payloads intact, each at the head of its account
+        in seq order; a parked account goes on."""
+        return {"replayed": await admin.replay(queue(request), selection.selection())}
+
+    @app.post("/dead/purge")
+    async def purge_dead(selection: DeadSelectionIn, request: Request) -> dict[str, int]:
+        """Delete dead letters."""
+        return {"purged": await admin.purge(queue(request), selection.selection())}
 
 
 def _accepted(event: EventIn, result: PushResult) -> Accepted:
@@ -284,6 +432,31 @@ async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"error": f"Redis unavailable: {exc}"}, status_code=503)
 
 
+class TokenAuth:
+    """401 for a request without `Authorization: Bearer <API_TOKEN>` (compared in constant
+    time), but for OPEN_PATHS."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], token: str) -> None:
+        self.app = app
+        self._expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path in OPEN_PATHS or path.startswith(OPEN_PREFIX):
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if not hmac.compare_digest(given, self._expected):
+            await _send_problem(
+                send,
+                401,
+                "missing or wrong API token: send 'Authorization: Bearer <API_TOKEN>'",
+                [(b"www-authenticate", b"Bearer")],
+            )
+            return
+        await self.app(scope, receive, send)
+
+
 class _TooLarge(Exception):
     pass
 
@@ -322,8 +495,11 @@ class BodyLimit:
             await _send_problem(send, 413, f"body is larger than {limit} bytes")
 
 
-async def _send_problem(send: Send, status: int, error: str) -> None:
+async def _send_problem(
+    send: Send, status: int, error: str, more: list[tuple[bytes, bytes]] | None = None
+) -> None:
     body = orjson.dumps({"error": error})
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    headers += more or []
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -7,8 +7,16 @@ import httpx
 import orjson
 
 from app.queue import NewEvent, PushResult
+from app.settings import Settings
 
 JSON = {"content-type": "application/json"}
+
+
+def api_http(base_url: str, settings: Settings, timeout_s: float) -> httpx.AsyncClient:
+    """An HTTP client for the API at `base_url`, sending API_TOKEN when one is set."""
+    token = settings.api_token
+    headers = {"authorization": f"Bearer {token.get_secret_value()}"} if token else {}
+    return httpx.AsyncClient(base_url=base_url, timeout=timeout_s, headers=headers)
 
 
 class ApiError(Exception):

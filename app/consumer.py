@@ -17,10 +17,12 @@ from typing import Any
 from structlog.typing import FilteringBoundLogger
 
 from app.connection import LONGEST_PAUSE_S, TRANSIENT, backoff
+from app.metrics import HEARTBEAT_S
 from app.queue import ClaimInterrupted, Event, Queue, Won
 from app.settings import Settings
 from app.slots import Holding, Slots, sleep_unless
 
+HELD_SHOWN = 50  # accounts listed in the SIGUSR1 line (it stays well under 4 KiB)
 MAX_FAILURES = 10  # unexpected slot failures within FAILURE_WINDOW_S that stop the consumer
 FAILURE_WINDOW_S = 60.0
 CLAIM_RETRY_S = 1.0  # pause of the claimer after an unexpected error
@@ -52,6 +54,7 @@ class Consumer:
         self.forced = False
         self.failing = False
         self._member = f"{socket.gethostname()}:{os.getpid()}:{settings.concurrency}"
+        self._started = time.monotonic()
 
     def stop(self) -> None:
         """First call: finish current events, release, exit. Second call: stop now."""
@@ -70,6 +73,7 @@ class Consumer:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
+        loop.add_signal_handler(signal.SIGUSR1, self.log_state)
         self._log.info(
             "consumer_started",
             slots=self._settings.concurrency,
@@ -80,7 +84,10 @@ class Consumer:
         self._lanes = [
             asyncio.create_task(self._lane(i)) for i in range(self._settings.concurrency)
         ]
-        helpers = [asyncio.create_task(self._renewer()), asyncio.create_task(self._reaper())]
+        helpers = [
+            asyncio.create_task(helper())
+            for helper in (self._renewer, self._heartbeat, self._reaper)
+        ]
         await self._claimer(burst)
         for _ in self._lanes:
             self._claims.put_nowait(None)
@@ -195,7 +202,6 @@ class Consumer:
             pause = period
             try:
                 await self._renew_held()
-                await self._queue.register(self._member)
             except TRANSIENT:
                 self._slots.faults += 1
                 pause = min(period, LONGEST_PAUSE_S)
@@ -205,6 +211,46 @@ class Consumer:
                 self._log.warning("redis_faults_ridden_out", calls=self._slots.faults)
                 self._slots.faults = 0
             await sleep_unless(self._lanes_done, pause)
+
+    async def _heartbeat(self) -> None:
+        """Every HEARTBEAT_S: this consumer is alive, with so many busy slots, and what its
+        slots measured meanwhile goes into the metrics hash."""
+        while not self._lanes_done.is_set():
+            counts, sums = self._slots.tally.take()
+            try:
+                await self._queue.heartbeat(self._member, len(self._held), counts, sums)
+            except TRANSIENT:
+                self._slots.faults += 1
+                self._slots.tally.put_back(counts, sums)
+            except Exception:
+                self._failed("heartbeat_failed")
+            await sleep_unless(self._lanes_done, HEARTBEAT_S)
+
+    def log_state(self) -> None:
+        """SIGUSR1: one line with what this consumer is doing."""
+        now = time.monotonic()
+        held = sorted(self._held.values(), key=lambda h: h.account)
+        self._log.info(
+            "consumer_state",
+            slots=self._settings.concurrency,
+            busy=len(held),
+            free=self._settings.concurrency - len(held),
+            held=[
+                {
+                    "account": h.account,
+                    "token": h.token,
+                    "seq": h.event.seq if h.event else None,
+                    "lease_left_s": round(max(0.0, h.lease_until - now), 3),
+                }
+                for h in held[:HELD_SHOWN]
+            ],
+            held_not_shown=max(0, len(held) - HELD_SHOWN),
+            settled=self._slots.settled,
+            lease_losses=self._slots.lease_losses,
+            redis_faults=self._slots.faults,
+            stopping=self._stopping.is_set(),
+            uptime_s=round(now - self._started, 3),
+        )
 
     async def _renew_held(self) -> None:
         held = list(self._held.values())

@@ -11,9 +11,7 @@ from dataclasses import dataclass
 from itertools import accumulate
 from typing import Literal
 
-import httpx
-
-from app.client import ApiClient
+from app.client import ApiClient, api_http
 from app.queue import NewEvent, PushResult, open_queue
 from app.settings import Settings
 
@@ -107,7 +105,7 @@ async def open_target(
 ) -> AsyncIterator[tuple[PushMany, Callable[[], Awaitable[int]]]]:
     """Where `gen` pushes: (push_many, live_slots) of the engine or of the API."""
     if via == "api":
-        async with httpx.AsyncClient(base_url=api_url, timeout=60) as http:
+        async with api_http(api_url, settings, 60) as http:
             api = ApiClient(http)
             yield api.push_many, api.live_slots
         return

@@ -58,7 +58,19 @@ class Keys:
 
     @property
     def consumers(self) -> str:
-        return f"{self.namespace}:consumers"
+        """The consumers' heartbeats: `host:pid:slots` scored by the time of the last one.
+        It, `busy` and `metrics` share a hash tag, so one pipeline writes all three."""
+        return f"{{{self.namespace}}}:consumers"
+
+    @property
+    def busy(self) -> str:
+        """The hash of each consumer's busy slots, `host:pid` -> count."""
+        return f"{{{self.namespace}}}:busy"
+
+    @property
+    def metrics(self) -> str:
+        """The hash the consumers fold their measurements into (app/metrics.py)."""
+        return f"{{{self.namespace}}}:metrics"
 
     @property
     def wake_channel(self) -> str:

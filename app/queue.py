@@ -600,29 +600,55 @@ class Queue:
         key = self.keys.reaper
         return bool(await self._timed(self.nodes.for_key(key).set(key, b"1", nx=True, px=ttl_ms)))
 
-    async def register(self, member: str) -> None:
-        """Record a live consumer as `host:pid:slots` with the time of this heartbeat, and
-        forget the consumers silent for HEARTBEATS_KEPT_S (they died without unregistering)."""
+    async def heartbeat(
+        self, member: str, busy: int, counts: dict[str, int], sums: dict[str, float]
+    ) -> None:
+        """Record a live consumer `host:pid:slots` with the time of this heartbeat and its busy
+        slots, fold its measurements since the last one into the metrics hash, and forget the
+        consumers silent for HEARTBEATS_KEPT_S (they died without unregistering)."""
         key, now = self.keys.consumers, time.time()
         async with self.nodes.for_key(key).pipeline(transaction=False) as pipe:
             pipe.zadd(key, {member: now})
+            pipe.hset(self.keys.busy, member.rsplit(":", 1)[0], busy)
+            for field, count in counts.items():
+                pipe.hincrby(self.keys.metrics, field, count)
+            for field, total in sums.items():
+                pipe.hincrbyfloat(self.keys.metrics, field, total)
             pipe.zremrangebyscore(key, "-inf", now - HEARTBEATS_KEPT_S)
             await self._timed(pipe.execute())
 
     async def unregister(self, member: str) -> None:
         """Forget a consumer that stopped."""
         key = self.keys.consumers
-        await self._timed(self.nodes.for_key(key).zrem(key, member))
+        async with self.nodes.for_key(key).pipeline(transaction=False) as pipe:
+            pipe.zrem(key, member)
+            pipe.hdel(self.keys.busy, member.rsplit(":", 1)[0])
+            await self._timed(pipe.execute())
 
     async def live_consumers(self, within_s: float) -> dict[str, int]:
         """`host:pid` -> slots of each consumer that sent a heartbeat within the last `within_s`."""
-        since = time.time() - within_s
+        return {name: slots for name, (slots, _, _) in (await self.consumers(within_s)).items()}
+
+    async def consumers(self, within_s: float) -> dict[str, tuple[int, int, float]]:
+        """`host:pid` -> (slots, busy slots, seconds since its heartbeat) of each consumer that
+        sent one within the last `within_s`."""
+        now = time.time()
         key = self.keys.consumers
-        members = cast(
-            list[bytes],
-            await self._timed(self.nodes.for_key(key).zrangebyscore(key, since, "+inf")),
-        )
-        return {name.decode(): int(slots) for name, slots in (m.rsplit(b":", 1) for m in members)}
+        async with self.nodes.for_key(key).pipeline(transaction=False) as pipe:
+            pipe.zrangebyscore(key, now - within_s, "+inf", withscores=True)
+            pipe.hgetall(self.keys.busy)
+            members, busy = await self._timed(pipe.execute())
+        found = {}
+        for member, at in cast(list[tuple[bytes, float]], members):
+            name, slots = member.decode().rsplit(":", 1)
+            found[name] = (int(slots), int(busy.get(name.encode(), 0)), max(0.0, now - at))
+        return found
+
+    async def measurements(self) -> dict[str, float]:
+        """What the consumers folded into the metrics hash (app/metrics.py names the fields)."""
+        key = self.keys.metrics
+        folded = cast(dict[bytes, bytes], await self._timed(self.nodes.for_key(key).hgetall(key)))
+        return {field.decode(): float(value) for field, value in folded.items()}
 
     async def stats(self) -> dict[str, int]:
         """Counters, summed over the shards: events accepted, acked, nacked, dead-lettered,

@@ -3,7 +3,7 @@
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ClaimOrder = Literal["longest", "oldest", "random"]
@@ -49,6 +49,7 @@ class Settings(BaseSettings):
     )
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=1, le=65_535)
+    api_token: SecretStr | None = None
 
     @model_validator(mode="after")
     def _timeout_fits_the_lease(self) -> "Settings":
@@ -71,6 +72,13 @@ class Settings(BaseSettings):
                 " sooner than the event ids it accepted"
             )
         return self
+
+    @field_validator("api_token", mode="after")
+    @classmethod
+    def _token_not_blank(cls, token: SecretStr | None) -> SecretStr | None:
+        if token is not None and not token.get_secret_value().strip():
+            return None  # API_TOKEN= in a .env: no token, as when it is unset
+        return token
 
     @property
     def socket_timeout_s(self) -> float:

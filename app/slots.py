@@ -21,6 +21,7 @@ from structlog.typing import FilteringBoundLogger
 from app.connection import TRANSIENT, backoff
 from app.handlers import Handler
 from app.log import EventLog
+from app.metrics import Tally
 from app.queue import Event, Next, Queue, Step, Won
 from app.settings import Settings
 
@@ -74,6 +75,9 @@ class Slots:
         self._margin_s = settings.lease_seconds * LEASE_MARGIN
         self.stopping = asyncio.Event()
         self.faults = 0
+        self.tally = Tally()
+        self.settled = 0  # attempts handled and settled (acked, nacked or dead-lettered)
+        self.lease_losses = 0
 
     async def drain(self, slot: int, holding: Holding, first: Event | Won) -> None:
         """Handle the held account's events until it is released, drained or lost."""
@@ -203,6 +207,14 @@ class Slots:
     ) -> Awaitable[None]:
         if event.replays:
             extra["replay"] = event.replays
+        if outcome == "lost_lease":
+            self.lease_losses += 1
+            self.tally.count("lease_lost")
+        else:
+            self.settled += 1
+        if outcome == "ack":
+            self.tally.observe("processing", (finished - started) / 1e9)
+            self.tally.observe("wait", (time.time_ns() - event.enqueued_ns) / 1e9)
         return self._events.write(
             OUTCOME_EVENTS[outcome],
             account=event.account,

@@ -26,7 +26,7 @@ def answers(url: str) -> bool:
 def api_url(redis_server: RedisServer) -> Iterator[str]:
     """`evq api` as a real process on a free port, on the session's Redis."""
     port = free_port()
-    env = {**os.environ, "REDIS_URL": redis_server.url, "API_PORT": str(port)}
+    env = {**os.environ, "REDIS_URL": redis_server.url, "API_PORT": str(port), "API_TOKEN": TOKEN}
     env["PYTHONPATH"] = str(REPO)
     proc = subprocess.Popen(
         [sys.executable, "-m", "app", "api"], env=env, stderr=subprocess.DEVNULL
@@ -40,13 +40,18 @@ def api_url(redis_server: RedisServer) -> Iterator[str]:
         proc.wait(timeout=10)
 
 
+TOKEN = "fuzz-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 # The schema the app publishes at /openapi.json, read without a server.
-schema = schemathesis.openapi.from_dict(create_app(Settings()).openapi())
+schema = schemathesis.openapi.from_dict(create_app(Settings(api_token=TOKEN)).openapi())
 
 
 @schema.parametrize()
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 def test_no_input_gets_a_server_error(case: schemathesis.Case, api_url: str) -> None:
-    """Whatever the generator sends, the answer is 2xx or 4xx, never a 5xx."""
-    response = case.call(base_url=api_url)
+    """Whatever the generator sends, the answer is 2xx or 4xx, never a 5xx; a request that
+    carries the API token is not refused as unauthorized."""
+    response = case.call(base_url=api_url, headers=AUTH)
     assert response.status_code < 500, response.text
+    if response.request.headers.get("Authorization") == AUTH["Authorization"]:
+        assert response.status_code != 401, response.text

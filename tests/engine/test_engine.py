@@ -10,6 +10,7 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
+from app.metrics import Tally
 from app.queue import Event, NewEvent, Queue, Step, Won
 from app.scripts import Call, NotReplicated
 from tests.engine.conftest import MakeQueue
@@ -379,8 +380,35 @@ async def test_heartbeats_of_dead_consumers_are_forgotten(make_queue: MakeQueue)
     queue = make_queue()
     key = queue.keys.consumers
     await Routed(queue).zadd(key, {"gone:1:4": time.time() - 2 * 3600})
-    await queue.register("here:2:4")
+    await queue.heartbeat("here:2:4", 3, {}, {})
     assert await queue.live_consumers(3 * 3600) == {"here:2": 4}
+
+
+async def test_heartbeats_fold_measurements_and_busy_slots(make_queue: MakeQueue) -> None:
+    """A heartbeat adds a consumer's tally to the metrics hash and records its busy slots;
+    unregistering drops the consumer, and the measurements stay."""
+    queue = make_queue()
+    tally = Tally()
+    for seconds in (0.2, 1.2, 99.0):
+        tally.observe("processing", seconds)
+    await queue.heartbeat("h:1:8", 5, *tally.take())
+    tally.observe("processing", 1.0)
+    await queue.heartbeat("h:1:8", 6, *tally.take())
+    [(slots, busy, age)] = (await queue.consumers(60)).values()
+    assert (slots, busy) == (8, 6)
+    assert 0 <= age < 5
+    measured = await queue.measurements()
+    assert {k: v for k, v in measured.items() if k != "processing:sum"} == {
+        "processing:0.25": 1,
+        "processing:1": 1,
+        "processing:1.5": 1,
+        "processing:+Inf": 1,
+        "processing:count": 4,
+    }
+    assert measured["processing:sum"] == pytest.approx(101.4)
+    await queue.unregister("h:1:8")
+    assert await queue.consumers(60) == {}
+    assert await queue.measurements() == measured
 
 
 async def account_ttls_ms(queue: Queue, account: int) -> list[int]:
