@@ -1,26 +1,21 @@
 """The `evq` command line (and `gen`, the same as `evq gen`): parses, then calls the app."""
 
-import asyncio
 import contextlib
 import glob
 import sys
 import uuid
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, TypeVar
 
 import orjson
 import typer
-import uvloop
-from pydantic import ValidationError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError, RedisClusterException
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from app import handlers, log, progress
-from app.client import ApiError
-from app.connection import UNREACHABLE, masked
+from app import cli_ops, handlers, log, progress
+from app.cli_support import run, settings_or_exit
+from app.connection import UNREACHABLE
 from app.consumer import Consumer
 from app.generator import (
     Pattern,
@@ -33,7 +28,7 @@ from app.generator import (
     workload,
 )
 from app.plot import PlotUnavailable, draw
-from app.queue import LayoutMismatch, UnsafeRedis, open_queue
+from app.queue import open_queue
 from app.report import read_log, render, summarize
 from app.settings import Settings
 from app.slots import Slots
@@ -45,42 +40,6 @@ LANE_CONNECTIONS = 32
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 
 
-def _settings() -> Settings:
-    try:
-        return Settings()
-    except ValidationError as exc:
-        problems = "; ".join(
-            ": ".join(
-                filter(None, (".".join(map(str, e["loc"])), e["msg"].removeprefix("Value error, ")))
-            )
-            for e in exc.errors()
-        )
-        typer.echo(f"evq: bad configuration: {problems}", err=True)
-        raise typer.Exit(2) from exc
-
-
-def _run(coro: Coroutine[Any, Any, T], settings: Settings) -> T:
-    try:
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            return runner.run(coro)
-    except (RedisConnectionError, RedisClusterException) as exc:
-        typer.echo(f"evq: cannot reach Redis at {masked(settings.redis_url)}: {exc}", err=True)
-        raise typer.Exit(1) from exc
-    except OutOfMemoryError as exc:
-        typer.echo(
-            f"evq: Redis at {masked(settings.redis_url)} is full (maxmemory): {exc}. Let the"
-            " consumers drain, then run it again: events already queued are duplicates then",
-            err=True,
-        )
-        raise typer.Exit(1) from exc
-    except (LayoutMismatch, UnsafeRedis) as exc:
-        typer.echo(f"evq: {exc}", err=True)
-        raise typer.Exit(2) from exc
-    except ApiError as exc:
-        typer.echo(f"evq: {exc}", err=True)
-        raise typer.Exit(1) from exc
-
-
 @app.command()
 def consume(
     burst: Annotated[bool, typer.Option(help="Exit once no account has work left.")] = False,
@@ -89,7 +48,7 @@ def consume(
 
     Exits 1 after a forced stop (a second signal) or when its slots keep failing.
     """
-    settings = _settings()
+    settings = settings_or_exit()
     try:
         handler = handlers.load(settings)
     except handlers.HandlerNotFound as exc:
@@ -108,7 +67,7 @@ def consume(
             await consumer.run(burst=burst)
         return consumer.forced or consumer.failing
 
-    if _run(main(), settings):
+    if run(main(), settings):
         raise typer.Exit(1)
 
 
@@ -133,7 +92,7 @@ def gen(
     api_url: Annotated[str, typer.Option(help="Base URL of the API (--via api).")] = DEFAULT_API,
 ) -> None:
     """Generate a workload and push it into Redis (or through the API)."""
-    settings = _settings()
+    settings = settings_or_exit()
     plan = workload(pattern, events, accounts, seed)
     chain = longest_chain(plan)
     run_id = uuid.uuid4().hex[:12]
@@ -158,7 +117,7 @@ def gen(
         run_log.info("run_pushed", run_id=run_id, accepted=summary.accepted)
         return summary, width
 
-    summary, width = _run(main(), settings)
+    summary, width = run(main(), settings)
     bound = lower_bound_s(events, chain, width, settings.process_seconds)
     typer.echo(
         f"run {run_id}: {summary.accepted} accepted, {summary.duplicates} duplicates, "
@@ -180,7 +139,7 @@ def _progress_bar(total: int) -> Iterator[Callable[[int], None]]:
 @app.command()
 def api() -> None:
     """Serve the HTTP API on API_HOST:API_PORT (OpenAPI docs at /docs)."""
-    settings = _settings()
+    settings = settings_or_exit()
 
     async def check() -> None:
         """Refuse an evicting Redis or another SHARDS at once; a Redis down now is the
@@ -189,7 +148,7 @@ def api() -> None:
             async with open_queue(settings):
                 pass
 
-    _run(check(), settings)
+    run(check(), settings)
     import uvicorn  # noqa: PLC0415 (the web stack loads only for this command)
 
     from app.api import create_app  # noqa: PLC0415
@@ -200,13 +159,13 @@ def api() -> None:
 @app.command()
 def stats() -> None:
     """Print the queue counters as JSON."""
-    settings = _settings()
+    settings = settings_or_exit()
 
     async def main() -> None:
         async with open_queue(settings) as queue:
             typer.echo(orjson.dumps(await queue.stats()).decode())
 
-    _run(main(), settings)
+    run(main(), settings)
 
 
 @app.command()
@@ -220,7 +179,7 @@ def wait(
     ] = None,
 ) -> None:
     """Wait until no account has pending or in-flight events, showing progress."""
-    settings = _settings()
+    settings = settings_or_exit()
 
     async def main() -> bool:
         async with open_queue(settings) as queue:
@@ -228,7 +187,7 @@ def wait(
                 return await progress.wait_consumers(queue, consumers, settings, timeout)
             return await progress.wait_drained(queue, timeout, sys.stderr)
 
-    if not _run(main(), settings):
+    if not run(main(), settings):
         what = f"{consumers} live consumers" if consumers else "drained"
         typer.echo(f"evq: still not {what} after {timeout:g} s", err=True)
         raise typer.Exit(1)
@@ -259,7 +218,7 @@ def report(
     Consumers on several hosts each write their own log: name them all (or a glob) and the
     report proves order across them. Exits 1 when an order violation or a lost event is found.
     """
-    settings = _settings()
+    settings = settings_or_exit()
     named = _log_files(logs or [str(settings.event_log)])
     paths = [older for path in named for older in log.rotated(path)]  # oldest first
     run = read_log(paths, latest_run=not all_runs)
@@ -302,10 +261,14 @@ def _waiting(settings: Settings, run_id: str | None) -> int | None:
             return await queue.waiting(f"{run_id}-")
 
     try:
-        return _run(main(), settings)
+        return run(main(), settings)
     except typer.Exit:
         return None
 
+
+app.add_typer(cli_ops.dead_app, name="dead")
+for command in (cli_ops.event, cli_ops.pause, cli_ops.resume, cli_ops.top):
+    app.command()(command)
 
 gen_app = typer.Typer(add_completion=False)
 gen_app.command()(gen)
