@@ -214,8 +214,9 @@ class Consumer:
 
     async def _heartbeat(self) -> None:
         """Every HEARTBEAT_S: this consumer is alive, with so many busy slots, and what its
-        slots measured meanwhile goes into the metrics hash."""
-        while not self._lanes_done.is_set():
+        slots measured meanwhile goes into the metrics hash; once more after the slots end."""
+        while True:
+            done = self._lanes_done.is_set()
             counts, sums = self._slots.tally.take()
             try:
                 await self._queue.heartbeat(self._member, len(self._held), counts, sums)
@@ -224,6 +225,8 @@ class Consumer:
                 self._slots.tally.put_back(counts, sums)
             except Exception:
                 self._failed("heartbeat_failed")
+            if done:
+                return
             await sleep_unless(self._lanes_done, HEARTBEAT_S)
 
     def log_state(self) -> None:

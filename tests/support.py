@@ -183,6 +183,18 @@ def failing_marked(settings: Settings) -> "object":
     return handle
 
 
+def poisoned_until_fixed(settings: Settings) -> "object":
+    """Handler factory for tests: fails every event whose payload says `poison` until the file
+    FIXED_MARKER names exists (an operator's fix deployed)."""
+    fixed = Path(os.environ["FIXED_MARKER"])
+
+    def handle(event: Event) -> None:
+        if isinstance(event.payload, dict) and event.payload.get("poison") and not fixed.exists():
+            raise ValueError(f"poison event {event.event_id}")
+
+    return handle
+
+
 def hanging_marked(settings: Settings) -> "object":
     """Handler factory for tests: an async handler that never returns for events whose
     payload says `hang`."""
