@@ -28,7 +28,7 @@ STACK := PATH="$(abspath $(BIN)):$$PATH" EVQ_VAR=$(STATE) NUMPROCS=$(NUMPROCS) \
 CTL := $(STACK) $(BIN)/supervisorctl -c $(SUPERVISOR_CONF)
 REDIS_UP := $(STACK) $(BIN)/evq stats >/dev/null 2>&1
 
-.PHONY: venv lock redis-server wrk test lint clean up down ps demo bench bench-full soak cluster-up cluster-down
+.PHONY: venv lock redis-server chromium wrk test lint clean up down ps demo bench bench-full soak cluster-up cluster-down
 
 venv: $(STAMP)
 
@@ -64,6 +64,10 @@ need = @command -v $(1) >/dev/null 2>&1 || { \
 redis-server:
 	$(call need,redis-server,redis-server)
 
+# The browser of the dashboard and API-docs tests (driven by Playwright, no download of its own).
+chromium:
+	$(call need,chromium,chromium)
+
 # The HTTP load tool of the API benchmark.
 wrk:
 	$(call need,wrk,wrk)
@@ -73,7 +77,7 @@ lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: venv redis-server lint
+test: venv redis-server chromium lint
 	$(BIN)/pytest
 
 up: venv redis-server

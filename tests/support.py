@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+import httpx
 import redis as sync_redis
 
 from app.queue import Event, Queue
@@ -164,6 +165,31 @@ class Consumers:
                 proc.stderr.close()
 
 
+@contextlib.contextmanager
+def api_process(redis_url: str, **env: str) -> Iterator[str]:
+    """`evq api` as a real process on a free port with `env`; its base URL once it answers."""
+    port = free_port()
+    values = {**os.environ, "REDIS_URL": redis_url, "API_PORT": str(port), **env}
+    values["PYTHONPATH"] = str(REPO)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app", "api"], env=values, stderr=subprocess.DEVNULL
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def answers() -> bool:
+        try:
+            return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(answers, 20, "evq api to answer")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
 def wait_for(condition: "object", timeout: float, what: str) -> None:
     """Poll `condition()` until true; fail naming `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout
@@ -184,11 +210,12 @@ def failing_marked(settings: Settings) -> "object":
 
 
 def poisoned_until_fixed(settings: Settings) -> "object":
-    """Handler factory for tests: fails every event whose payload says `poison` until the file
-    FIXED_MARKER names exists (an operator's fix deployed)."""
+    """Handler factory for tests: sleeps PROCESS_SECONDS, and fails every event whose payload
+    says `poison` until the file FIXED_MARKER names exists (an operator's fix deployed)."""
     fixed = Path(os.environ["FIXED_MARKER"])
 
     def handle(event: Event) -> None:
+        time.sleep(settings.process_seconds)
         if isinstance(event.payload, dict) and event.payload.get("poison") and not fixed.exists():
             raise ValueError(f"poison event {event.event_id}")
 

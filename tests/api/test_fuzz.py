@@ -1,47 +1,26 @@
 """Schemathesis fuzzes every operation of the OpenAPI schema: no input gets a 5xx."""
 
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 
-import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
 from app.api import create_app
 from app.settings import Settings
-from tests.support import REPO, RedisServer, free_port, wait_for
+from tests.support import RedisServer, api_process
 
-
-def answers(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
+TOKEN = "fuzz-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture(scope="module")
 def api_url(redis_server: RedisServer) -> Iterator[str]:
-    """`evq api` as a real process on a free port, on the session's Redis."""
-    port = free_port()
-    env = {**os.environ, "REDIS_URL": redis_server.url, "API_PORT": str(port), "API_TOKEN": TOKEN}
-    env["PYTHONPATH"] = str(REPO)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "app", "api"], env=env, stderr=subprocess.DEVNULL
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: answers(url), 20, "evq api to answer")
+    """`evq api` as a real process on a free port, on the session's Redis, with a token."""
+    with api_process(redis_server.url, API_TOKEN=TOKEN) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
-TOKEN = "fuzz-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 # The schema the app publishes at /openapi.json, read without a server.
 schema = schemathesis.openapi.from_dict(create_app(Settings(api_token=TOKEN)).openapi())
 
