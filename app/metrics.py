@@ -50,6 +50,13 @@ COUNTERS = {  # stats name -> (metric, help)
 }
 
 
+# Per histogram, the hash fields of its buckets (by upper bound, +Inf last), count and sum.
+_FIELDS = {
+    name: (*(f"{name}:{b:g}" for b in bounds), f"{name}:+Inf", f"{name}:count", f"{name}:sum")
+    for name, bounds in BUCKETS.items()
+}
+
+
 class Tally:
     """A consumer's measurements since its last heartbeat: histogram buckets (by upper
     bound), counts and sums per histogram, and lease losses."""
@@ -59,11 +66,10 @@ class Tally:
         self.sums: defaultdict[str, float] = defaultdict(float)
 
     def observe(self, name: str, seconds: float) -> None:
-        bounds = BUCKETS[name]
-        at = bisect.bisect_left(bounds, seconds)
-        self.counts[f"{name}:{bounds[at]:g}" if at < len(bounds) else f"{name}:+Inf"] += 1
-        self.counts[f"{name}:count"] += 1
-        self.sums[f"{name}:sum"] += seconds
+        fields = _FIELDS[name]
+        self.counts[fields[bisect.bisect_left(BUCKETS[name], seconds)]] += 1
+        self.counts[fields[-2]] += 1
+        self.sums[fields[-1]] += seconds
 
     def count(self, name: str) -> None:
         self.counts[name] += 1

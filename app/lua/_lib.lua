@@ -162,7 +162,7 @@ end
 -- view of the others (`elsewhere`, a ready score, or '' for none), must beat this one's score
 -- by `margin`.
 local function next_step(account, token, order, rand, want_next, margin, elsewhere)
-  if want_next ~= '1' or redis.call('LLEN', pending) == 0 or is_paused(account) then
+  if want_next ~= '1' or redis.call('LLEN', pending) == 0 then
     return release(account, order, rand)
   end
   if order ~= 'random' then
@@ -173,7 +173,7 @@ local function next_step(account, token, order, rand, want_next, margin, elsewhe
       return release(account, order, rand)
     end
   end
-  return take_head(account, token)
+  return take_head(account, token) or release(account, order, rand)  -- nil: paused
 end
 
 -- Keep `reply` as the answer to this token's call `op` about (seq, attempt), and return it.
