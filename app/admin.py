@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 from redis.asyncio.client import Pipeline
 
-from app.queue import Queue
+from app.queue import Queue, body_after_seq
 
 CHUNK = 500  # dead letters per script call: thousands are settled without stalling Redis
 
@@ -32,11 +32,26 @@ async def dead_letters(
     queue: Queue, offset: int = 0, limit: int | None = None, selection: Selection | None = None
 ) -> tuple[int, list[dict[str, Any]]]:
     """How many dead letters `selection` matches, and the page [offset, offset + limit) of
-    them, oldest first over all shards."""
-    chosen = [entry for _, entry, _ in await _matching(queue, selection or Selection())]
-    chosen.sort(key=lambda entry: entry["dead_ns"])
+    them, oldest first over all shards. Without a filter, each shard's length is the count
+    and only the first offset + limit of each shard are read (the dashboard asks every
+    second)."""
+    selection = selection or Selection()
     end = None if limit is None else offset + limit
-    return len(chosen), chosen[offset:end]
+    if selection == Selection() and end is not None:
+        keys = queue.keys
+
+        def read(pipe: Pipeline, shard: int) -> None:
+            pipe.llen(keys.dead(shard))
+            pipe.lrange(keys.dead(shard), 0, end - 1)
+
+        shards = await queue.each_shard(read)
+        total = sum(length for length, _ in shards)
+        chosen = [orjson.loads(entry) for _, page in shards for entry in page]
+    else:
+        chosen = [entry for _, entry, _ in await _matching(queue, selection)]
+        total = len(chosen)
+    chosen.sort(key=lambda entry: entry["dead_ns"])
+    return total, chosen[offset:end]
 
 
 async def replay(queue: Queue, selection: Selection) -> int:
@@ -89,9 +104,5 @@ async def _matching(queue: Queue, selection: Selection) -> list[tuple[int, dict[
 def _body(entry: dict[str, Any]) -> bytes:
     """The pending-list body of a dead letter queued again: its seq, id and payload as they
     were, and how many times it has been replayed."""
-    return b'{"seq":%d,"id":%b,"p":%b,"r":%d}' % (
-        entry["seq"],
-        orjson.dumps(entry["event_id"]),
-        orjson.dumps(entry["payload"]),
-        entry.get("replays", 0) + 1,
-    )
+    tail = body_after_seq(entry["event_id"], entry["payload"], entry.get("replays", 0) + 1)
+    return b'{"seq":%d,%b' % (entry["seq"], tail)

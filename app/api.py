@@ -33,7 +33,7 @@ from app import admin
 from app.admin import Selection
 from app.connection import UNREACHABLE, Nodes
 from app.metrics import exposition, snapshot
-from app.queue import NewEvent, PushResult, Queue
+from app.queue import MAX_ACCOUNT_ID, NewEvent, PushResult, Queue
 from app.settings import Settings
 from app.views import account_state, event_state
 
@@ -42,7 +42,6 @@ MAX_BATCH = 1000
 MAX_EVENT_ID_BYTES = 128
 RETRY_FULL_S = 5  # Retry-After of a 507: a drain frees memory within seconds
 MAX_ERRORS_SHOWN = 20  # per answer: a batch of 1,000 bad items still gets a small body
-MAX_ACCOUNT_ID = 2**53 - 1  # exact in every JSON client; also the largest page offset
 BODY_LIMITS = {"/events": MAX_PAYLOAD_BYTES + 1024, "/events/batch": 8 * 1024 * 1024}
 DEFAULT_BODY_LIMIT = 64 * 1024
 MAX_SELECTED_IDS = 10_000

@@ -16,10 +16,9 @@ from app import admin
 from app.admin import Selection
 from app.cli_support import run, settings_or_exit
 from app.metrics import Snapshot, snapshot
-from app.queue import open_queue
+from app.queue import MAX_ACCOUNT_ID, open_queue
 from app.views import event_state
 
-MAX_ACCOUNT_ID = 2**53 - 1
 dead_app = typer.Typer(no_args_is_help=True, add_completion=False, help="Dead letters.")
 
 Account = Annotated[

@@ -26,7 +26,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 from redis.asyncio.client import Pipeline
 
-from app.queue import Queue, enqueued_ns
+from app.queue import Queue, enqueued_ns, seq_of
 
 HEARTBEAT_S = 1.0  # how often a consumer sends its heartbeat, busy slots and tally
 SAMPLE = 200  # accounts per shard read for the oldest event and the longest backlogs
@@ -171,13 +171,8 @@ async def _sample(queue: Queue) -> list[tuple[int, int, int | None]]:
         for i, account in enumerate(accounts[shard]):
             length, flying, head = replies[3 * i : 3 * i + 3]
             body = flying or head
-            out.append((account, length, _seq(body) if body else None))
+            out.append((account, length, seq_of(body) if body else None))
     return out
-
-
-def _seq(body: bytes) -> int:
-    """The seq at the start of a stored event, `{"seq":N,...`."""
-    return int(body[7 : body.index(b",")])
 
 
 def exposition(found: Snapshot) -> bytes:

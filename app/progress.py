@@ -38,7 +38,7 @@ async def wait_drained(queue: Queue, timeout_s: float, out: TextIO) -> bool:
         settled = stats["acked"] + stats["dead"]
         processed = settled - done_before
         line = (
-            f"processed {processed:,} | backlog {stats['accepted'] - settled:,}"
+            f"processed {processed:,} | backlog {stats['backlog']:,}"
             f" | {processed / elapsed if elapsed else 0:,.0f} events/s | {elapsed:.1f} s"
         ) + ("" if polled else " | Redis not answering, retrying")
         if live:

@@ -37,6 +37,22 @@ HEARTBEATS_KEPT_S = 3600.0  # a consumer silent this long is forgotten
 REAP_CHUNK = 500
 
 
+MAX_ACCOUNT_ID = 2**53 - 1  # exact in every JSON client
+
+
+def body_after_seq(event_id: str, payload: Any, replays: int = 0) -> bytes:
+    """A stored event as it follows its opening `{"seq":N,` (push.lua writes that part):
+    `"id":...,"p":...}`, and `"r"`, how many times it was replayed, when it was."""
+    if replays:
+        return b'"id":%b,"p":%b,"r":%d}' % (orjson.dumps(event_id), orjson.dumps(payload), replays)
+    return b'"id":%b,"p":%b}' % (orjson.dumps(event_id), orjson.dumps(payload))
+
+
+def seq_of(body: bytes) -> int:
+    """The seq of a stored event, which starts `{"seq":N,`."""
+    return int(body[7 : body.index(b",")])
+
+
 def enqueued_ns(seq: int) -> int:
     """When an event with this seq was queued: a seq is the Redis clock in microseconds at
     the push, raised where needed to stay above the account's previous seq (push.lua)."""
@@ -334,11 +350,12 @@ class Queue:
                 own = self._account_keys(event.account)
                 keys += (own[PENDING], own[LOCK], own[SEQ])
                 keys += (self.keys.dedupe(event.account, b).encode() for b in (bucket, bucket - 1))
-            body = b'"id":%b,"p":%b}' % (
-                orjson.dumps(event.event_id),
-                orjson.dumps(event.payload),
+            args += (
+                number,
+                event.account,
+                event.event_id,
+                body_after_seq(event.event_id, event.payload),
             )
-            args += (number, event.account, event.event_id, body)
         return keys, args
 
     async def claim(self, n: int, block_s: float) -> list[Event | Won]:
