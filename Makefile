@@ -84,7 +84,7 @@ up: venv redis-server
 	@mkdir -p $(STATE)/redis $(STATE)/log $(STATE)/run
 	@if [ "$(CLUSTER)" = 1 ]; then $(REDIS_UP) || { echo "no Redis Cluster answering on port" \
 	  "$(CLUSTER_PORT): run 'make cluster-up' first" >&2; exit 1; }; \
-	  echo "redis: the cluster on port $(CLUSTER_PORT)"; \
+	  echo "redis: the cluster on port $(CLUSTER_PORT)"; touch $(STATE)/run/on-cluster; \
 	elif $(REDIS_UP); then echo "redis: already answering on port $(REDIS_PORT)"; else \
 	  redis-server --port $(REDIS_PORT) --bind 127.0.0.1 --dir $(STATE)/redis --save "" \
 	    --appendonly yes --maxmemory-policy noeviction --daemonize yes \
@@ -106,6 +106,7 @@ down: venv
 	  $(CTL) shutdown >/dev/null; while kill -0 $$pid 2>/dev/null; do sleep 0.2; done; \
 	  echo "supervisord: stopped (consumers drained their current events)"; \
 	else echo "supervisord: not running"; fi
+	@rm -f $(STATE)/run/on-cluster
 	@if [ "$(CLUSTER)" = 1 ]; then echo "redis: the cluster keeps running ('make cluster-down')"; \
 	elif pid=$$(cat $(STATE)/run/redis.pid 2>/dev/null) && kill $$pid 2>/dev/null; then \
 	  while kill -0 $$pid 2>/dev/null; do sleep 0.1; done; echo "redis: stopped"; \
@@ -163,8 +164,9 @@ cluster-up: redis-server
 
 # All nodes at once, each flushing its own AOF: one by one, a master would wait for replicas
 # that are already gone. A node busy with its first AOF refuses a SIGTERM, so it is asked
-# again every second; after 30 s it is killed.
+# again every second; after 30 s it is killed. A stack that `make up CLUSTER=1` started stops first.
 cluster-down:
+	@if [ -e $(STATE)/run/on-cluster ]; then $(MAKE) --no-print-directory down CLUSTER=1; fi
 	@pids=""; for port in $(CLUSTER_PORTS); do \
 	  if pid=$$(cat $(CLUSTER_DIR)/$$port/redis.pid 2>/dev/null) && kill $$pid 2>/dev/null; then \
 	    pids="$$pids $$pid"; echo "node $$port: stopping"; \
