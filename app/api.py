@@ -20,10 +20,8 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    JsonValue,
     StrictBool,
     StrictInt,
-    field_validator,
     model_validator,
 )
 from redis.exceptions import OutOfMemoryError
@@ -33,13 +31,21 @@ from app import admin
 from app.admin import Selection
 from app.connection import UNREACHABLE, Nodes
 from app.metrics import exposition, snapshot
-from app.queue import MAX_ACCOUNT_ID, NewEvent, PushResult, Queue
+from app.queue import MAX_ACCOUNT_ID, Queue
+from app.schema import (
+    MAX_EVENT_ID_BYTES,
+    MAX_PAYLOAD_BYTES,
+    Accepted,
+    BatchAccepted,
+    BatchIn,
+    EventIn,
+    Problem,
+    Refused,
+    result_of,
+)
 from app.settings import Settings
 from app.views import account_state, event_state
 
-MAX_PAYLOAD_BYTES = 64 * 1024
-MAX_BATCH = 1000
-MAX_EVENT_ID_BYTES = 128
 RETRY_FULL_S = 5  # Retry-After of a 507: a drain frees memory within seconds
 MAX_ERRORS_SHOWN = 20  # per answer: a batch of 1,000 bad items still gets a small body
 BODY_LIMITS = {"/events": MAX_PAYLOAD_BYTES + 1024, "/events/batch": 8 * 1024 * 1024}
@@ -63,85 +69,6 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-
-
-class EventIn(BaseModel):
-    """One event to queue for an account."""
-
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [{"account_id": 42, "event_id": "order-7-paid", "payload": {"cents": 1999}}]
-        },
-    )
-
-    account_id: StrictInt = Field(
-        gt=0,
-        le=MAX_ACCOUNT_ID,
-        description="The account, a JSON integer; its events are handled in order.",
-    )
-    event_id: str = Field(
-        min_length=1,
-        max_length=MAX_EVENT_ID_BYTES,
-        description=f"Idempotency key, 1 to {MAX_EVENT_ID_BYTES} bytes of UTF-8: re-sent within"
-        " the dedupe window, the event is queued once.",
-    )
-    payload: JsonValue = Field(
-        default=None, description="Any JSON with finite numbers, at most 64 KiB serialized."
-    )
-
-    @field_validator("event_id")
-    @classmethod
-    def _fits(cls, event_id: str) -> str:
-        try:
-            size = len(event_id.encode())
-        except UnicodeEncodeError as exc:  # a lone surrogate escape, "\ud800"
-            raise ValueError("event_id is not valid UTF-8 text") from exc
-        if size > MAX_EVENT_ID_BYTES:
-            raise ValueError(f"event_id is longer than {MAX_EVENT_ID_BYTES} bytes in UTF-8")
-        return event_id
-
-    @field_validator("payload")
-    @classmethod
-    def _storable(cls, payload: JsonValue) -> JsonValue:
-        if not _finite(payload):
-            raise ValueError(
-                "payload has a number that is not finite (NaN, Infinity, or too large for a"
-                " double, like 1e400): JSON cannot carry it"
-            )
-        try:
-            size = len(orjson.dumps(payload))
-        except orjson.JSONEncodeError as exc:  # integers beyond 64 bits
-            raise ValueError(f"payload cannot be stored: {exc}") from exc
-        if size > MAX_PAYLOAD_BYTES:
-            raise ValueError(f"payload is larger than {MAX_PAYLOAD_BYTES} bytes serialized")
-        return payload
-
-    def new_event(self) -> NewEvent:
-        return NewEvent(self.account_id, self.event_id, self.payload)
-
-
-def _finite(value: JsonValue) -> bool:
-    """Whether every number in `value` is finite (walked without recursion: a 64 KiB payload
-    can nest thousands deep)."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, float) and not math.isfinite(item):
-            return False
-        if isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return True
-
-
-class BatchIn(BaseModel):
-    """Up to 1,000 events, validated as a whole before any is queued."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    events: list[EventIn] = Field(min_length=1, max_length=MAX_BATCH)
 
 
 class DeadSelectionIn(BaseModel):
@@ -169,30 +96,6 @@ class DeadSelectionIn(BaseModel):
     def selection(self) -> Selection:
         ids = None if self.event_ids is None else frozenset(self.event_ids)
         return Selection(self.account_id, ids)
-
-
-class Accepted(BaseModel):
-    """The result for one event: its seq, and whether it was a duplicate."""
-
-    account_id: int
-    event_id: str
-    seq: int
-    duplicate: bool = False
-
-
-class BatchAccepted(BaseModel):
-    """Per-event results in request order."""
-
-    accepted: int
-    duplicates: int
-    results: list[Accepted]
-
-
-class Problem(BaseModel):
-    """Every error: a message a person can act on."""
-
-    error: str
-    detail: list[dict[str, Any]] | None = None
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -244,28 +147,48 @@ def queue(request: Request) -> Queue:
 
 
 def _routes(app: FastAPI, settings: Settings) -> None:
-    _ingest_routes(app)
+    _ingest_routes(app, settings)
     _read_routes(app, settings)
     _ops_routes(app, settings)
     _admin_routes(app)
 
 
-def _ingest_routes(app: FastAPI) -> None:
-    @app.post("/events", status_code=202, response_model=Accepted)
+def _ingest_routes(app: FastAPI, settings: Settings) -> None:
+    retry_after = {"Retry-After": str(max(1, math.ceil(settings.process_seconds)))}
+
+    @app.post(
+        "/events",
+        status_code=202,
+        response_model=Accepted,
+        responses={429: {"model": Problem, "description": "Account backlog at its cap"}},
+    )
     async def post_event(event: EventIn, request: Request, response: Response) -> Accepted:
-        """Queue one event: 202 when queued, 200 with `duplicate: true` when seen before."""
-        result = _accepted(event, (await queue(request).push_many([event.new_event()]))[0])
+        """Queue one event: 202 when queued, 200 with `duplicate: true` when seen before, 429
+        with Retry-After when its account already has MAX_BACKLOG_PER_ACCOUNT events waiting."""
+        result = result_of(event, (await queue(request).push_many([event.new_event()]))[0])
+        if isinstance(result, Refused):
+            raise HTTPException(429, result.detail, headers=retry_after)
         if result.duplicate:
             response.status_code = 200
         return result
 
     @app.post("/events/batch", status_code=202, response_model=BatchAccepted)
-    async def post_batch(batch: BatchIn, request: Request) -> BatchAccepted:
-        """Queue up to 1,000 events in one atomic round trip; results in request order."""
+    async def post_batch(batch: BatchIn, request: Request, response: Response) -> BatchAccepted:
+        """Queue up to 1,000 events in one atomic round trip; results in request order. An
+        event whose account is at MAX_BACKLOG_PER_ACCOUNT is refused on its own (Retry-After
+        is then set)."""
         results = await queue(request).push_many([e.new_event() for e in batch.events])
-        accepted = [_accepted(e, r) for e, r in zip(batch.events, results, strict=True)]
-        dupes = sum(a.duplicate for a in accepted)
-        return BatchAccepted(accepted=len(accepted) - dupes, duplicates=dupes, results=accepted)
+        answers = [result_of(e, r) for e, r in zip(batch.events, results, strict=True)]
+        refused = sum(isinstance(a, Refused) for a in answers)
+        dupes = sum(isinstance(a, Accepted) and a.duplicate for a in answers)
+        if refused:
+            response.headers.update(retry_after)
+        return BatchAccepted(
+            accepted=len(answers) - dupes - refused,
+            duplicates=dupes,
+            refused=refused,
+            results=answers,
+        )
 
 
 def _read_routes(app: FastAPI, settings: Settings) -> None:
@@ -378,15 +301,6 @@ def _admin_routes(app: FastAPI) -> None:
     async def purge_dead(selection: DeadSelectionIn, request: Request) -> dict[str, int]:
         """Delete dead letters."""
         return {"purged": await admin.purge(queue(request), selection.selection())}
-
-
-def _accepted(event: EventIn, result: PushResult) -> Accepted:
-    return Accepted(
-        account_id=event.account_id,
-        event_id=event.event_id,
-        seq=result.seq,
-        duplicate=not result.queued,
-    )
 
 
 def _where(loc: tuple[int | str, ...]) -> str:

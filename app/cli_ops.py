@@ -209,7 +209,7 @@ def _frame(now: Snapshot, before: Snapshot | None) -> Group:
         ("oldest event", "-" if oldest is None else f"{oldest:,.1f} s"),
         ("dead letters", f"{stats['dead_letters']:,}"),
         ("paused / parked", f"{stats['paused']} / {stats['parked']}"),
-        ("accepted", f"{stats['accepted']:,}"),
+        ("accepted / refused", f"{stats['accepted']:,} / {stats['refused']:,}"),
         ("acked / dead", f"{stats['acked']:,} / {stats['dead']:,}"),
     ):
         numbers.add_row(name, value)

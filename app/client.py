@@ -38,7 +38,10 @@ class ApiClient:
             ]
         }
         reply = await self._request("POST", "/events/batch", content=orjson.dumps(body))
-        return [PushResult(not r["duplicate"], r["seq"]) for r in reply["results"]]
+        return [
+            PushResult(False, 0, True) if "error" in r else PushResult(not r["duplicate"], r["seq"])
+            for r in reply["results"]
+        ]
 
     async def live_slots(self) -> int:
         """Total slots of the live consumers, as the API sees them."""

@@ -38,6 +38,10 @@ BUCKETS = {
 }
 COUNTERS = {  # stats name -> (metric, help)
     "accepted": ("evq_events_enqueued_total", "Events accepted into the queue (duplicates not)."),
+    "refused": (
+        "evq_events_refused_total",
+        "Events refused because their account's backlog was at MAX_BACKLOG_PER_ACCOUNT.",
+    ),
     "acked": ("evq_events_processed_total", "Events handled successfully and acked."),
     "nacked": ("evq_events_failed_total", "Handler attempts that failed (each nack)."),
     "dead": ("evq_events_dead_lettered_total", "Events moved to the dead letters."),

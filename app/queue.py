@@ -87,10 +87,16 @@ class NewEvent:
 
 @dataclass(frozen=True, slots=True)
 class PushResult:
-    """What push made of one event: queued with its seq, or a duplicate of an earlier seq."""
+    """What push made of one event: queued with its seq, a duplicate of an earlier seq, or
+    refused (seq 0) because its account's backlog was at MAX_BACKLOG_PER_ACCOUNT."""
 
     queued: bool
     seq: int
+    refused: bool = False
+
+    @property
+    def duplicate(self) -> bool:
+        return not self.queued and not self.refused
 
 
 class Step(enum.Enum):
@@ -195,6 +201,7 @@ class Queue:
         self._allow_eviction = settings.allow_eviction
         self._memory: dict[Redis, tuple[float, int, int]] = {}  # at, used_memory, maxmemory
         self._dead_max = settings.dead_letters_max
+        self._cap = settings.max_backlog_per_account or 0
         self._park = b"1" if settings.poison_policy == "park" else b"0"
 
     async def open(self, connections: int = 1) -> None:
@@ -283,7 +290,8 @@ class Queue:
         the order given. Each shard's part is queued whole or not at all: after an error,
         sending the same batch again is safe, as event ids already accepted are duplicates.
         Refused whole (RedisFull) when it would take a master above HIGH_WATER of its
-        maxmemory."""
+        maxmemory; an event whose account already has MAX_BACKLOG_PER_ACCOUNT pending is
+        refused on its own (`refused`, nothing of it stored)."""
         if not self._opened:  # the API starts while Redis is down: check the shards first
             await self.open()
         bucket = self.dedupe_bucket()
@@ -304,7 +312,8 @@ class Queue:
         results: list[PushResult] = [PushResult(False, 0)] * len(events)
         for picks, reply in zip(by_shard.values(), replies, strict=True):
             for n, i in enumerate(picks):
-                results[i] = PushResult(bool(reply[2 * n]), int(reply[2 * n + 1]))
+                code = reply[2 * n]
+                results[i] = PushResult(code == 1, int(reply[2 * n + 1]), code == 2)
         return results
 
     def dedupe_bucket(self) -> int:
@@ -341,6 +350,7 @@ class Queue:
             2 * self._dedupe_ms,
             self._order,
             random.randrange(1 << 31),
+            self._cap,
         ]
         numbers: dict[int, int] = {}
         for event in events:
@@ -668,11 +678,11 @@ class Queue:
         return {field.decode(): float(value) for field, value in folded.items()}
 
     async def stats(self) -> dict[str, int]:
-        """Counters, summed over the shards: events accepted, acked, nacked, dead-lettered,
-        redelivered, replayed and purged; the backlog (pending and in flight, from the counters:
-        accepted + replayed - acked - dead); the sizes of the ready indexes, active sets and
-        dead letters; and how many accounts are paused by an operator or parked by a poison
-        event."""
+        """Counters, summed over the shards: events accepted, refused (MAX_BACKLOG_PER_ACCOUNT),
+        acked, nacked, dead-lettered, redelivered, replayed and purged; the backlog (pending and
+        in flight, from the counters: accepted + replayed - acked - dead); the sizes of the
+        ready indexes, active sets and dead letters; and how many accounts are paused by an
+        operator or parked by a poison event."""
 
         def queue(pipe: Pipeline, shard: int) -> None:
             pipe.hgetall(self.keys.stats(shard))
@@ -681,7 +691,8 @@ class Queue:
             pipe.llen(self.keys.dead(shard))
             pipe.hvals(self.keys.paused(shard))
 
-        names = ("accepted", "acked", "nacked", "dead", "redelivered", "replayed", "purged")
+        names = ("accepted", "refused", "acked", "nacked", "dead", "redelivered", "replayed")
+        names += ("purged",)
         sizes = ("ready", "active", "dead_letters", "paused", "parked")
         totals = dict.fromkeys((*names, "backlog", *sizes), 0)
         for counters, ready, active, dead_letters, paused in await self.each_shard(queue):

@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(30.0, gt=0)
     max_attempts: int = Field(5, ge=1)
     dead_letters_max: int = Field(10_000, ge=1)
+    max_backlog_per_account: int | None = Field(None, ge=1)
     poison_policy: PoisonPolicy = "skip"
     handler_timeout_seconds: float | None = Field(None, gt=0)
     fail_rate: float = Field(0.0, ge=0, le=1)

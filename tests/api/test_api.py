@@ -12,8 +12,9 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from app.api import MAX_PAYLOAD_BYTES, create_app
+from app.api import create_app
 from app.queue import NewEvent, Queue
+from app.schema import MAX_PAYLOAD_BYTES
 from tests.support import Consumers, RedisServer, Routed, settings
 
 
@@ -109,6 +110,32 @@ BAD_EVENTS: list[tuple[Any, str]] = [
     ({"account_id": 1, "event_id": "é" * 65}, "event_id"),  # 65 characters, 130 bytes
     ([1, 2], "body"),
 ]
+
+
+async def test_backlog_cap_refuses_with_429_or_per_event(redis_url: str, queue: Queue) -> None:
+    """MAX_BACKLOG_PER_ACCOUNT: a single event beyond it is 429 with Retry-After; in a batch
+    the refused events get an error each while the rest are queued; /stats counts them."""
+    capped = settings(redis_url, max_backlog_per_account=2, process_seconds=2.5)
+    async with Lifespan(create_app(capped)) as api:
+        batch = [{"account_id": 1, "event_id": f"a{i}"} for i in range(3)]
+        batch.append({"account_id": 2, "event_id": "b0"})
+        reply = await api.post("/events/batch", json={"events": batch})
+        assert reply.status_code == 202
+        assert reply.headers["retry-after"] == "3"
+        body = reply.json()
+        assert (body["accepted"], body["duplicates"], body["refused"]) == (3, 0, 1)
+        refused = body["results"][2]
+        assert refused["event_id"] == "a2" and refused["error"] == "backlog_full"
+        assert "MAX_BACKLOG_PER_ACCOUNT" in refused["detail"] and "seq" not in refused
+        single = await api.post("/events", json={"account_id": 1, "event_id": "a3"})
+        assert single.status_code == 429
+        assert single.headers["retry-after"] == "3"
+        assert "not queued" in single.json()["error"]
+        again = await api.post("/events", json={"account_id": 1, "event_id": "a0"})
+        assert again.status_code == 200 and again.json()["duplicate"] is True
+        stats = (await api.get("/stats")).json()
+    assert (stats["accepted"], stats["refused"]) == (3, 2)
+    assert await Routed(queue).llen(queue.keys.pending(1)) == 2
 
 
 @pytest.mark.parametrize(("event", "field"), BAD_EVENTS)

@@ -67,6 +67,28 @@ async def test_duplicate_event_id_is_queued_once(make_queue: MakeQueue) -> None:
     assert (await queue.stats())["accepted"] == 2
 
 
+async def test_backlog_cap_refuses_events_one_by_one(make_queue: MakeQueue) -> None:
+    """MAX_BACKLOG_PER_ACCOUNT: an event whose account already has the cap pending is refused
+    whole (not stored, its id not remembered) while other accounts and duplicates go on; the
+    refusals are counted."""
+    queue = make_queue(max_backlog_per_account=2)
+    a1, a2, a3, b1 = await queue.push_many(
+        [NewEvent(1, "a1"), NewEvent(1, "a2"), NewEvent(1, "a3"), NewEvent(2, "b1")]
+    )
+    assert (a1.queued, a2.queued, b1.queued) == (True, True, True)
+    assert (a3.queued, a3.refused, a3.seq) == (False, True, 0)
+    [again] = await queue.push_many([NewEvent(1, "a1")])
+    assert again.duplicate and again.seq == a1.seq
+    pending = await Routed(queue).lrange(queue.keys.pending(1), 0, -1)
+    assert [orjson.loads(body)["id"] for body in pending] == ["a1", "a2"]
+    first = await claim_one(queue)
+    assert first.event_id == "a1"
+    [later] = await queue.push_many([NewEvent(1, "a3")])  # a1 in flight: 1 pending
+    assert later.queued and later.seq > a2.seq
+    stats = await queue.stats()
+    assert (stats["accepted"], stats["refused"]) == (4, 1)
+
+
 async def test_push_writes_the_keys_the_other_scripts_read(make_queue: MakeQueue) -> None:
     """push.lua writes the keys the other scripts read (Keys.account), all in one shard."""
     queue = make_queue()
