@@ -38,6 +38,8 @@ REAP_CHUNK = 500
 
 
 MAX_ACCOUNT_ID = 2**53 - 1  # exact in every JSON client
+# The counters of a shard's stats hash, as `stats` sums them.
+COUNTED = ("accepted", "refused", "acked", "nacked", "dead", "redelivered", "replayed", "purged")
 
 
 def body_after_seq(event_id: str, payload: Any, replays: int = 0) -> bytes:
@@ -691,12 +693,10 @@ class Queue:
             pipe.llen(self.keys.dead(shard))
             pipe.hvals(self.keys.paused(shard))
 
-        names = ("accepted", "refused", "acked", "nacked", "dead", "redelivered", "replayed")
-        names += ("purged",)
         sizes = ("ready", "active", "dead_letters", "paused", "parked")
-        totals = dict.fromkeys((*names, "backlog", *sizes), 0)
+        totals = dict.fromkeys((*COUNTED, "backlog", *sizes), 0)
         for counters, ready, active, dead_letters, paused in await self.each_shard(queue):
-            for name in names:
+            for name in COUNTED:
                 totals[name] += int(counters.get(name.encode(), 0))
             totals["ready"] += ready
             totals["active"] += active
