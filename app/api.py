@@ -8,9 +8,10 @@ from contextlib import asynccontextmanager
 from dataclasses import asdict
 from importlib import resources
 from typing import Annotated, Any
+from urllib.parse import parse_qs
 
 import orjson
-from fastapi import Depends, FastAPI, Path, Query, Request, Response
+from fastapi import Depends, FastAPI, Path, Query, Request, Response, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPBearer
@@ -27,7 +28,7 @@ from pydantic import (
 from redis.exceptions import OutOfMemoryError
 from starlette.exceptions import HTTPException
 
-from app import admin
+from app import admin, stream
 from app.admin import Selection
 from app.connection import UNREACHABLE, Nodes
 from app.metrics import exposition, snapshot
@@ -44,6 +45,7 @@ from app.schema import (
     result_of,
 )
 from app.settings import Settings
+from app.stream import Ingest
 from app.views import account_state, event_state
 
 RETRY_FULL_S = 5  # Retry-After of a 507: a drain frees memory within seconds
@@ -114,10 +116,12 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         queue = Queue(Nodes(settings), settings)
         app.state.queue = queue
+        app.state.ingest = Ingest(queue)
         # Redis down now is a 503 per request until it answers; another SHARDS stops the API.
         with contextlib.suppress(*UNREACHABLE):
             await queue.open()
         yield
+        await app.state.ingest.aclose()
         await queue.aclose()
 
     # FastAPIOffline: /docs and /redoc with Swagger UI and ReDoc from the package, no CDN.
@@ -189,6 +193,13 @@ def _ingest_routes(app: FastAPI, settings: Settings) -> None:
             refused=refused,
             results=answers,
         )
+
+    @app.websocket(stream.PATH)
+    async def stream_events(websocket: WebSocket) -> None:
+        """Events as JSON frames (one event, or an array of up to 1,000); one answer frame per
+        event, in order, once it is stored (see app/stream.py)."""
+        ingest: stream.Ingest = websocket.app.state.ingest
+        await stream.Stream(websocket, ingest, settings.ws_max_unacked).serve()
 
 
 def _read_routes(app: FastAPI, settings: Settings) -> None:
@@ -347,7 +358,8 @@ async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
 
 class TokenAuth:
     """401 for a request without `Authorization: Bearer <API_TOKEN>` (compared in constant
-    time), but for OPEN_PATHS."""
+    time), but for OPEN_PATHS. A WebSocket handshake may carry the token as `?token=` instead
+    (browsers cannot set its headers); refused, it is answered 401 before any frame."""
 
     def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], token: str) -> None:
         self.app = app
@@ -355,19 +367,25 @@ class TokenAuth:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if scope["type"] != "http" or path in OPEN_PATHS or path.startswith(OPEN_PREFIX):
+        kind = scope["type"]
+        if kind not in ("http", "websocket") or path in OPEN_PATHS or path.startswith(OPEN_PREFIX):
             await self.app(scope, receive, send)
             return
         given = dict(scope["headers"]).get(b"authorization", b"")
-        if not hmac.compare_digest(given, self._expected):
-            await _send_problem(
-                send,
-                401,
-                "missing or wrong API token: send 'Authorization: Bearer <API_TOKEN>'",
-                [(b"www-authenticate", b"Bearer")],
-            )
+        if kind == "websocket" and not given:
+            tokens = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token")
+            given = f"Bearer {tokens[0]}".encode() if tokens else b""
+        if hmac.compare_digest(given, self._expected):
+            await self.app(scope, receive, send)
             return
-        await self.app(scope, receive, send)
+        error = "missing or wrong API token: send 'Authorization: Bearer <API_TOKEN>'"
+        if kind == "http":
+            await _send_problem(send, 401, error, [(b"www-authenticate", b"Bearer")])
+        elif "websocket.http.response" in scope.get("extensions", {}):
+            await receive()  # websocket.connect
+            await _send_problem(send, 401, f"{error}, or ?token=<API_TOKEN>", prefix="websocket.")
+        else:
+            await send({"type": "websocket.close", "code": 1008, "reason": "API token"})
 
 
 class _TooLarge(Exception):
@@ -409,10 +427,15 @@ class BodyLimit:
 
 
 async def _send_problem(
-    send: Send, status: int, error: str, more: list[tuple[bytes, bytes]] | None = None
+    send: Send,
+    status: int,
+    error: str,
+    more: list[tuple[bytes, bytes]] | None = None,
+    prefix: str = "",
 ) -> None:
+    """An error answer; `prefix` "websocket." refuses a WebSocket handshake with it."""
     body = orjson.dumps({"error": error})
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
     headers += more or []
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await send({"type": f"{prefix}http.response.start", "status": status, "headers": headers})
+    await send({"type": f"{prefix}http.response.body", "body": body})

@@ -21,11 +21,15 @@ from app.generator import (
     Pattern,
     PushSummary,
     Via,
+    WorkloadFileError,
     longest_chain,
     lower_bound_s,
     open_target,
-    push_workload,
+    planned_events,
+    read_events,
+    shared_prefix,
     workload,
+    write_events,
 )
 from app.plot import PlotUnavailable, draw
 from app.queue import open_queue
@@ -82,46 +86,95 @@ def gen(
     rate: Annotated[
         float, typer.Option(min=0, help="Events per second; 0 = as fast as possible.")
     ] = 0,
-    batch: Annotated[int, typer.Option(min=1, max=10_000, help="Events per round trip.")] = 1_000,
+    batch: Annotated[
+        int, typer.Option(min=1, max=10_000, help="Events per round trip (--via ws: per frame).")
+    ] = 1_000,
     slots: Annotated[
         int | None, typer.Option(min=1, help="W for the bound; default: live consumers' slots.")
     ] = None,
     via: Annotated[
-        Via, typer.Option(help="Push into Redis directly or through the API.")
+        Via,
+        typer.Option(
+            help="Push into Redis directly, through the API's batch route, or over WebSocket"
+            " streams (/ws/events)."
+        ),
     ] = "redis",
-    api_url: Annotated[str, typer.Option(help="Base URL of the API (--via api).")] = DEFAULT_API,
+    api_url: Annotated[
+        str, typer.Option(help="Base URL of the API (--via api, --via ws).")
+    ] = DEFAULT_API,
+    connections: Annotated[
+        int,
+        typer.Option(
+            min=1, max=256, help="--via ws: streams in parallel (each account keeps to one)."
+        ),
+    ] = 1,
+    source: Annotated[
+        Path | None,
+        typer.Option(
+            "--from",
+            help="Send the events of this JSON Lines file, in its order, instead of generating"
+            " them (--events, --accounts, --pattern and --seed then do not apply).",
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Write the workload to this JSON Lines file instead of sending it."),
+    ] = None,
 ) -> None:
-    """Generate a workload and push it into Redis (or through the API)."""
+    """Generate a workload (or read one) and push it into Redis, through the API, or over
+    WebSocket streams; or record it to a file."""
     settings = settings_or_exit()
-    plan = workload(pattern, events, accounts, seed)
-    chain = longest_chain(plan)
+    if connections > 1 and via != "ws":
+        raise typer.BadParameter(
+            "only --via ws sends over several connections", param_hint="--connections"
+        )
     run_id = uuid.uuid4().hex[:12]
+    if source is None:
+        plan = planned_events(workload(pattern, events, accounts, seed), run_id)
+        described = {"pattern": pattern, "seed": seed, "id_prefix": f"{run_id}-"}
+    else:
+        try:
+            plan = read_events(source)
+        except WorkloadFileError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--from") from exc
+        described = {"source": str(source), "id_prefix": shared_prefix(plan)}
+    if out is not None:
+        try:
+            write_events(out, plan)
+        except OSError as exc:
+            raise typer.BadParameter(
+                f"cannot write {out}: {exc.strerror}", param_hint="--out"
+            ) from exc
+        typer.echo(f"wrote {len(plan)} events to {out}")
+        return
+    chain = longest_chain([e.account for e in plan])
     run_log = log.configure(settings)
 
     async def main() -> tuple[PushSummary, int]:
-        async with open_target(settings, via, api_url) as (push_many, live_slots):
-            width = slots or await live_slots() or settings.concurrency
+        async with open_target(settings, via, api_url, connections) as target:
+            width = slots or await target.live_slots() or settings.concurrency
             run_log.info(
                 "run_started",
                 run_id=run_id,
-                events=events,
-                accounts=accounts,
-                pattern=pattern,
-                seed=seed,
+                events=len(plan),
+                accounts=len({e.account for e in plan}),
+                **described,
+                via=via,
                 slots=width,
                 longest_chain=chain,
                 process_s=settings.process_seconds,
             )
-            with _progress_bar(events) as advance:
-                summary = await push_workload(push_many, plan, run_id, batch, rate, advance)
+            with _progress_bar(len(plan)) as advance:
+                summary = await target.send(plan, batch, rate, advance)
         run_log.info("run_pushed", run_id=run_id, accepted=summary.accepted)
         return summary, width
 
     summary, width = run(main(), settings)
-    bound = lower_bound_s(events, chain, width, settings.process_seconds)
+    bound = lower_bound_s(len(plan), chain, width, settings.process_seconds)
+    refused = f", {summary.refused} refused (MAX_BACKLOG_PER_ACCOUNT)" if summary.refused else ""
     typer.echo(
-        f"run {run_id}: {summary.accepted} accepted, {summary.duplicates} duplicates, "
-        f"{events / summary.elapsed_s:,.0f} events/s over {summary.elapsed_s:.2f} s\n"
+        f"run {run_id}: {summary.accepted} accepted, {summary.duplicates} duplicates{refused}, "
+        f"{len(plan) / summary.elapsed_s:,.0f} events/s over {summary.elapsed_s:.2f} s\n"
         f"longest chain {chain} events; lower bound with W={width} slots and "
         f"PROCESS_SECONDS={settings.process_seconds:g}: {bound:.1f} s"
     )
@@ -225,7 +278,7 @@ def report(
     if not run.attempts:
         names = ", ".join(map(str, paths))
         typer.echo(f"evq: no handled event in {names} yet (are consumers running?)", err=True)
-    found = summarize(run, _waiting(settings, run.run_id), slots)
+    found = summarize(run, _waiting(settings, run.id_prefix), slots)
     typer.echo(orjson.dumps(found.as_json()).decode() if as_json else render(found))
     if plot:
         try:
@@ -251,14 +304,15 @@ def _log_files(names: list[str]) -> list[Path]:
     return paths
 
 
-def _waiting(settings: Settings, run_id: str | None) -> int | None:
-    """Events of the run Redis still holds; None without a run or a reachable Redis."""
-    if run_id is None:
+def _waiting(settings: Settings, id_prefix: str | None) -> int | None:
+    """Events of the run (ids starting `id_prefix`) Redis still holds; None without a run or
+    a reachable Redis."""
+    if id_prefix is None:
         return None
 
     async def main() -> int:
         async with open_queue(settings) as queue:
-            return await queue.waiting(f"{run_id}-")
+            return await queue.waiting(id_prefix)
 
     try:
         return run(main(), settings)

@@ -1,6 +1,5 @@
 """Workloads (pure and seeded) and the pusher that queues them in pipelined batches."""
 
-import asyncio
 import math
 import random
 import time
@@ -9,14 +8,19 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from itertools import accumulate
-from typing import Literal
+from pathlib import Path
+from typing import Literal, Protocol
 
-from app.client import ApiClient, api_http
+import orjson
+from pydantic import ValidationError
+
+from app.client import ApiClient, StreamClient, api_http, pace
 from app.queue import NewEvent, PushResult, open_queue
+from app.schema import EventIn
 from app.settings import Settings
 
 Pattern = Literal["bursty", "uniform", "zipf", "hot"]
-Via = Literal["redis", "api"]
+Via = Literal["redis", "api", "ws"]
 HOT_EVENTS = 300
 ZIPF_S = 1.1
 
@@ -55,63 +59,166 @@ def lower_bound_s(events: int, chain: int, slots: int, process_s: float) -> floa
 
 @dataclass(frozen=True, slots=True)
 class PushSummary:
-    """What a generator run queued."""
+    """What a generator run queued: accepted, duplicates (ids accepted before, a resent tail
+    included) and refused (MAX_BACKLOG_PER_ACCOUNT)."""
 
     accepted: int
     duplicates: int
+    refused: int
     elapsed_s: float
 
 
 PushMany = Callable[[Sequence[NewEvent]], Awaitable[list[PushResult]]]
+Progress = Callable[[int], None]
+
+
+def planned_events(accounts: Sequence[int], run_id: str) -> list[NewEvent]:
+    """One event per entry of `accounts`, with ids `<run_id>-<index>`: running the same
+    workload again queues it again, while a retried batch of the same run is deduplicated."""
+    return [NewEvent(account, f"{run_id}-{i}", {"n": i}) for i, account in enumerate(accounts)]
+
+
+def shared_prefix(events: Sequence[NewEvent]) -> str:
+    """What every event id starts with (`<run_id>-` for a recorded run): how `evq report`
+    tells a run's events in the log."""
+    low = min(e.event_id for e in events)
+    high = max(e.event_id for e in events)
+    n = 0
+    while n < min(len(low), len(high)) and low[n] == high[n]:
+        n += 1
+    return low[:n]
+
+
+class WorkloadFileError(ValueError):
+    """A workload file that cannot be read, or a line of it that is not an event."""
+
+
+def write_events(path: Path, events: Sequence[NewEvent]) -> None:
+    """A workload file: one event per line, as `POST /events` takes it (JSON Lines)."""
+    with path.open("wb") as out:
+        for e in events:
+            out.write(
+                orjson.dumps(
+                    {"account_id": e.account, "event_id": e.event_id, "payload": e.payload}
+                )
+                + b"\n"
+            )
+
+
+def read_events(path: Path) -> list[NewEvent]:
+    """The events of a workload file, in its order; blank lines are skipped. Every line is
+    checked as the API checks an event, so a bad file is refused before anything is sent."""
+    events: list[NewEvent] = []
+    try:
+        with path.open("rb") as lines:
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    events.append(EventIn.model_validate_json(line).new_event())
+                except ValidationError as exc:
+                    first = exc.errors()[0]
+                    where = ".".join(map(str, first["loc"])) or "line"
+                    raise WorkloadFileError(f"{path}:{number}: {where}: {first['msg']}") from exc
+    except OSError as exc:
+        raise WorkloadFileError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if not events:
+        raise WorkloadFileError(f"{path} holds no event")
+    return events
 
 
 async def push_workload(
     push_many: PushMany,
-    accounts: Sequence[int],
-    run_id: str,
+    events: Sequence[NewEvent],
     batch: int,
     rate: float,
-    on_progress: Callable[[int], None],
+    on_progress: Progress,
 ) -> PushSummary:
-    """Push one event per entry of `accounts`, `batch` per round trip, at most `rate` per second.
-
-    Event ids are `<run_id>-<index>`, so running the same workload again queues it again,
-    while a retried batch of the same run is deduplicated.
-    """
-    if rate:
-        batch = max(1, min(batch, int(rate // 20)))
-    accepted = duplicates = 0
+    """Push `events` in order, `batch` per round trip, at most `rate` per second."""
+    accepted = duplicates = refused = 0
     started = time.perf_counter()
-    for start in range(0, len(accounts), batch):
-        chunk = [
-            NewEvent(account, f"{run_id}-{i}", {"n": i})
-            for i, account in enumerate(accounts[start : start + batch], start)
-        ]
+    for start in range(0, len(events), batch):
+        chunk = events[start : start + batch]
         results = await push_many(chunk)
-        queued = sum(r.queued for r in results)
-        accepted += queued
-        duplicates += len(results) - queued
+        accepted += sum(r.queued for r in results)
+        refused += sum(r.refused for r in results)
+        duplicates += sum(r.duplicate for r in results)
         on_progress(len(chunk))
-        if rate:
-            ahead_s = (start + len(chunk)) / rate - (time.perf_counter() - started)
-            if ahead_s > 0:
-                await asyncio.sleep(ahead_s)
-    return PushSummary(accepted, duplicates, time.perf_counter() - started)
+        await pace(started, start + len(chunk), rate)
+    return PushSummary(accepted, duplicates, refused, time.perf_counter() - started)
+
+
+def frame_size(batch: int, rate: float) -> int:
+    """Events per round trip or frame: `batch`, but small enough to spread a limited rate
+    over the second (20 sends per second)."""
+    return max(1, min(batch, int(rate // 20))) if rate else batch
+
+
+class Target(Protocol):
+    """Where `gen` sends a workload."""
+
+    async def live_slots(self) -> int: ...
+
+    async def send(
+        self, events: Sequence[NewEvent], batch: int, rate: float, on_progress: Progress
+    ) -> PushSummary: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Pushed:
+    """Through push_many round trips: the engine's, or the API's batch route."""
+
+    push_many: PushMany
+    slots: Callable[[], Awaitable[int]]
+
+    async def live_slots(self) -> int:
+        return await self.slots()
+
+    async def send(
+        self, events: Sequence[NewEvent], batch: int, rate: float, on_progress: Progress
+    ) -> PushSummary:
+        return await push_workload(
+            self.push_many, events, frame_size(batch, rate), rate, on_progress
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Streamed:
+    """Over WebSocket streams to the API."""
+
+    api: ApiClient
+    streams: StreamClient
+
+    async def live_slots(self) -> int:
+        return await self.api.live_slots()
+
+    async def send(
+        self, events: Sequence[NewEvent], batch: int, rate: float, on_progress: Progress
+    ) -> PushSummary:
+        started = time.perf_counter()
+        answers = await self.streams.send(events, frame_size(batch, rate), rate, on_progress)
+        return PushSummary(
+            answers.accepted, answers.duplicates, answers.refused, time.perf_counter() - started
+        )
 
 
 @asynccontextmanager
 async def open_target(
-    settings: Settings, via: Via, api_url: str
-) -> AsyncIterator[tuple[PushMany, Callable[[], Awaitable[int]]]]:
-    """Where `gen` pushes: (push_many, live_slots) of the engine or of the API."""
-    if via == "api":
+    settings: Settings, via: Via, api_url: str, connections: int = 1
+) -> AsyncIterator[Target]:
+    """Where `gen` sends: the engine, the API's batch route, or `connections` WebSocket
+    streams to the API."""
+    if via in ("api", "ws"):
         async with api_http(api_url, settings, 60) as http:
             api = ApiClient(http)
-            yield api.push_many, api.live_slots
+            if via == "api":
+                yield _Pushed(api.push_many, api.live_slots)
+            else:
+                yield _Streamed(api, StreamClient(api_url, settings, connections))
         return
     async with open_queue(settings) as queue:
 
         async def live_slots() -> int:
             return sum((await queue.live_consumers(settings.lease_seconds)).values())
 
-        yield queue.push_many, live_slots
+        yield _Pushed(queue.push_many, live_slots)

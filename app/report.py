@@ -45,6 +45,7 @@ class Run:
 
     attempts: list[Attempt]
     run_id: str | None = None
+    id_prefix: str | None = None  # what the run's event ids start with
     accepted: int | None = None
     slots: int | None = None
     longest_chain: int | None = None
@@ -110,10 +111,11 @@ def read_log(paths: Sequence[Path], latest_run: bool = False) -> Run:
     _, (run_id, marker) = max(
         enumerate(markers.items()), key=lambda item: (item[1][1].get("timestamp", ""), item[0])
     )
-    prefix = f"{run_id}-"
+    prefix = marker.get("id_prefix", f"{run_id}-")
     return Run(
         [a for a in attempts if a.event_id.startswith(prefix)],
         run_id=run_id,
+        id_prefix=prefix,
         accepted=pushed.get(run_id),
         slots=marker["slots"],
         longest_chain=marker["longest_chain"],

@@ -51,6 +51,7 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=1, le=65_535)
     api_token: SecretStr | None = None
+    ws_max_unacked: int = Field(5000, ge=1, le=1_000_000)
 
     @model_validator(mode="after")
     def _timeout_fits_the_lease(self) -> "Settings":

@@ -1,0 +1,278 @@
+"""Streaming ingest: events in over a WebSocket, one answer per event, in order, once stored.
+
+Every stream hands its events to one `Ingest` per process, which pushes them one push at a
+time: what arrives while a push is in flight goes out together in the next one, so a stream of
+single events is queued in batches of every shard, and each stream's events reach Redis in the
+order they were sent. A stream holds at most WS_MAX_UNACKED events that are not answered yet;
+beyond that it stops reading its socket (uvicorn then stops reading the TCP connection), so a
+sender faster than Redis is held back instead of buffered.
+"""
+
+import asyncio
+import contextlib
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+from starlette.websockets import WebSocket, WebSocketDisconnect
+from uvicorn.protocols.utils import ClientDisconnected
+
+from app.connection import UNREACHABLE
+from app.queue import NewEvent, PushResult, Queue, RedisFull
+from app.schema import MAX_BATCH, EventIn, result_of
+
+PATH = "/ws/events"
+MAX_FRAME_BYTES = 8 * 1024 * 1024  # as a batch request; uvicorn closes 1009 past --ws-max-size
+MAX_BAD_FRAMES = 10  # frames in a row with nothing to queue, then the stream is closed
+FLUSH_MAX = 5000  # events per push
+# Close codes (RFC 6455): why a stream was closed.
+CLOSE_NOT_JSON = 1003  # unsupported data
+CLOSE_INVALID = 1008  # policy violation
+CLOSE_TOO_LARGE = 1009
+CLOSE_TRY_LATER = 1013  # Redis failed a push: reconnect and send the unanswered events again
+GONE = (WebSocketDisconnect, ClientDisconnected, RuntimeError)  # sending to a closed socket
+
+
+class Lane:
+    """One stream as the Ingest sees it: once one of its pushes failed, none of its later
+    events is pushed, so a stream's events never land out of order."""
+
+    __slots__ = ("failed",)
+
+    def __init__(self) -> None:
+        self.failed: Exception | None = None
+
+
+@dataclass(slots=True)
+class _Part:
+    lane: Lane
+    events: list[NewEvent]
+    future: "asyncio.Future[list[PushResult]]" = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class Ingest:
+    """Pushes the events of every stream of this process, one push at a time."""
+
+    def __init__(self, queue: Queue) -> None:
+        self._queue = queue
+        self._waiting: deque[_Part] = deque()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def submit(self, lane: Lane, events: list[NewEvent]) -> "asyncio.Future[list[PushResult]]":
+        """Queue `events` after everything submitted before; the future has their results."""
+        part = _Part(lane, events)
+        if lane.failed:
+            part.future.set_exception(lane.failed)
+            return part.future
+        self._waiting.append(part)
+        self._wake.set()
+        if self._task is None:
+            self._task = asyncio.create_task(self._run())
+        return part.future
+
+    async def aclose(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for part in self._waiting:
+            part.future.cancel()
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await asyncio.sleep(0)  # what other streams read in this turn joins the push
+            while self._waiting:
+                taken = [self._waiting.popleft()]
+                size = len(taken[0].events)
+                while self._waiting and size + len(self._waiting[0].events) <= FLUSH_MAX:
+                    taken.append(self._waiting.popleft())
+                    size += len(taken[-1].events)
+                try:
+                    results = await self._queue.push_many([e for p in taken for e in p.events])
+                except Exception as exc:  # nothing of these is known to be stored
+                    self._fail(taken, exc)
+                    continue
+                at = 0
+                for part in taken:
+                    if not part.future.done():
+                        part.future.set_result(results[at : at + len(part.events)])
+                    at += len(part.events)
+
+    def _fail(self, taken: list[_Part], exc: Exception) -> None:
+        """Fail the taken parts, and everything waiting of their streams."""
+        for part in taken:
+            part.lane.failed = exc
+        kept: deque[_Part] = deque()
+        for part in (*taken, *self._waiting):
+            if part.lane.failed:
+                if not part.future.done():
+                    part.future.set_exception(exc)
+            else:
+                kept.append(part)
+        self._waiting = kept
+
+
+@dataclass(slots=True)
+class _Frame:
+    """What one frame asks for: its answers in order, each an error already made or an event
+    whose answer comes from the push."""
+
+    items: list[bytes | EventIn]
+    pushed: "asyncio.Future[list[PushResult]] | None" = None
+    close: tuple[int, str] | None = None  # close the stream after these answers
+
+    @property
+    def count(self) -> int:
+        return len(self.items)
+
+
+def error_frame(event_id: Any, error: str, detail: str) -> bytes:
+    """`{event_id, error, detail}`: `error` is a code, `detail` says it for a person."""
+    return orjson.dumps({"event_id": event_id, "error": error, "detail": detail})
+
+
+class Stream:
+    """One WebSocket connection: reads frames while fewer than `max_unacked` events wait for
+    their answer, and answers each event in the order received."""
+
+    def __init__(self, websocket: WebSocket, ingest: Ingest, max_unacked: int) -> None:
+        self._ws = websocket
+        self._ingest = ingest
+        self._max_unacked = max_unacked
+        self._lane = Lane()
+        self._frames: deque[_Frame] = deque()
+        self._unacked = 0
+        self._room = asyncio.Event()
+        self._more = asyncio.Event()
+        self._reading = True
+        self._bad_in_a_row = 0
+        self._reader: asyncio.Task[None] | None = None
+
+    async def serve(self) -> None:
+        """Until the client leaves, or the stream is closed for garbage or a Redis failure."""
+        await self._ws.accept()
+        self._reader = asyncio.create_task(self._read())
+        try:
+            await self._write()
+        except GONE:
+            pass
+        finally:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, *GONE):
+                await self._reader
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                while self._unacked >= self._max_unacked:
+                    self._room.clear()
+                    await self._room.wait()
+                message = await self._ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                data = message.get("text")
+                frame = self._parse(message.get("bytes") if data is None else data)
+                self._frames.append(frame)
+                self._unacked += frame.count
+                self._more.set()
+                if frame.close:
+                    return
+        finally:
+            self._reading = False
+            self._more.set()
+
+    def _parse(self, data: str | bytes | None) -> _Frame:
+        size = len(data or "")
+        if isinstance(data, str) and not data.isascii():
+            size = len(data.encode())
+        if size > MAX_FRAME_BYTES:
+            problem = f"frame of {size} bytes; at most {MAX_FRAME_BYTES}"
+            return self._bad("too_large", problem, CLOSE_TOO_LARGE)
+        try:
+            found = orjson.loads(data or b"")
+        except orjson.JSONDecodeError as exc:
+            return self._bad("not_json", f"frame is not JSON: {exc}", CLOSE_NOT_JSON)
+        if isinstance(found, dict):
+            found = [found]
+        if not isinstance(found, list) or not 1 <= len(found) <= MAX_BATCH:
+            problem = f"a frame is one event (an object) or an array of 1 to {MAX_BATCH} events"
+            return self._bad("invalid", problem, CLOSE_INVALID)
+        items: list[bytes | EventIn] = []
+        for item in found:
+            try:
+                items.append(EventIn.model_validate(item))
+            except ValidationError as exc:
+                event_id = item.get("event_id") if isinstance(item, dict) else None
+                problem = "; ".join(
+                    f"{'.'.join(map(str, e['loc'])) or 'event'}: {e['msg']}"
+                    for e in exc.errors()[:5]
+                )
+                items.append(error_frame(event_id, "invalid", problem))
+        events = [i.new_event() for i in items if isinstance(i, EventIn)]
+        if not events:
+            return self._bad_items(items)
+        self._bad_in_a_row = 0
+        return _Frame(items, self._ingest.submit(self._lane, events))
+
+    def _bad(self, error: str, detail: str, code: int) -> _Frame:
+        return self._bad_items([error_frame(None, error, detail)], code)
+
+    def _bad_items(self, items: list[bytes | EventIn], code: int = CLOSE_INVALID) -> _Frame:
+        self._bad_in_a_row += 1
+        if self._bad_in_a_row < MAX_BAD_FRAMES:
+            return _Frame(items)
+        return _Frame(items, close=(code, f"{MAX_BAD_FRAMES} frames in a row had no valid event"))
+
+    async def _write(self) -> None:
+        while self._frames or self._reading:
+            if not self._frames:
+                self._more.clear()
+                await self._more.wait()
+                continue
+            frame = self._frames[0]
+            try:
+                results = await frame.pushed if frame.pushed else []
+            except Exception as exc:  # the push failed: nothing after it is pushed either
+                await self._fail(exc)
+                return
+            at = 0
+            for item in frame.items:
+                if isinstance(item, bytes):
+                    await self._ws.send_text(item.decode())
+                else:
+                    await self._ws.send_text(result_of(item, results[at]).model_dump_json())
+                    at += 1
+            self._frames.popleft()
+            self._unacked -= frame.count
+            if self._unacked < self._max_unacked:
+                self._room.set()
+            if frame.close:
+                await self._ws.close(*frame.close)
+                return
+
+    async def _fail(self, exc: Exception) -> None:
+        """Answer every unanswered event with the failure, then close: the client sends them
+        again on a new connection (event ids make that safe)."""
+        if isinstance(exc, RedisFull):
+            error, reason = "redis_full", "Redis is full (maxmemory)"
+        elif isinstance(exc, UNREACHABLE):
+            error, reason = "unavailable", "Redis unavailable"
+        else:
+            error, reason = "failed", "the push failed"
+        detail = f"{reason}: not queued, or not known to be; send it again ({exc})"[:300]
+        if self._reader:
+            self._reader.cancel()
+        for frame in self._frames:
+            for item in frame.items:
+                if isinstance(item, EventIn):
+                    await self._ws.send_text(error_frame(item.event_id, error, detail).decode())
+                else:
+                    await self._ws.send_text(item.decode())
+        await self._ws.close(CLOSE_TRY_LATER, reason)
