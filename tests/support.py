@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import httpx
 import redis as sync_redis
@@ -165,9 +165,14 @@ class Consumers:
                 proc.stderr.close()
 
 
+class ApiProcess(NamedTuple):
+    url: str  # base URL
+    pid: int
+
+
 @contextlib.contextmanager
-def api_process(redis_url: str, **env: str) -> Iterator[str]:
-    """`evq api` as a real process on a free port with `env`; its base URL once it answers."""
+def api_process(redis_url: str, **env: str) -> Iterator[ApiProcess]:
+    """`evq api` as a real process on a free port with `env`, once it answers."""
     port = free_port()
     values = {**os.environ, "REDIS_URL": redis_url, "API_PORT": str(port), **env}
     values["PYTHONPATH"] = str(REPO)
@@ -184,7 +189,7 @@ def api_process(redis_url: str, **env: str) -> Iterator[str]:
 
     try:
         wait_for(answers, 20, "evq api to answer")
-        yield url
+        yield ApiProcess(url, proc.pid)
     finally:
         proc.terminate()
         proc.wait(timeout=10)

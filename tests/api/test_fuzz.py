@@ -17,7 +17,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 @pytest.fixture(scope="module")
 def api_url(redis_server: RedisServer) -> Iterator[str]:
     """`evq api` as a real process on a free port, on the session's Redis, with a token."""
-    with api_process(redis_server.url, API_TOKEN=TOKEN) as url:
+    with api_process(redis_server.url, API_TOKEN=TOKEN) as (url, _):
         yield url
 
 

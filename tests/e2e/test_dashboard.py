@@ -129,7 +129,7 @@ def test_api_docs_render_offline(
     """Swagger UI and ReDoc load from the package: the operations render with no network
     beyond the machine, and no script, style sheet or data comes from another host (ReDoc's
     footer badge, an image from its CDN, is the one thing missing offline)."""
-    with api_process(redis_url, API_TOKEN=TOKEN) as api:
+    with api_process(redis_url, API_TOKEN=TOKEN) as (api, _):
         page = browser.new_page()
         requests: list[str] = []
         page.on(
