@@ -75,6 +75,11 @@ class Settings(BaseSettings):
             )
         return self
 
+    @field_validator("max_backlog_per_account", mode="before")
+    @classmethod
+    def _blank_is_no_cap(cls, cap: object) -> object:
+        return None if isinstance(cap, str) and not cap.strip() else cap  # docker-compose's ""
+
     @field_validator("api_token", mode="after")
     @classmethod
     def _token_not_blank(cls, token: SecretStr | None) -> SecretStr | None:

@@ -55,3 +55,14 @@ def test_idle_expiry_shorter_than_the_dedupe_window_is_refused() -> None:
     """An account may not be forgotten before the event ids it accepted."""
     with pytest.raises(ValidationError, match=r"ACCOUNT_IDLE_SECONDS \(60\) must be at least"):
         settings("redis://x", account_idle_seconds=60, dedupe_seconds=3600)
+
+
+@pytest.mark.parametrize(("value", "cap"), [("", None), ("  ", None), ("250", 250)])
+def test_blank_backlog_cap_is_none(value: str, cap: int | None) -> None:
+    """docker-compose passes MAX_BACKLOG_PER_ACCOUNT="" when unset: no cap, as when absent."""
+    assert settings("redis://x", max_backlog_per_account=value).max_backlog_per_account == cap
+
+
+def test_backlog_cap_below_one_is_refused() -> None:
+    with pytest.raises(ValidationError, match="greater than or equal to 1"):
+        settings("redis://x", max_backlog_per_account=0)
