@@ -22,6 +22,7 @@ TARGETS = {
     "push": ("gen push, events/s", 50_000),
     "growth": ("Redis bytes per queued event, largest backlog", 200),
     "faults": ("makespan with connections killed / calm", 1.10),
+    "stream": ("one WebSocket stream of single events / batch API, events/s", 1.0),
 }
 LOWER_IS_BETTER = ("growth", "faults")
 
@@ -63,6 +64,7 @@ def _section(name: str, found: dict[str, dict[str, Any]]) -> str:
         "push": _plain,
         "peers": _peers,
         "api": _plain,
+        "stream": _plain,
         "growth": _plain,
         "idle": _plain,
     }
@@ -118,6 +120,14 @@ def _measured(scenario: str, cells: list[dict[str, Any]]) -> float:
         return min(float(c["efficiency"]) for c in cells)
     if scenario == "growth":
         return float(max(cells, key=lambda c: c["events"])["redis_bytes_per_event"])
+    if scenario == "stream":
+        batch = next(c["events_per_s"] for c in cells if c["via"] == "batch")
+        one = next(
+            c["events_per_s"]
+            for c in cells
+            if (c["via"], c["connections"], c["frame"], c["rate"]) == ("ws", 1, 1, "max")
+        )
+        return round(float(one) / float(batch), 3)
     if scenario == "faults":
         calm, killed = (
             min(c["makespan_s"] for c in cells if bool(c.get("kill_every_s")) is k)

@@ -50,6 +50,14 @@ def plan(full: bool) -> dict[str, list[Cell]]:
         # Seven minutes here (RQ alone takes three), so only in the full set.
         "peers": [_cell(scenarios.peers, system) for system in PEERS] if full else [],
         "api": [_cell(scenarios.api)],
+        # Through the API: HTTP single and batch, then WebSocket streams.
+        "stream": [
+            _cell(scenarios.stream, "single", 32),
+            _cell(scenarios.stream, "batch", 4),
+            *(_cell(scenarios.stream, "ws", n) for n in (1, 4, 16)),
+            _cell(scenarios.stream, "ws", 1, 100),
+            _cell(scenarios.stream, "ws", 1, 1, 5_000),
+        ],
         "growth": [
             _cell(scenarios.growth, n)
             for n in ((10_000, 100_000, 1_000_000) if full else (10_000,))

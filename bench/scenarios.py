@@ -1,6 +1,10 @@
 """The scenarios: each runs evq as production does and returns one result cell."""
 
+import asyncio
+import base64
+import collections
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -8,6 +12,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import orjson
+
+from app.client import pace
 from app.generator import longest_chain, lower_bound_s, workload
 from app.report import Attempt, order_violations, read_log
 from bench import peer_runs
@@ -238,12 +245,14 @@ def api(b: Bench, seconds: int = 10) -> dict[str, Any]:
 
 
 def _wrk(url: str, connections: int, seconds: int, batch: bool = False) -> dict[str, Any]:
-    """Run wrk with bench/wrk/events.lua; requests per second, mean latency, error count."""
+    """Run wrk with bench/wrk/events.lua; requests per second, mean latency, latency p50 and
+    p99 in ms, error count."""
     if shutil.which("wrk") is None:
         raise RuntimeError("wrk is missing: apt-get install wrk (make bench installs it as root)")
+    args = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    args += ["-s", str(WRK_SCRIPT), url, *(["--", "batch"] if batch else [])]
     out = subprocess.run(
-        ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "-s", str(WRK_SCRIPT), url]
-        + (["--", "batch"] if batch else []),
+        args,
         capture_output=True,
         text=True,
         check=True,
@@ -251,4 +260,161 @@ def _wrk(url: str, connections: int, seconds: int, batch: bool = False) -> dict[
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     latency = re.search(r"Latency\s+(\S+)", out).group(1)  # type: ignore[union-attr]
     errors = sum(int(n) for n in re.findall(r"(?:Non-2xx or 3xx responses|timeout) (\d+)", out))
-    return {"requests_per_s": rate, "latency": latency, "errors": errors}
+    found = {"requests_per_s": rate, "latency": latency, "errors": errors}
+    for pct in (50, 99):
+        value, unit = re.search(rf"\b{pct}%\s+([\d.]+)(us|ms|s)\b", out).groups()  # type: ignore[union-attr]
+        found[f"p{pct}_ms"] = float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+    return found
+
+
+def stream(
+    b: Bench, via: str, connections: int, frame: int = 1, rate: float = 0, seconds: int = 5
+) -> dict[str, Any]:
+    """Events per second into Redis and the latency from send to answer, through the API:
+    `via` "single" or "batch" HTTP (wrk), or "ws": `connections` WebSocket streams sending
+    `frame` events to a frame, as fast as the API takes them (or at `rate` events/s in all)."""
+    b.fresh()
+    url = api_url_when_up(b)
+    cell: dict[str, Any] = {"via": via, "connections": connections, "frame": frame}
+    if via == "ws":
+        events = int(rate * seconds) if rate else 30_000 * seconds
+        measured = asyncio.run(_stream_events(url, connections, frame, events, rate))
+        cell |= {"rate": rate or "max", **measured}
+    else:
+        frame = 1000 if via == "batch" else 1
+        cell |= {"frame": frame, "rate": "max"}
+        found = _wrk(url, connections=connections, seconds=seconds, batch=via == "batch")
+        cell["events"] = round(found["requests_per_s"] * frame * seconds)
+        cell["events_per_s"] = round(found["requests_per_s"] * frame)
+        cell |= {"ack_p50_ms": found["p50_ms"], "ack_p99_ms": found["p99_ms"]}
+    cell["in_redis"] = json.loads(b.evq("stats"))["accepted"]
+    b.stop()
+    return cell
+
+
+async def _stream_events(
+    url: str, connections: int, frame: int, events: int, rate: float
+) -> dict[str, Any]:
+    """Send `events` over `connections` streams; events/s from the first send to the last
+    answer, and each event's time from its frame's send to its answer. The client is lean,
+    like wrk for HTTP: frames built beforehand, answers counted, not parsed (`_Counted`)."""
+    host, port = url.removeprefix("http://").split(":")
+    per = events // connections
+    framed: list[list[bytes]] = []
+    for n in range(connections):
+        framed.append([])
+        for at in range(0, per, frame):
+            items = [{"account_id": (n * per + i) % 10_000 + 1, "event_id": f"w{n}-{i}"}
+                     for i in range(at, min(per, at + frame))]  # fmt: skip
+            framed[n].append(_client_frame(orjson.dumps(items[0] if frame == 1 else items)))
+    loop = asyncio.get_running_loop()
+    streams = []
+    for _ in range(connections):
+        _, counted = await loop.create_connection(_Counted, host, int(port))
+        await counted.upgrade(host, int(port))
+        streams.append(counted)
+    started = time.perf_counter()
+
+    async def one(stream: "_Counted", frames: list[bytes]) -> None:
+        for i, body in enumerate(frames):
+            stream.sent.append((time.perf_counter(), min(frame, per - i * frame)))
+            stream.transport.write(body)
+            await stream.drained()
+            await pace(started, (i + 1) * frame * connections, rate)
+        while stream.sent:
+            stream.done.clear()
+            await stream.done.wait()
+
+    await asyncio.gather(*map(one, streams, framed))
+    elapsed = time.perf_counter() - started
+    latencies = sorted(x for stream in streams for x in stream.latencies)
+    for stream in streams:
+        stream.transport.close()
+    return {
+        "events": per * connections,
+        "events_per_s": round(per * connections / elapsed),
+        "ack_p50_ms": round(1000 * latencies[len(latencies) // 2], 2),
+        "ack_p99_ms": round(1000 * latencies[int(len(latencies) * 0.99)], 2),
+    }
+
+
+def _client_frame(payload: bytes) -> bytes:
+    """A masked text frame (RFC 6455) with an all-zero key, so the payload goes as it is."""
+    size = len(payload)
+    if size < 126:
+        head = bytes((0x81, 0x80 | size))
+    elif size < 1 << 16:
+        head = bytes((0x81, 0x80 | 126)) + size.to_bytes(2, "big")
+    else:
+        head = bytes((0x81, 0x80 | 127)) + size.to_bytes(8, "big")
+    return head + b"\0\0\0\0" + payload
+
+
+class _Counted(asyncio.Protocol):
+    """A WebSocket client connection that counts the server's frames (one per event) and
+    times each sent frame's events to the answer of its last one."""
+
+    def __init__(self) -> None:
+        self.sent: collections.deque[tuple[float, int]] = collections.deque()
+        self.latencies: list[float] = []
+        self.done = asyncio.Event()  # set whenever every frame sent so far is answered
+        self._buffer = b""
+        self._upgraded = asyncio.Event()
+        self._answers_left = 0  # of the oldest sent frame
+        self._writable = asyncio.Event()
+        self._writable.set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    async def upgrade(self, host: str, port: int) -> None:
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.transport.write(
+            f"GET /ws/events HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        await asyncio.wait_for(self._upgraded.wait(), 10)
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    async def drained(self) -> None:
+        await self._writable.wait()
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer + data
+        if not self._upgraded.is_set():
+            head, found, buffer = buffer.partition(b"\r\n\r\n")
+            if not found:
+                self._buffer = head
+                return
+            if not head.startswith(b"HTTP/1.1 101"):
+                raise RuntimeError(f"handshake refused: {head[:80]!r}")
+            self._upgraded.set()
+        at = 0
+        while len(buffer) - at >= 2:
+            size, start = buffer[at + 1] & 0x7F, at + 2
+            if size == 126:
+                if len(buffer) - at < 4:
+                    break
+                size, start = int.from_bytes(buffer[at + 2 : at + 4], "big"), at + 4
+            if len(buffer) < start + size:
+                break
+            at = start + size
+            self._answered()
+        self._buffer = buffer[at:]
+
+    def _answered(self) -> None:
+        if not self._answers_left:
+            self._answers_left = self.sent[0][1]
+        self._answers_left -= 1
+        if not self._answers_left:
+            sent_at, count = self.sent.popleft()
+            self.latencies.extend([time.perf_counter() - sent_at] * count)
+            if not self.sent:
+                self.done.set()
