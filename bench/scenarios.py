@@ -23,6 +23,7 @@ from tests.support import ConnectionKiller
 
 PEER_EVENTS, PEER_ACCOUNTS = 10_000, 1_000
 WRK_SCRIPT = Path(__file__).parent / "wrk" / "events.lua"
+WINDOW = 5000  # unanswered events per WebSocket stream in the stream scenario
 REPORTED = (
     *("events", "acked", "order_violations", "lost", "makespan_s", "lower_bound_s"),
     *("efficiency", "wait_p50_s", "wait_p99_s", "peak_concurrency", "longest_chain"),
@@ -295,9 +296,10 @@ def stream(
 async def _stream_events(
     url: str, connections: int, frame: int, events: int, rate: float
 ) -> dict[str, Any]:
-    """Send `events` over `connections` streams; events/s from the first send to the last
-    answer, and each event's time from its frame's send to its answer. The client is lean,
-    like wrk for HTTP: frames built beforehand, answers counted, not parsed (`_Counted`)."""
+    """Send `events` over `connections` streams, at most WINDOW unanswered on each (the API's
+    default WS_MAX_UNACKED); events/s from the first send to the last answer, and each
+    event's time from its frame's send to its answer. The client is lean, like wrk for HTTP:
+    frames built beforehand, answers counted, not parsed (`_Counted`)."""
     host, port = url.removeprefix("http://").split(":")
     per = events // connections
     framed: list[list[bytes]] = []
@@ -317,7 +319,9 @@ async def _stream_events(
 
     async def one(stream: "_Counted", frames: list[bytes]) -> None:
         for i, body in enumerate(frames):
+            await stream.room()
             stream.sent.append((time.perf_counter(), min(frame, per - i * frame)))
+            stream.unanswered += stream.sent[-1][1]
             stream.transport.write(body)
             await stream.drained()
             await pace(started, (i + 1) * frame * connections, rate)
@@ -361,6 +365,8 @@ class _Counted(asyncio.Protocol):
         self._buffer = b""
         self._upgraded = asyncio.Event()
         self._answers_left = 0  # of the oldest sent frame
+        self.unanswered = 0
+        self._room = asyncio.Event()
         self._writable = asyncio.Event()
         self._writable.set()
 
@@ -385,6 +391,12 @@ class _Counted(asyncio.Protocol):
 
     async def drained(self) -> None:
         await self._writable.wait()
+
+    async def room(self) -> None:
+        """Until fewer than WINDOW events wait for their answer."""
+        while self.unanswered >= WINDOW:
+            self._room.clear()
+            await self._room.wait()
 
     def data_received(self, data: bytes) -> None:
         buffer = self._buffer + data
@@ -413,6 +425,9 @@ class _Counted(asyncio.Protocol):
         if not self._answers_left:
             self._answers_left = self.sent[0][1]
         self._answers_left -= 1
+        self.unanswered -= 1
+        if self.unanswered < WINDOW:
+            self._room.set()
         if not self._answers_left:
             sent_at, count = self.sent.popleft()
             self.latencies.extend([time.perf_counter() - sent_at] * count)
