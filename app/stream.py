@@ -21,7 +21,7 @@ from uvicorn.protocols.utils import ClientDisconnected
 
 from app.connection import UNREACHABLE
 from app.queue import NewEvent, PushResult, Queue, RedisFull
-from app.schema import MAX_BATCH, EventIn, result_of
+from app.schema import MAX_BATCH, MAX_EVENT_ID_BYTES, EventIn, result_of
 
 PATH = "/ws/events"
 MAX_FRAME_BYTES = 8 * 1024 * 1024  # as a batch request; uvicorn closes 1009 past --ws-max-size
@@ -210,6 +210,8 @@ class Stream:
                 items.append(EventIn.model_validate(item))
             except ValidationError as exc:
                 event_id = item.get("event_id") if isinstance(item, dict) else None
+                if not isinstance(event_id, str) or len(event_id) > MAX_EVENT_ID_BYTES:
+                    event_id = None  # echo back only what could be an event id
                 problem = "; ".join(
                     f"{'.'.join(map(str, e['loc'])) or 'event'}: {e['msg']}"
                     for e in exc.errors()[:5]
