@@ -20,6 +20,7 @@ from tests.integration.helpers import (
     assert_all_acked_once_in_order,
     attempts,
     counter,
+    graceful_stop,
     push,
     push_workload,
     wait_burst,
@@ -117,6 +118,7 @@ def test_pause_holds_an_account_while_others_drain(redis_url: str, consumers: Co
     assert all(a.account != 1 for a in attempts(consumers.event_log))
     assert "resumed" in evq(redis_url, "resume", "1")
     wait_for(lambda: counter(redis_url, "backlog") == 0, 30, "account 1 drained")
+    graceful_stop(consumers.procs)  # the last ack's log line follows its reply from Redis
     assert_all_acked_once_in_order(consumers.event_log, 49)
 
 
