@@ -57,6 +57,8 @@ def test_three_consumers_keep_order_across_a_kill_9(cluster_url: str, tmp_path: 
         victim.kill()
         victim.wait()
         consumers.start(concurrency=20, process_seconds=0.01, lease_seconds=2)
+        # Its heartbeat (the victim's is still counted) means its SIGTERM handler is set.
+        wait_for(lambda: live_consumers(cluster_url) == 4, 30, "the replacement's heartbeat")
         wait_settled(cluster_url, 3000, timeout=120)
         graceful_stop(consumers.procs[1:])
     finally:
