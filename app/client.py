@@ -30,6 +30,11 @@ def api_http(base_url: str, settings: Settings, timeout_s: float) -> httpx.Async
     return httpx.AsyncClient(base_url=base_url, timeout=timeout_s, headers=headers)
 
 
+def as_sent(event: NewEvent) -> dict[str, Any]:
+    """An event as `POST /events` takes it: the API's, the stream's and a workload file's form."""
+    return {"account_id": event.account, "event_id": event.event_id, "payload": event.payload}
+
+
 async def pace(started: float, sent: int, rate: float) -> None:
     """Sleep until `sent` events at `rate` per second since `started` are due (0: no limit)."""
     if rate:
@@ -50,12 +55,7 @@ class ApiClient:
 
     async def push_many(self, events: Sequence[NewEvent]) -> list[PushResult]:
         """Queue events in one request; results in the order given."""
-        body = {
-            "events": [
-                {"account_id": e.account, "event_id": e.event_id, "payload": e.payload}
-                for e in events
-            ]
-        }
+        body = {"events": [as_sent(e) for e in events]}
         reply = await self._request("POST", "/events/batch", content=orjson.dumps(body))
         return [
             PushResult(False, 0, True) if "error" in r else PushResult(not r["duplicate"], r["seq"])
@@ -180,10 +180,7 @@ class StreamClient:
     ) -> None:
         """Events from `first` on, `frame` to a frame (one event: an object, more: an array)."""
         for at in range(first, len(events), frame):
-            items = [
-                {"account_id": e.account, "event_id": e.event_id, "payload": e.payload}
-                for e in events[at : at + frame]
-            ]
+            items = [as_sent(e) for e in events[at : at + frame]]
             await ws.send(orjson.dumps(items[0] if frame == 1 else items), text=True)
             await pace(started, at + len(items), rate)
 

@@ -1,6 +1,7 @@
 """Workloads (pure and seeded) and the pusher that queues them in pipelined batches."""
 
 import math
+import os
 import random
 import time
 from collections import Counter
@@ -14,7 +15,7 @@ from typing import Literal, Protocol
 import orjson
 from pydantic import ValidationError
 
-from app.client import ApiClient, StreamClient, api_http, pace
+from app.client import ApiClient, StreamClient, api_http, as_sent, pace
 from app.queue import NewEvent, PushResult, open_queue
 from app.schema import EventIn
 from app.settings import Settings
@@ -81,12 +82,7 @@ def planned_events(accounts: Sequence[int], run_id: str) -> list[NewEvent]:
 def shared_prefix(events: Sequence[NewEvent]) -> str:
     """What every event id starts with (`<run_id>-` for a recorded run): how `evq report`
     tells a run's events in the log."""
-    low = min(e.event_id for e in events)
-    high = max(e.event_id for e in events)
-    n = 0
-    while n < min(len(low), len(high)) and low[n] == high[n]:
-        n += 1
-    return low[:n]
+    return os.path.commonprefix([e.event_id for e in events])  # noqa: RUF071 (by character)
 
 
 class WorkloadFileError(ValueError):
@@ -97,12 +93,7 @@ def write_events(path: Path, events: Sequence[NewEvent]) -> None:
     """A workload file: one event per line, as `POST /events` takes it (JSON Lines)."""
     with path.open("wb") as out:
         for e in events:
-            out.write(
-                orjson.dumps(
-                    {"account_id": e.account, "event_id": e.event_id, "payload": e.payload}
-                )
-                + b"\n"
-            )
+            out.write(orjson.dumps(as_sent(e)) + b"\n")
 
 
 def read_events(path: Path) -> list[NewEvent]:
