@@ -14,7 +14,7 @@ from typing import Any
 
 import redis as sync_redis
 
-from tests.support import REPO, RedisServer, free_block, free_port, make, wait_for
+from tests.support import REPO, RedisServer, answers, free_block, free_port, make, wait_for
 
 BIN = REPO / ".venv" / "bin"
 SCRATCH = REPO / "bench" / "scratch"
@@ -188,16 +188,7 @@ def api_url_when_up(running: Bench, **settings: object) -> str:
     port = free_port()
     running.start("api", api_port=port, **settings)
     url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        import httpx  # noqa: PLC0415
-
-        try:
-            return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_for(up, 30, "evq api")
+    wait_for(lambda: answers(f"{url}/readyz"), 30, "evq api")
     return url
 
 

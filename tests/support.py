@@ -180,19 +180,20 @@ def api_process(redis_url: str, **env: str) -> Iterator[ApiProcess]:
         [sys.executable, "-m", "app", "api"], env=values, stderr=subprocess.DEVNULL
     )
     url = f"http://127.0.0.1:{port}"
-
-    def answers() -> bool:
-        try:
-            return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
     try:
-        wait_for(answers, 20, "evq api to answer")
+        wait_for(lambda: answers(f"{url}/healthz"), 20, "evq api to answer")
         yield ApiProcess(url, proc.pid)
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def answers(url: str) -> bool:
+    """Whether a GET of `url` answers 200 (an API probe)."""
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def wait_for(condition: "object", timeout: float, what: str) -> None:
