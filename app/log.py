@@ -16,7 +16,7 @@ import orjson
 import structlog
 from structlog.typing import FilteringBoundLogger
 
-from app.connection import backoff
+from app.engine.connection import backoff
 from app.settings import Settings
 
 

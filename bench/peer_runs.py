@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.report import Attempt
+from app.workload.report import Attempt
 from bench.harness import SCRATCH, Bench
 from tests.support import REPO
 

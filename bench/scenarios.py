@@ -14,9 +14,9 @@ from typing import Any
 
 import orjson
 
-from app.client import pace
-from app.generator import longest_chain, lower_bound_s, workload
-from app.report import Attempt, order_violations, read_log
+from app.workload.client import pace
+from app.workload.generator import longest_chain, lower_bound_s, workload
+from app.workload.report import Attempt, order_violations, read_log
 from bench import peer_runs
 from bench.harness import Bench, api_url_when_up
 from tests.support import ConnectionKiller

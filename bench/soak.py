@@ -31,10 +31,10 @@ import httpx
 import orjson
 import redis as sync_redis
 
-from app.client import ApiClient, ApiError
+from app.engine.queue import NewEvent
 from app.log import rotated
-from app.queue import NewEvent
-from app.report import order_violations, read_log
+from app.workload.client import ApiClient, ApiError
+from app.workload.report import order_violations, read_log
 from bench.harness import Bench, api_url_when_up, bench, write
 from tests.integration.helpers import engine
 from tests.support import REPO

@@ -12,9 +12,9 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from app.api import create_app
-from app.queue import NewEvent, Queue
-from app.schema import MAX_PAYLOAD_BYTES
+from app.api.app import create_app
+from app.api.schema import MAX_PAYLOAD_BYTES
+from app.engine.queue import NewEvent, Queue
 from tests.support import Consumers, RedisServer, Routed, settings
 
 

@@ -6,7 +6,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from app.api import create_app
+from app.api.app import create_app
 from app.settings import Settings
 from tests.support import RedisServer, api_process
 

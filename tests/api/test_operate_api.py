@@ -11,8 +11,8 @@ import pytest
 from fastapi.routing import APIRoute
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.api import OPEN_PATHS, create_app
-from app.queue import Event, NewEvent, Queue
+from app.api.app import OPEN_PATHS, create_app
+from app.engine.queue import Event, NewEvent, Queue
 from tests.api.test_api import Lifespan
 from tests.support import settings
 

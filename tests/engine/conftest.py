@@ -6,8 +6,8 @@ from collections.abc import AsyncIterator, Callable
 import fakeredis
 import pytest
 
-from app.connection import Nodes
-from app.queue import Queue
+from app.engine.connection import Nodes
+from app.engine.queue import Queue
 from tests.support import settings
 
 MakeQueue = Callable[..., Queue]

@@ -10,9 +10,9 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from app.metrics import Tally
-from app.queue import Event, NewEvent, Queue, Step, Won
-from app.scripts import Call, NotReplicated
+from app.api.prometheus import Tally
+from app.engine.queue import Event, NewEvent, Queue, Step, Won
+from app.engine.scripts import Call, NotReplicated
 from tests.engine.conftest import MakeQueue
 from tests.support import Routed, all_keys, flush_scripts, ready_scores, server_clock_us
 

@@ -1,10 +1,10 @@
 """Operator actions on the engine: pause and resume, park on poison, dead-letter replay and
 purge, event lookup."""
 
-from app import admin
-from app.admin import Selection
-from app.queue import Event, NewEvent, Queue, Step
-from app.views import account_state, event_state
+from app.engine import dead as admin
+from app.engine.dead import Selection
+from app.engine.inspect import account_state, event_state
+from app.engine.queue import Event, NewEvent, Queue, Step
 from tests.engine.conftest import MakeQueue
 from tests.support import ready_scores
 

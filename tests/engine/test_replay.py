@@ -8,7 +8,7 @@ import pytest
 from redis.asyncio.client import Pipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from app.queue import ClaimInterrupted, Event, NewEvent, Next, Queue, Step, Won
+from app.engine.queue import ClaimInterrupted, Event, NewEvent, Next, Queue, Step, Won
 from tests.engine.conftest import MakeQueue
 from tests.support import Routed, ready_scores, snapshot
 

@@ -9,11 +9,11 @@ from pathlib import Path
 from subprocess import Popen
 from typing import Any, TypeVar, cast
 
-from app.admin import dead_letters as dead_letter_page
-from app.connection import TRANSIENT
-from app.generator import workload
-from app.queue import NewEvent, PushResult, Queue, open_queue
-from app.report import Attempt, order_violations, read_log
+from app.engine.connection import TRANSIENT
+from app.engine.dead import dead_letters as dead_letter_page
+from app.engine.queue import NewEvent, PushResult, Queue, open_queue
+from app.workload.generator import workload
+from app.workload.report import Attempt, order_violations, read_log
 from tests.support import settings, wait_for
 
 T = TypeVar("T")

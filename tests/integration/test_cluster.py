@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import redis as sync_redis
 
-from app.connection import TRANSIENT
-from app.generator import workload
-from app.keys import Keys
-from app.queue import NewEvent, open_queue
-from app.report import Attempt, order_violations
-from app.views import account_state
+from app.engine.connection import TRANSIENT
+from app.engine.inspect import account_state
+from app.engine.keys import Keys
+from app.engine.queue import NewEvent, open_queue
+from app.workload.generator import workload
+from app.workload.report import Attempt, order_violations
 from tests.integration.helpers import (
     assert_all_acked_once_in_order,
     attempts,

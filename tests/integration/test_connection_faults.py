@@ -11,8 +11,8 @@ from subprocess import Popen
 
 import redis as sync_redis
 
-from app.queue import NewEvent
-from app.report import Attempt
+from app.engine.queue import NewEvent
+from app.workload.report import Attempt
 from bench.scenarios import handling_window_s
 from tests.integration.helpers import (
     assert_all_acked_once_in_order,

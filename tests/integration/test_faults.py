@@ -7,10 +7,10 @@ import signal
 import pytest
 from typer.testing import CliRunner
 
-from app.cli import app
+from app.cli.commands import app
+from app.engine.queue import NewEvent
 from app.log import rotated
-from app.queue import NewEvent
-from app.report import Attempt, order_violations
+from app.workload.report import Attempt, order_violations
 from tests.integration.helpers import (
     assert_all_acked_once_in_order,
     attempts,

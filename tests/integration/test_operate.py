@@ -11,10 +11,10 @@ import orjson
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
-from app.api import create_app
-from app.cli import app
-from app.queue import NewEvent
-from app.report import Run, summarize
+from app.api.app import create_app
+from app.cli.commands import app
+from app.engine.queue import NewEvent
+from app.workload.report import Run, summarize
 from tests.api.test_api import Lifespan
 from tests.integration.helpers import (
     assert_all_acked_once_in_order,

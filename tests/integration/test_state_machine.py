@@ -15,8 +15,8 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from app.connection import Nodes
-from app.queue import Event, NewEvent, Queue, Step
+from app.engine.connection import Nodes
+from app.engine.queue import Event, NewEvent, Queue, Step
 from tests.integration.helpers import seq_of
 from tests.support import RedisServer, snapshot
 from tests.support import settings as evq_settings

@@ -18,11 +18,11 @@ from typer.testing import CliRunner
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from app.cli import app
-from app.client import StreamClient
-from app.queue import NewEvent, open_queue
-from app.report import read_log
-from app.stream import MAX_BAD_FRAMES, MAX_FRAME_BYTES
+from app.api.stream import MAX_BAD_FRAMES, MAX_FRAME_BYTES
+from app.cli.commands import app
+from app.engine.queue import NewEvent, open_queue
+from app.workload.client import StreamClient
+from app.workload.report import read_log
 from tests.integration.helpers import assert_all_acked_once_in_order, wait_burst
 from tests.support import ApiProcess, Consumers, RedisServer, api_process, settings
 

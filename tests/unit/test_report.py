@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from app.cli import app
-from app.report import Report, read_log, summarize
+from app.cli.commands import app
+from app.workload.report import Report, read_log, summarize
 
 S = 1_000_000_000  # one second in ns
 RUN = "r1"

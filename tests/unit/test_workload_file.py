@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from app.cli import app
-from app.generator import WorkloadFileError, read_events, write_events
-from app.queue import NewEvent
+from app.cli.commands import app
+from app.engine.queue import NewEvent
+from app.workload.generator import WorkloadFileError, read_events, write_events
 
 
 def test_a_written_workload_reads_back_the_same(tmp_path: Path) -> None:

@@ -22,9 +22,9 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError, OutOfMemoryError, RedisError, ResponseError
 
-from app.connection import TRANSIENT, Nodes, backoff, timed
-from app.keys import ACCOUNT_KINDS, Keys
-from app.scripts import Scripts
+from app.engine.connection import TRANSIENT, Nodes, backoff, timed
+from app.engine.keys import ACCOUNT_KINDS, Keys
+from app.engine.scripts import Scripts
 from app.settings import Settings
 
 T = TypeVar("T")

@@ -11,10 +11,10 @@ from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, RedisClusterException
 
-from app.client import ApiError
-from app.connection import masked
-from app.queue import LayoutMismatch, UnsafeRedis
+from app.engine.connection import masked
+from app.engine.queue import LayoutMismatch, UnsafeRedis
 from app.settings import Settings
+from app.workload.client import ApiError
 
 T = TypeVar("T")
 

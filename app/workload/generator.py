@@ -15,10 +15,10 @@ from typing import Literal, Protocol
 import orjson
 from pydantic import ValidationError
 
-from app.client import ApiClient, StreamClient, api_http, as_sent, pace
-from app.queue import NewEvent, PushResult, open_queue
-from app.schema import EventIn
+from app.api.schema import EventIn
+from app.engine.queue import NewEvent, PushResult, open_queue
 from app.settings import Settings
+from app.workload.client import ApiClient, StreamClient, api_http, as_sent, pace
 
 Pattern = Literal["bursty", "uniform", "zipf", "hot"]
 Via = Literal["redis", "api", "ws"]

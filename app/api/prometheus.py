@@ -26,7 +26,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 from redis.asyncio.client import Pipeline
 
-from app.queue import Queue, enqueued_ns, seq_of
+from app.engine.queue import Queue, enqueued_ns, seq_of
 
 HEARTBEAT_S = 1.0  # how often a consumer sends its heartbeat, busy slots and tally
 SAMPLE = 200  # accounts per shard read for the oldest event and the longest backlogs

@@ -28,12 +28,9 @@ from pydantic import (
 from redis.exceptions import OutOfMemoryError
 from starlette.exceptions import HTTPException
 
-from app import admin, stream
-from app.admin import Selection
-from app.connection import UNREACHABLE, Nodes
-from app.metrics import exposition, snapshot
-from app.queue import MAX_ACCOUNT_ID, Queue
-from app.schema import (
+from app.api import stream
+from app.api.prometheus import exposition, snapshot
+from app.api.schema import (
     MAX_EVENT_ID_BYTES,
     MAX_PAYLOAD_BYTES,
     Accepted,
@@ -44,9 +41,13 @@ from app.schema import (
     Refused,
     result_of,
 )
+from app.api.stream import Ingest
+from app.engine import dead as admin
+from app.engine.connection import UNREACHABLE, Nodes
+from app.engine.dead import Selection
+from app.engine.inspect import account_state, event_state
+from app.engine.queue import MAX_ACCOUNT_ID, Queue
 from app.settings import Settings
-from app.stream import Ingest
-from app.views import account_state, event_state
 
 RETRY_FULL_S = 5  # Retry-After of a 507: a drain frees memory within seconds
 MAX_ERRORS_SHOWN = 20  # per answer: a batch of 1,000 bad items still gets a small body
@@ -65,7 +66,7 @@ OPEN_PATHS = {
     "/openapi.json",
 }
 OPEN_PREFIX = "/static-offline-docs/"
-DASHBOARD = (resources.files("app") / "static" / "dashboard.html").read_text()
+DASHBOARD = (resources.files("app.api") / "static" / "dashboard.html").read_text()
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -5,7 +5,7 @@ from typing import Any, cast
 
 import orjson
 
-from app.queue import Queue, enqueued_ns
+from app.engine.queue import Queue, enqueued_ns
 
 
 @dataclass(frozen=True, slots=True)

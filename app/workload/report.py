@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from app.generator import lower_bound_s
+from app.workload.generator import lower_bound_s
 
 SETTLED = ("ack", "dead")
 

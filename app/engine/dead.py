@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 from redis.asyncio.client import Pipeline
 
-from app.queue import Queue, body_after_seq
+from app.engine.queue import Queue, body_after_seq
 
 CHUNK = 500  # dead letters per script call: thousands are settled without stalling Redis
 

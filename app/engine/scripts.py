@@ -14,7 +14,7 @@ from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from app.connection import Nodes, timed
+from app.engine.connection import Nodes, timed
 
 
 class NotReplicated(RedisTimeoutError):
@@ -28,7 +28,7 @@ NAMES = ("push", "take", "ack", "nack", "renew", "release", "reap", "pause", "re
 
 
 def _source(name: str) -> str:
-    lua = resources.files("app") / "lua"
+    lua = resources.files("app.engine") / "lua"
     return (lua / "_lib.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
 
 

@@ -4,7 +4,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from app.report import Attempt, Report, Run, concurrency_steps
+from app.workload.report import Attempt, Report, Run, concurrency_steps
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -9,8 +9,8 @@ import time
 from collections.abc import Awaitable
 from typing import TextIO, TypeVar
 
-from app.connection import TRANSIENT
-from app.queue import Queue
+from app.engine.connection import TRANSIENT
+from app.engine.queue import Queue
 from app.settings import Settings
 
 T = TypeVar("T")

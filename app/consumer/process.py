@@ -16,11 +16,11 @@ from typing import Any
 
 from structlog.typing import FilteringBoundLogger
 
-from app.connection import LONGEST_PAUSE_S, TRANSIENT, backoff
-from app.metrics import HEARTBEAT_S
-from app.queue import ClaimInterrupted, Event, Queue, Won
+from app.api.prometheus import HEARTBEAT_S
+from app.consumer.slots import Holding, Slots, sleep_unless
+from app.engine.connection import LONGEST_PAUSE_S, TRANSIENT, backoff
+from app.engine.queue import ClaimInterrupted, Event, Queue, Won
 from app.settings import Settings
-from app.slots import Holding, Slots, sleep_unless
 
 HELD_SHOWN = 50  # accounts listed in the SIGUSR1 line (it stays well under 4 KiB)
 MAX_FAILURES = 10  # unexpected slot failures within FAILURE_WINDOW_S that stop the consumer

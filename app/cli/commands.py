@@ -13,11 +13,16 @@ import orjson
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from app import cli_ops, handlers, log, progress
-from app.cli_support import run, settings_or_exit
-from app.connection import UNREACHABLE
-from app.consumer import Consumer
-from app.generator import (
+from app import handlers, log
+from app.cli import operate as cli_ops
+from app.cli import progress
+from app.cli.support import run, settings_or_exit
+from app.consumer.process import Consumer
+from app.consumer.slots import Slots
+from app.engine.connection import UNREACHABLE
+from app.engine.queue import open_queue
+from app.settings import Settings
+from app.workload.generator import (
     Pattern,
     PushSummary,
     Via,
@@ -31,11 +36,8 @@ from app.generator import (
     workload,
     write_events,
 )
-from app.plot import PlotUnavailable, draw
-from app.queue import open_queue
-from app.report import read_log, render, summarize
-from app.settings import Settings
-from app.slots import Slots
+from app.workload.plot import PlotUnavailable, draw
+from app.workload.report import read_log, render, summarize
 
 T = TypeVar("T")
 DEFAULT_API = "http://127.0.0.1:8000"
@@ -204,7 +206,7 @@ def api() -> None:
     run(check(), settings)
     import uvicorn  # noqa: PLC0415 (the web stack loads only for this command)
 
-    from app.api import create_app  # noqa: PLC0415
+    from app.api.app import create_app  # noqa: PLC0415
 
     uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port)
 

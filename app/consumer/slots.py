@@ -18,11 +18,11 @@ from typing import TypeVar, overload
 
 from structlog.typing import FilteringBoundLogger
 
-from app.connection import TRANSIENT, backoff
+from app.api.prometheus import Tally
+from app.engine.connection import TRANSIENT, backoff
+from app.engine.queue import Event, Next, Queue, Step, Won
 from app.handlers import Handler
 from app.log import EventLog
-from app.metrics import Tally
-from app.queue import Event, Next, Queue, Step, Won
 from app.settings import Settings
 
 T = TypeVar("T")

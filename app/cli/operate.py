@@ -12,12 +12,12 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from app import admin
-from app.admin import Selection
-from app.cli_support import run, settings_or_exit
-from app.metrics import Snapshot, snapshot
-from app.queue import MAX_ACCOUNT_ID, open_queue
-from app.views import event_state
+from app.api.prometheus import Snapshot, snapshot
+from app.cli.support import run, settings_or_exit
+from app.engine import dead as admin
+from app.engine.dead import Selection
+from app.engine.inspect import event_state
+from app.engine.queue import MAX_ACCOUNT_ID, open_queue
 
 dead_app = typer.Typer(no_args_is_help=True, add_completion=False, help="Dead letters.")
 
