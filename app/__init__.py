@@ -1,6 +1,6 @@
 """evq: per-account ordered event processing on Redis."""
 
-from app.engine.queue import Event, PushResult, Queue
+from app.engine import Event, PushResult, Queue
 from app.settings import Settings
 
 __all__ = ["Event", "PushResult", "Queue", "Settings"]

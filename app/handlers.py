@@ -10,7 +10,7 @@ import importlib
 import random
 from collections.abc import Awaitable, Callable
 
-from app.engine.queue import Event
+from app.engine import Event
 from app.settings import Settings
 
 Handler = Callable[[Event], Awaitable[None]] | Callable[[Event], None]

@@ -31,7 +31,7 @@ import httpx
 import orjson
 import redis as sync_redis
 
-from app.engine.queue import NewEvent
+from app.engine import NewEvent, inspect
 from app.log import rotated
 from app.workload.client import ApiClient, ApiError
 from app.workload.report import order_violations, read_log
@@ -149,7 +149,7 @@ class Pusher(threading.Thread):
 
 def sample(b: Bench) -> dict[str, Any]:
     """The counters summed over the shards, Redis' memory and its number of keys."""
-    counts = engine(b.server.url, lambda queue: queue.stats())
+    counts = engine(b.server.url, inspect.stats)
     client = sync_redis.Redis.from_url(b.server.url)
     keys = int(client.dbsize())
     client.close()

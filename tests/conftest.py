@@ -7,7 +7,7 @@ import pytest
 import redis as sync_redis
 from redis.cluster import RedisCluster
 
-from app.engine.queue import Queue, open_queue
+from app.engine import Queue, open_queue
 from tests.support import Consumers, RedisServer, free_block, make, running, settings
 
 

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple, cast
 import httpx
 import redis as sync_redis
 
-from app.engine.queue import Event, Queue
+from app.engine import Event, Queue
 from app.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent

@@ -29,7 +29,7 @@ from redis.exceptions import OutOfMemoryError
 from starlette.exceptions import HTTPException
 
 from app.api import stream
-from app.api.prometheus import exposition, snapshot
+from app.api.prometheus import exposition
 from app.api.schema import (
     MAX_EVENT_ID_BYTES,
     MAX_PAYLOAD_BYTES,
@@ -42,11 +42,9 @@ from app.api.schema import (
     result_of,
 )
 from app.api.stream import Ingest
-from app.engine import dead as admin
-from app.engine.connection import UNREACHABLE, Nodes
+from app.engine import MAX_ACCOUNT_ID, UNREACHABLE, Nodes, Queue, dead, inspect, registry
 from app.engine.dead import Selection
-from app.engine.inspect import account_state, event_state
-from app.engine.queue import MAX_ACCOUNT_ID, Queue
+from app.engine.inspect import account_state, event_state, snapshot
 from app.settings import Settings
 
 RETRY_FULL_S = 5  # Retry-After of a 507: a drain frees memory within seconds
@@ -198,7 +196,7 @@ def _ingest_routes(app: FastAPI, settings: Settings) -> None:
     @app.websocket(stream.PATH)
     async def stream_events(websocket: WebSocket) -> None:
         """Events as JSON frames (one event, or an array of up to 1,000); one answer frame per
-        event, in order, once it is stored (see app/stream.py)."""
+        event, in order, once it is stored (see app/api/stream.py)."""
         ingest: stream.Ingest = websocket.app.state.ingest
         await stream.Stream(websocket, ingest, settings.ws_max_unacked).serve()
 
@@ -215,8 +213,8 @@ def _read_routes(app: FastAPI, settings: Settings) -> None:
     async def get_stats(request: Request) -> dict[str, int]:
         """Totals, the ready-index size and the live consumers' slots."""
         q = queue(request)
-        live = await q.live_consumers(settings.lease_seconds)
-        return {**await q.stats(), "consumers": len(live), "slots": sum(live.values())}
+        live = await registry.live_consumers(q, settings.lease_seconds)
+        return {**await inspect.stats(q), "consumers": len(live), "slots": sum(live.values())}
 
     @app.get("/accounts/{account_id}/events/{event_id}")
     async def get_event(
@@ -247,7 +245,7 @@ def _read_routes(app: FastAPI, settings: Settings) -> None:
         """Dead letters with their errors, oldest first, a page at a time; optionally of one
         account or one event id."""
         ids = None if event_id is None else {event_id}
-        total, items = await admin.dead_letters(
+        total, items = await dead.dead_letters(
             queue(request), offset, limit, Selection(account_id, ids)
         )
         return {"total": total, "offset": offset, "limit": limit, "items": items}
@@ -307,12 +305,12 @@ def _admin_routes(app: FastAPI) -> None:
     async def replay_dead(selection: DeadSelectionIn, request: Request) -> dict[str, int]:
         """Queue dead letters again, ids and payloads intact, each at the head of its account
         in seq order; a parked account goes on."""
-        return {"replayed": await admin.replay(queue(request), selection.selection())}
+        return {"replayed": await dead.replay(queue(request), selection.selection())}
 
     @app.post("/dead/purge")
     async def purge_dead(selection: DeadSelectionIn, request: Request) -> dict[str, int]:
         """Delete dead letters."""
-        return {"purged": await admin.purge(queue(request), selection.selection())}
+        return {"purged": await dead.purge(queue(request), selection.selection())}
 
 
 def _where(loc: tuple[int | str, ...]) -> str:

@@ -6,7 +6,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, StrictInt, field_validator
 
-from app.engine.queue import MAX_ACCOUNT_ID, NewEvent, PushResult
+from app.engine import MAX_ACCOUNT_ID, NewEvent, PushResult
 
 MAX_PAYLOAD_BYTES = 64 * 1024
 MAX_BATCH = 1000

@@ -20,8 +20,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from uvicorn.protocols.utils import ClientDisconnected
 
 from app.api.schema import MAX_BATCH, MAX_EVENT_ID_BYTES, EventIn, result_of
-from app.engine.connection import UNREACHABLE
-from app.engine.queue import NewEvent, PushResult, Queue, RedisFull
+from app.engine import UNREACHABLE, NewEvent, PushResult, Queue, RedisFull
 
 PATH = "/ws/events"
 MAX_FRAME_BYTES = 8 * 1024 * 1024  # as a batch request; uvicorn closes 1009 past --ws-max-size

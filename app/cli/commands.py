@@ -19,8 +19,7 @@ from app.cli import progress
 from app.cli.support import run, settings_or_exit
 from app.consumer.process import Consumer
 from app.consumer.slots import Slots
-from app.engine.connection import UNREACHABLE
-from app.engine.queue import open_queue
+from app.engine import UNREACHABLE, inspect, open_queue
 from app.settings import Settings
 from app.workload.generator import (
     Pattern,
@@ -218,7 +217,7 @@ def stats() -> None:
 
     async def main() -> None:
         async with open_queue(settings) as queue:
-            typer.echo(orjson.dumps(await queue.stats()).decode())
+            typer.echo(orjson.dumps(await inspect.stats(queue)).decode())
 
     run(main(), settings)
 
@@ -314,7 +313,7 @@ def _waiting(settings: Settings, id_prefix: str | None) -> int | None:
 
     async def main() -> int:
         async with open_queue(settings) as queue:
-            return await queue.waiting(id_prefix)
+            return await inspect.waiting(queue, id_prefix)
 
     try:
         return run(main(), settings)

@@ -12,12 +12,10 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from app.api.prometheus import Snapshot, snapshot
 from app.cli.support import run, settings_or_exit
-from app.engine import dead as admin
+from app.engine import MAX_ACCOUNT_ID, dead, open_queue
 from app.engine.dead import Selection
-from app.engine.inspect import event_state
-from app.engine.queue import MAX_ACCOUNT_ID, open_queue
+from app.engine.inspect import Snapshot, event_state, snapshot
 
 dead_app = typer.Typer(no_args_is_help=True, add_completion=False, help="Dead letters.")
 
@@ -53,7 +51,7 @@ def dead_list(
 
     async def main() -> tuple[int, list[dict[str, object]]]:
         async with open_queue(settings) as queue:
-            return await admin.dead_letters(queue, offset, limit, selection)
+            return await dead.dead_letters(queue, offset, limit, selection)
 
     total, items = run(main(), settings)
     for item in items:
@@ -78,7 +76,7 @@ def dead_replay(
 
     async def main() -> int:
         async with open_queue(settings) as queue:
-            return await admin.replay(queue, selection)
+            return await dead.replay(queue, selection)
 
     typer.echo(f"replayed {run(main(), settings)} dead letters")
 
@@ -96,7 +94,7 @@ def dead_purge(
 
     async def count() -> int:
         async with open_queue(settings) as queue:
-            return (await admin.dead_letters(queue, 0, 0, selection))[0]
+            return (await dead.dead_letters(queue, 0, 0, selection))[0]
 
     if not yes:
         if not sys.stdin.isatty():
@@ -106,7 +104,7 @@ def dead_purge(
 
     async def main() -> int:
         async with open_queue(settings) as queue:
-            return await admin.purge(queue, selection)
+            return await dead.purge(queue, selection)
 
     typer.echo(f"purged {run(main(), settings)} dead letters")
 

@@ -9,8 +9,7 @@ import time
 from collections.abc import Awaitable
 from typing import TextIO, TypeVar
 
-from app.engine.connection import TRANSIENT
-from app.engine.queue import Queue
+from app.engine import TRANSIENT, Queue, inspect, registry
 from app.settings import Settings
 
 T = TypeVar("T")
@@ -26,12 +25,12 @@ async def wait_drained(queue: Queue, timeout_s: float, out: TextIO) -> bool:
     """
     live = out.isatty()
     started = time.monotonic()
-    first = await queue.stats()
+    first = await inspect.stats(queue)
     done_before = first["acked"] + first["dead"]
     shown_at = -PLAIN_EVERY_S
     stats = first
     while True:
-        polled = await _answer(queue.stats())
+        polled = await _answer(inspect.stats(queue))
         elapsed = time.monotonic() - started
         stats = polled or stats
         drained = polled is not None and stats["active"] == 0
@@ -59,12 +58,13 @@ async def wait_drained(queue: Queue, timeout_s: float, out: TextIO) -> bool:
 async def wait_consumers(queue: Queue, count: int, settings: Settings, timeout_s: float) -> bool:
     """Wait until `count` consumers have sent a heartbeat; False when `timeout_s` runs out."""
     started = time.monotonic()
-    live = await queue.live_consumers(settings.lease_seconds)  # no answer at all: an error
+    # No answer to the first read is an error; later faults are ridden out.
+    live = await registry.live_consumers(queue, settings.lease_seconds)
     while len(live) < count:
         if timeout_s and time.monotonic() - started >= timeout_s:
             return False
         await asyncio.sleep(POLL_S / 5)
-        live = await _answer(queue.live_consumers(settings.lease_seconds)) or {}
+        live = await _answer(registry.live_consumers(queue, settings.lease_seconds)) or {}
     return True
 
 

@@ -11,8 +11,8 @@ from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, RedisClusterException
 
+from app.engine import LayoutMismatch, UnsafeRedis
 from app.engine.connection import masked
-from app.engine.queue import LayoutMismatch, UnsafeRedis
 from app.settings import Settings
 from app.workload.client import ApiError
 

@@ -1,6 +1,6 @@
 """The consumer process: CONCURRENCY slots fed by one claimer, lease renewal, reaper, signals.
 
-What a slot does with the account it holds, faults included, is `app/slots.py`; this module
+What a slot does with the account it holds, faults included, is `app/consumer/slots.py`; this module
 keeps the slots fed, their leases renewed and the process alive.
 """
 
@@ -16,10 +16,10 @@ from typing import Any
 
 from structlog.typing import FilteringBoundLogger
 
-from app.api.prometheus import HEARTBEAT_S
 from app.consumer.slots import Holding, Slots, sleep_unless
-from app.engine.connection import LONGEST_PAUSE_S, TRANSIENT, backoff
-from app.engine.queue import ClaimInterrupted, Event, Queue, Won
+from app.engine import TRANSIENT, ClaimInterrupted, Event, Queue, Won, inspect, registry
+from app.engine.connection import LONGEST_PAUSE_S, backoff
+from app.engine.registry import HEARTBEAT_S
 from app.settings import Settings
 
 HELD_SHOWN = 50  # accounts listed in the SIGUSR1 line (it stays well under 4 KiB)
@@ -45,6 +45,7 @@ class Consumer:
         self._idle = 0
         self._wake = asyncio.Event()
         self._slots = slots
+        self._tally = slots.tally
         self._stopping = slots.stopping
         self._lanes_done = asyncio.Event()
         self._reap_soon = asyncio.Event()
@@ -99,7 +100,7 @@ class Consumer:
         self._reap_soon.set()
         await asyncio.gather(*helpers)
         with contextlib.suppress(Exception):
-            await self._queue.unregister(self._member)
+            await registry.unregister(self._queue, self._member)
         self._log.info("consumer_stopped", forced=self.forced, failing=self.failing)
 
     async def _claimer(self, burst: bool) -> None:
@@ -113,7 +114,7 @@ class Consumer:
                 drained = not claimed and burst and await self._all_done()
             except TRANSIENT:
                 # A popped account whose claim never ran is nobody's: sweep now, not later.
-                self._slots.faults += 1
+                self._tally.faults += 1
                 self._reap_soon.set()
                 await sleep_unless(self._stopping, next(pauses))
                 continue
@@ -142,7 +143,7 @@ class Consumer:
         try:
             await self._queue.look()
         except TRANSIENT:
-            self._slots.faults += 1
+            self._tally.faults += 1
 
     async def _claim(self) -> tuple[list[Event | Won], float]:
         """Claim for the idle slots; the lease of what it won ends `lease_until` at the latest."""
@@ -161,7 +162,7 @@ class Consumer:
             return [*lost.claimed, *(resumed or [])], lease_until
 
     async def _all_done(self) -> bool:
-        return self._idle == self._settings.concurrency and await self._queue.drained()
+        return self._idle == self._settings.concurrency and await inspect.drained(self._queue)
 
     async def _lane(self, slot: int) -> None:
         while True:
@@ -203,13 +204,13 @@ class Consumer:
             try:
                 await self._renew_held()
             except TRANSIENT:
-                self._slots.faults += 1
+                self._tally.faults += 1
                 pause = min(period, LONGEST_PAUSE_S)
             except Exception:
                 self._failed("renewer_failed")
-            if self._slots.faults:
-                self._log.warning("redis_faults_ridden_out", calls=self._slots.faults)
-                self._slots.faults = 0
+            if self._tally.faults:
+                self._log.warning("redis_faults_ridden_out", calls=self._tally.faults)
+                self._tally.faults = 0
             await sleep_unless(self._lanes_done, pause)
 
     async def _heartbeat(self) -> None:
@@ -217,12 +218,12 @@ class Consumer:
         slots measured meanwhile goes into the metrics hash; once more after the slots end."""
         while True:
             done = self._lanes_done.is_set()
-            counts, sums = self._slots.tally.take()
+            counts, sums = self._tally.take()
             try:
-                await self._queue.heartbeat(self._member, len(self._held), counts, sums)
+                await registry.heartbeat(self._queue, self._member, len(self._held), counts, sums)
             except TRANSIENT:
-                self._slots.faults += 1
-                self._slots.tally.put_back(counts, sums)
+                self._tally.faults += 1
+                self._tally.put_back(counts, sums)
             except Exception:
                 self._failed("heartbeat_failed")
             if done:
@@ -248,9 +249,9 @@ class Consumer:
                 for h in held[:HELD_SHOWN]
             ],
             held_not_shown=max(0, len(held) - HELD_SHOWN),
-            settled=self._slots.settled,
-            lease_losses=self._slots.lease_losses,
-            redis_faults=self._slots.faults,
+            settled=self._tally.settled,
+            lease_losses=self._tally.lease_losses,
+            redis_faults=self._tally.faults,
             stopping=self._stopping.is_set(),
             uptime_s=round(now - self._started, 3),
         )
@@ -281,11 +282,11 @@ class Consumer:
                 return
             self._reap_soon.clear()
             try:
-                if soon or await self._queue.try_reaper_lock(interval):
+                if soon or await registry.try_reaper_lock(self._queue, interval):
                     reaped = await self._queue.reap()
                     if reaped:
                         self._log.warning("accounts_reaped", count=reaped)
             except TRANSIENT:
-                self._slots.faults += 1
+                self._tally.faults += 1
             except Exception:
                 self._failed("reaper_failed")

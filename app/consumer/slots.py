@@ -18,9 +18,9 @@ from typing import TypeVar, overload
 
 from structlog.typing import FilteringBoundLogger
 
-from app.api.prometheus import Tally
-from app.engine.connection import TRANSIENT, backoff
-from app.engine.queue import Event, Next, Queue, Step, Won
+from app.consumer.tally import Tally
+from app.engine import TRANSIENT, Event, Next, Queue, Step, Won
+from app.engine.connection import backoff
 from app.handlers import Handler
 from app.log import EventLog
 from app.settings import Settings
@@ -54,8 +54,8 @@ class Holding:
 class Slots:
     """The work of a consumer's slots, each draining the one account it holds, in seq order.
 
-    Once `stopping` is set, events settle without taking the next. `faults` counts the
-    connection faults ridden out, for the consumer to report.
+    Once `stopping` is set, events settle without taking the next. `tally` holds what the
+    slots count and measure, for the consumer process to report and fold into Redis.
     """
 
     def __init__(
@@ -74,10 +74,7 @@ class Slots:
         self._handler_timeout_s = settings.handler_timeout_seconds
         self._margin_s = settings.lease_seconds * LEASE_MARGIN
         self.stopping = asyncio.Event()
-        self.faults = 0
         self.tally = Tally()
-        self.settled = 0  # attempts handled and settled (acked, nacked or dead-lettered)
-        self.lease_losses = 0
 
     async def drain(self, slot: int, holding: Holding, first: Event | Won) -> None:
         """Handle the held account's events until it is released, drained or lost."""
@@ -192,14 +189,14 @@ class Slots:
         try:
             return await call()
         except TRANSIENT:
-            self.faults += 1
+            self.tally.faults += 1
         pauses = backoff()  # only now: the call without a fault stays cheap
         while keep_on is None or keep_on():
             await asyncio.sleep(next(pauses))
             try:
                 return await call()
             except TRANSIENT:
-                self.faults += 1
+                self.tally.faults += 1
         return None
 
     def _record(
@@ -208,10 +205,9 @@ class Slots:
         if event.replays:
             extra["replay"] = event.replays
         if outcome == "lost_lease":
-            self.lease_losses += 1
-            self.tally.count("lease_lost")
+            self.tally.lease_lost()
         else:
-            self.settled += 1
+            self.tally.settled += 1
         if outcome == "ack":
             self.tally.observe("processing", (finished - started) / 1e9)
             self.tally.observe("wait", (time.time_ns() - event.enqueued_ns) / 1e9)

@@ -9,7 +9,8 @@ from typing import Any
 import orjson
 from redis.asyncio.client import Pipeline
 
-from app.engine.queue import Queue, body_after_seq
+from app.engine.events import body_after_seq
+from app.engine.queue import Queue
 
 CHUNK = 500  # dead letters per script call: thousands are settled without stalling Redis
 

@@ -1,11 +1,22 @@
-"""Read-only views of the queue for people: one account's state, one event's."""
+"""Read-only views of the queue: totals, one account's state, one event's, what waits, and the
+snapshot every view (API, dashboard, `evq top`, /metrics) shows. Nothing here writes."""
 
-from dataclasses import dataclass
+import asyncio
+import time
+from dataclasses import asdict, dataclass
 from typing import Any, cast
 
 import orjson
+from redis.asyncio.client import Pipeline
 
-from app.engine.queue import Queue, enqueued_ns
+from app.engine import registry
+from app.engine.events import enqueued_ns, seq_of
+from app.engine.queue import Queue
+
+# The counters of a shard's stats hash, as `stats` sums them.
+COUNTED = ("accepted", "refused", "acked", "nacked", "dead", "redelivered", "replayed", "purged")
+SAMPLE = 200  # accounts per shard read for the oldest event and the longest backlogs
+TOP = 10  # longest backlogs shown
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,3 +136,144 @@ async def event_state(queue: Queue, account: int, event_id: str) -> dict[str, An
     if seq is not None and last is not None and int(seq) <= int(last):
         return {**found, "state": "acked", "seq": int(seq)}
     return None
+
+
+async def stats(queue: Queue) -> dict[str, int]:
+    """Counters, summed over the shards: events accepted, refused (MAX_BACKLOG_PER_ACCOUNT),
+    acked, nacked, dead-lettered, redelivered, replayed and purged; the backlog (pending and
+    in flight, from the counters: accepted + replayed - acked - dead); the sizes of the
+    ready indexes, active sets and dead letters; and how many accounts are paused by an
+    operator or parked by a poison event."""
+    keys = queue.keys
+
+    def read(pipe: Pipeline, shard: int) -> None:
+        pipe.hgetall(keys.stats(shard))
+        pipe.zcard(keys.ready(shard))
+        pipe.scard(keys.active(shard))
+        pipe.llen(keys.dead(shard))
+        pipe.hvals(keys.paused(shard))
+
+    sizes = ("ready", "active", "dead_letters", "paused", "parked")
+    totals = dict.fromkeys((*COUNTED, "backlog", *sizes), 0)
+    for counters, ready, active, dead_letters, paused in await queue.each_shard(read):
+        for name in COUNTED:
+            totals[name] += int(counters.get(name.encode(), 0))
+        totals["ready"] += ready
+        totals["active"] += active
+        totals["dead_letters"] += dead_letters
+        totals["parked"] += paused.count(b"parked")
+        totals["paused"] += len(paused) - paused.count(b"parked")
+    totals["backlog"] = totals["accepted"] + totals["replayed"] - totals["acked"] - totals["dead"]
+    return totals
+
+
+async def waiting(queue: Queue, id_prefix: str) -> int:
+    """How many pending or in-flight events have an event_id starting with `id_prefix`."""
+    keys = queue.keys
+    members = await queue.each_shard(lambda pipe, shard: pipe.smembers(keys.active(shard)))
+    accounts = {shard: [int(a) for a in found] for shard, (found,) in enumerate(members)}
+
+    def read(pipe: Pipeline, shard: int) -> None:
+        for account in accounts[shard]:
+            pipe.lrange(keys.pending(account), 0, -1)
+            pipe.lrange(keys.in_flight(account), 0, -1)
+
+    lists = await queue.each_shard(read, [s for s, found in accounts.items() if found])
+    needle = b'"id":' + orjson.dumps(id_prefix)[:-1]
+    return sum(needle in body for shard in lists for bodies in shard for body in bodies)
+
+
+async def drained(queue: Queue) -> bool:
+    """True when no account has pending or in-flight events."""
+    keys = queue.keys
+    sizes = await queue.each_shard(lambda pipe, shard: pipe.scard(keys.active(shard)))
+    return not any(size for (size,) in sizes)
+
+
+@dataclass(frozen=True, slots=True)
+class LiveConsumer:
+    """A consumer that sent a heartbeat lately, as the views show it."""
+
+    name: str  # host:pid
+    slots: int
+    busy: int
+    heartbeat_age_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The queue right now, as every view shows it."""
+
+    at: float  # unix seconds
+    stats: dict[str, int]
+    consumers: list[LiveConsumer]
+    oldest_event_age_s: float | None  # of the sampled accounts; None when nothing waits
+    longest: list[tuple[int, int]]  # (account, pending events), longest first, sampled
+    measured: dict[str, float]  # the consumers' folded tally
+
+    @property
+    def slots(self) -> int:
+        return sum(c.slots for c in self.consumers)
+
+    @property
+    def busy(self) -> int:
+        return sum(c.busy for c in self.consumers)
+
+    def as_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("measured")
+        out["longest"] = [{"account_id": a, "backlog": n} for a, n in self.longest]
+        out.update(slots=self.slots, busy=self.busy, lease_losses=self.lease_losses)
+        return out
+
+    @property
+    def lease_losses(self) -> int:
+        return int(self.measured.get(registry.LEASE_LOST, 0))
+
+
+async def snapshot(queue: Queue, live_within_s: float) -> Snapshot:
+    """Counters, consumers, and a sample of up to SAMPLE active accounts per shard for the
+    oldest unsettled event and the longest backlogs: exact while a shard has fewer active
+    accounts, an estimate beyond (like SQS's ApproximateAgeOfOldestMessage)."""
+    totals, live, measured, sample = await asyncio.gather(
+        stats(queue),
+        registry.consumers(queue, live_within_s),
+        registry.measurements(queue),
+        _sample(queue),
+    )
+    now = time.time()
+    heads = [seq for _, _, seq in sample if seq is not None]
+    oldest = max(0.0, now - enqueued_ns(min(heads)) / 1e9) if heads else None
+    longest = sorted(((n, a) for a, n, _ in sample if n), reverse=True)[:TOP]
+    return Snapshot(
+        at=now,
+        stats=totals,
+        consumers=[LiveConsumer(n, *found) for n, found in sorted(live.items())],
+        oldest_event_age_s=oldest,
+        longest=[(a, n) for n, a in longest],
+        measured=measured,
+    )
+
+
+async def _sample(queue: Queue) -> list[tuple[int, int, int | None]]:
+    """(account, pending events, seq of its oldest unsettled event) of sampled accounts."""
+    keys = queue.keys
+    members = await queue.each_shard(
+        lambda pipe, shard: pipe.srandmember(keys.active(shard), SAMPLE)
+    )
+    accounts = {shard: [int(a) for a in found] for shard, (found,) in enumerate(members)}
+
+    def read(pipe: Pipeline, shard: int) -> None:
+        for account in accounts[shard]:
+            pipe.llen(keys.pending(account))
+            pipe.lindex(keys.in_flight(account), 0)
+            pipe.lindex(keys.pending(account), 0)
+
+    shards = [shard for shard, found in accounts.items() if found]
+    out = []
+    for shard, replies in zip(shards, await queue.each_shard(read, shards), strict=True):
+        for i, account in enumerate(accounts[shard]):
+            length, flying, head = replies[3 * i : 3 * i + 3]
+            body = flying or head
+            out.append((account, length, seq_of(body) if body else None))
+    return out

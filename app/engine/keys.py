@@ -69,7 +69,7 @@ class Keys:
 
     @property
     def metrics(self) -> str:
-        """The hash the consumers fold their measurements into (app/metrics.py)."""
+        """The hash the consumers fold their measurements into (`registry.FIELDS` names them)."""
         return f"{{{self.namespace}}}:metrics"
 
     @property

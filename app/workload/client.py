@@ -13,7 +13,7 @@ import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
-from app.engine.queue import NewEvent, PushResult
+from app.engine import NewEvent, PushResult
 from app.settings import Settings
 
 STREAM_PATH = "/ws/events"

@@ -16,7 +16,7 @@ import orjson
 from pydantic import ValidationError
 
 from app.api.schema import EventIn
-from app.engine.queue import NewEvent, PushResult, open_queue
+from app.engine import NewEvent, PushResult, open_queue, registry
 from app.settings import Settings
 from app.workload.client import ApiClient, StreamClient, api_http, as_sent, pace
 
@@ -210,6 +210,6 @@ async def open_target(
     async with open_queue(settings) as queue:
 
         async def live_slots() -> int:
-            return sum((await queue.live_consumers(settings.lease_seconds)).values())
+            return sum((await registry.live_consumers(queue, settings.lease_seconds)).values())
 
         yield _Pushed(queue.push_many, live_slots)

@@ -14,7 +14,7 @@ from fastapi import FastAPI
 
 from app.api.app import create_app
 from app.api.schema import MAX_PAYLOAD_BYTES
-from app.engine.queue import NewEvent, Queue
+from app.engine import NewEvent, Queue, inspect
 from tests.support import Consumers, RedisServer, Routed, settings
 
 
@@ -44,7 +44,7 @@ class Lifespan:
 
 
 async def accepted(queue: Queue) -> int:
-    return (await queue.stats())["accepted"]
+    return (await inspect.stats(queue))["accepted"]
 
 
 async def test_event_is_queued_with_its_seq(api: httpx.AsyncClient, queue: Queue) -> None:

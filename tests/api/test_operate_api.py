@@ -12,7 +12,7 @@ from fastapi.routing import APIRoute
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.api.app import OPEN_PATHS, create_app
-from app.engine.queue import Event, NewEvent, Queue
+from app.engine import Event, NewEvent, Queue, inspect
 from tests.api.test_api import Lifespan
 from tests.support import settings
 
@@ -81,7 +81,7 @@ async def test_metrics_parse_and_match_the_counters(api: httpx.AsyncClient, queu
         for family in text_string_to_metric_families(response.text)
         for s in family.samples
     }
-    stats = await queue.stats()
+    stats = await inspect.stats(queue)
     assert samples[("evq_events_enqueued_total", ())] == stats["accepted"] == 3
     assert samples[("evq_events_dead_lettered_total", ())] == 1
     assert samples[("evq_backlog_events", ())] == stats["backlog"] == 2

@@ -6,8 +6,7 @@ from collections.abc import AsyncIterator, Callable
 import fakeredis
 import pytest
 
-from app.engine.connection import Nodes
-from app.engine.queue import Queue
+from app.engine import Nodes, Queue
 from tests.support import settings
 
 MakeQueue = Callable[..., Queue]

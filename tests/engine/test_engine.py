@@ -10,8 +10,8 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from app.api.prometheus import Tally
-from app.engine.queue import Event, NewEvent, Queue, Step, Won
+from app.consumer.tally import Tally
+from app.engine import Event, NewEvent, Queue, Step, Won, inspect, registry
 from app.engine.scripts import Call, NotReplicated
 from tests.engine.conftest import MakeQueue
 from tests.support import Routed, all_keys, flush_scripts, ready_scores, server_clock_us
@@ -43,7 +43,7 @@ async def test_push_assigns_seq_and_readies_account(make_queue: MakeQueue) -> No
     assert b == a + 1
     assert clock <= c < clock + 60_000_000
     assert await ready_scores(queue) == {7: -2.0, 8: -1.0}
-    assert (await queue.stats())["accepted"] == 3
+    assert (await inspect.stats(queue))["accepted"] == 3
     [later] = await queue.push_many([NewEvent(7, "d")])
     assert later.seq > b
 
@@ -64,7 +64,7 @@ async def test_duplicate_event_id_is_queued_once(make_queue: MakeQueue) -> None:
     ]
     assert third.seq > first.seq
     assert await Routed(queue).llen(queue.keys.pending(1)) == 2
-    assert (await queue.stats())["accepted"] == 2
+    assert (await inspect.stats(queue))["accepted"] == 2
 
 
 async def test_backlog_cap_refuses_events_one_by_one(make_queue: MakeQueue) -> None:
@@ -85,7 +85,7 @@ async def test_backlog_cap_refuses_events_one_by_one(make_queue: MakeQueue) -> N
     assert first.event_id == "a1"
     [later] = await queue.push_many([NewEvent(1, "a3")])  # a1 in flight: 1 pending
     assert later.queued and later.seq > a2.seq
-    stats = await queue.stats()
+    stats = await inspect.stats(queue)
     assert (stats["accepted"], stats["refused"]) == (4, 1)
 
 
@@ -131,7 +131,7 @@ async def test_ack_hands_out_next_event_in_order(make_queue: MakeQueue) -> None:
     assert (second.event_id, second.token) == ("b", first.token)
     assert second.seq > first.seq
     assert await queue.ack(second) == Step.DRAINED
-    assert await queue.drained()
+    assert await inspect.drained(queue)
     assert not await Routed(queue).exists(queue.keys.lock(3))
 
 
@@ -225,7 +225,7 @@ async def test_nack_retries_in_place(make_queue: MakeQueue) -> None:
     again = await queue.take(1, first.token)
     assert isinstance(again, Event)
     assert (again.event_id, again.seq, again.attempt) == ("a", first.seq, 2)
-    assert (await queue.stats())["nacked"] == 1
+    assert (await inspect.stats(queue))["nacked"] == 1
 
 
 async def test_nack_dead_letters_and_goes_on(make_queue: MakeQueue) -> None:
@@ -239,7 +239,7 @@ async def test_nack_dead_letters_and_goes_on(make_queue: MakeQueue) -> None:
     [entry] = await Routed(queue).lrange(queue.keys.dead(queue.keys.shard_of(1)), 0, -1)
     assert b'"event_id":"a"' in entry
     assert b"ValueError: bad" in entry
-    assert (await queue.stats())["dead"] == 1
+    assert (await inspect.stats(queue))["dead"] == 1
 
 
 async def test_nack_while_stopping_releases(make_queue: MakeQueue) -> None:
@@ -271,7 +271,7 @@ async def test_reap_recovers_orphan_after_crash(make_queue: MakeQueue) -> None:
     assert await queue.reap() == 1
     again = await claim_one(queue)
     assert (again.event_id, again.seq, again.attempt) == ("a", first.seq, 2)
-    assert (await queue.stats())["redelivered"] == 1
+    assert (await inspect.stats(queue))["redelivered"] == 1
 
 
 async def test_reap_recovers_account_popped_but_never_locked(make_queue: MakeQueue) -> None:
@@ -288,7 +288,7 @@ async def test_reap_forgets_accounts_without_work(make_queue: MakeQueue) -> None
     queue = make_queue()
     await Routed(queue).sadd(queue.keys.active(queue.keys.shard_of(9)), "9")
     assert await queue.reap() == 0
-    assert await queue.drained()
+    assert await inspect.drained(queue)
 
 
 @pytest.mark.parametrize("order", ["longest", "oldest", "random"])
@@ -309,7 +309,7 @@ async def test_every_order_drains_everything_in_seq_order(
         a: [f"{a}-{i}" for i in range(a * 2)] for a in (1, 2, 3)
     }
     assert all(sorted(got, key=lambda e: e.seq) == got for got in seen.values())
-    assert await queue.drained()
+    assert await inspect.drained(queue)
 
 
 async def test_concurrent_calls_share_a_round_trip_and_keep_their_answers(
@@ -394,7 +394,7 @@ async def test_dead_letters_keep_the_newest_per_shard(make_queue: MakeQueue) -> 
         await queue.nack(event, "bad", dead=True, want_next=False)
     entries = await Routed(queue).lrange(queue.keys.dead(queue.keys.shard_of(1)), 0, -1)
     assert [orjson.loads(e)["event_id"] for e in entries] == ["b", "c"]
-    assert (await queue.stats())["dead"] == 3
+    assert (await inspect.stats(queue))["dead"] == 3
 
 
 async def test_heartbeats_of_dead_consumers_are_forgotten(make_queue: MakeQueue) -> None:
@@ -402,8 +402,8 @@ async def test_heartbeats_of_dead_consumers_are_forgotten(make_queue: MakeQueue)
     queue = make_queue()
     key = queue.keys.consumers
     await Routed(queue).zadd(key, {"gone:1:4": time.time() - 2 * 3600})
-    await queue.heartbeat("here:2:4", 3, {}, {})
-    assert await queue.live_consumers(3 * 3600) == {"here:2": 4}
+    await registry.heartbeat(queue, "here:2:4", 3, {}, {})
+    assert await registry.live_consumers(queue, 3 * 3600) == {"here:2": 4}
 
 
 async def test_heartbeats_fold_measurements_and_busy_slots(make_queue: MakeQueue) -> None:
@@ -413,13 +413,13 @@ async def test_heartbeats_fold_measurements_and_busy_slots(make_queue: MakeQueue
     tally = Tally()
     for seconds in (0.2, 1.2, 99.0):
         tally.observe("processing", seconds)
-    await queue.heartbeat("h:1:8", 5, *tally.take())
+    await registry.heartbeat(queue, "h:1:8", 5, *tally.take())
     tally.observe("processing", 1.0)
-    await queue.heartbeat("h:1:8", 6, *tally.take())
-    [(slots, busy, age)] = (await queue.consumers(60)).values()
+    await registry.heartbeat(queue, "h:1:8", 6, *tally.take())
+    [(slots, busy, age)] = (await registry.consumers(queue, 60)).values()
     assert (slots, busy) == (8, 6)
     assert 0 <= age < 5
-    measured = await queue.measurements()
+    measured = await registry.measurements(queue)
     assert {k: v for k, v in measured.items() if k != "processing:sum"} == {
         "processing:0.25": 1,
         "processing:1": 1,
@@ -428,9 +428,9 @@ async def test_heartbeats_fold_measurements_and_busy_slots(make_queue: MakeQueue
         "processing:count": 4,
     }
     assert measured["processing:sum"] == pytest.approx(101.4)
-    await queue.unregister("h:1:8")
-    assert await queue.consumers(60) == {}
-    assert await queue.measurements() == measured
+    await registry.unregister(queue, "h:1:8")
+    assert await registry.consumers(queue, 60) == {}
+    assert await registry.measurements(queue) == measured
 
 
 async def account_ttls_ms(queue: Queue, account: int) -> list[int]:

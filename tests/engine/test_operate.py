@@ -1,10 +1,9 @@
 """Operator actions on the engine: pause and resume, park on poison, dead-letter replay and
 purge, event lookup."""
 
-from app.engine import dead as admin
+from app.engine import Event, NewEvent, Queue, Step, dead, inspect
 from app.engine.dead import Selection
 from app.engine.inspect import account_state, event_state
-from app.engine.queue import Event, NewEvent, Queue, Step
 from tests.engine.conftest import MakeQueue
 from tests.support import ready_scores
 
@@ -74,10 +73,10 @@ async def test_park_holds_the_account_at_its_poison_event(make_queue: MakeQueue)
     await push(queue, 1, "d")
     assert await queue.claim(1, 0.01) == []
     assert await queue.reap() == 0
-    assert await admin.replay(queue, Selection(account=1, event_ids={"a"})) == 1
+    assert await dead.replay(queue, Selection(account=1, event_ids={"a"})) == 1
     assert (await account_state(queue, 1)).paused is None
     assert await drain(queue, 1) == [("a", 1), ("b", 0), ("c", 0), ("d", 0)]
-    assert (await admin.dead_letters(queue))[0] == 0
+    assert (await dead.dead_letters(queue))[0] == 0
 
 
 async def test_resume_skips_a_parked_event(make_queue: MakeQueue) -> None:
@@ -88,7 +87,7 @@ async def test_resume_skips_a_parked_event(make_queue: MakeQueue) -> None:
     assert await queue.nack(first, "boom", dead=True) == Step.RELEASED
     assert await queue.resume(1) == "parked"
     assert await drain(queue, 1) == [("b", 0)]
-    assert (await admin.dead_letters(queue))[0] == 1
+    assert (await dead.dead_letters(queue))[0] == 1
 
 
 async def test_replay_goes_ahead_of_pending_in_seq_order(make_queue: MakeQueue) -> None:
@@ -104,9 +103,9 @@ async def test_replay_goes_ahead_of_pending_in_seq_order(make_queue: MakeQueue) 
     d = await queue.nack(c, "no c", dead=True)
     assert isinstance(d, Event)
     assert await queue.release(1, d.token, d, ran=False) == Step.RELEASED
-    assert [e["event_id"] for e in (await admin.dead_letters(queue))[1]] == ["a", "c"]
-    assert await admin.replay(queue, Selection()) == 2
-    assert await admin.replay(queue, Selection()) == 0  # nothing left to replay
+    assert [e["event_id"] for e in (await dead.dead_letters(queue))[1]] == ["a", "c"]
+    assert await dead.replay(queue, Selection()) == 2
+    assert await dead.replay(queue, Selection()) == 0  # nothing left to replay
     order = []
     while claimed := await queue.claim(1, 0.01):
         [step] = claimed
@@ -119,7 +118,7 @@ async def test_replay_goes_ahead_of_pending_in_seq_order(make_queue: MakeQueue) 
         ("c", seqs[2], 1, payload),
         ("d", seqs[3], 0, payload),
     ]
-    stats = await queue.stats()
+    stats = await inspect.stats(queue)
     assert (stats["replayed"], stats["dead_letters"], stats["backlog"]) == (2, 0, 0)
 
 
@@ -133,14 +132,14 @@ async def test_replay_and_purge_select_by_account_and_event_id(make_queue: MakeQ
             step: Event | Step = first
             while isinstance(step, Event):
                 step = await queue.nack(step, "boom", dead=True)
-    assert (await admin.dead_letters(queue))[0] == 6
-    assert (await admin.dead_letters(queue, selection=Selection(account=2)))[0] == 2
-    assert await admin.purge(queue, Selection(event_ids={"x"})) == 3
-    assert await admin.purge(queue, Selection(account=3)) == 1
-    assert await admin.replay(queue, Selection(account=1)) == 1
-    _, left = await admin.dead_letters(queue)
+    assert (await dead.dead_letters(queue))[0] == 6
+    assert (await dead.dead_letters(queue, selection=Selection(account=2)))[0] == 2
+    assert await dead.purge(queue, Selection(event_ids={"x"})) == 3
+    assert await dead.purge(queue, Selection(account=3)) == 1
+    assert await dead.replay(queue, Selection(account=1)) == 1
+    _, left = await dead.dead_letters(queue)
     assert [(e["account"], e["event_id"]) for e in left] == [(2, "y")]
-    stats = await queue.stats()
+    stats = await inspect.stats(queue)
     assert (stats["purged"], stats["replayed"], stats["backlog"]) == (4, 1, 1)
 
 

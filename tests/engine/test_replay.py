@@ -8,7 +8,7 @@ import pytest
 from redis.asyncio.client import Pipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from app.engine.queue import ClaimInterrupted, Event, NewEvent, Next, Queue, Step, Won
+from app.engine import ClaimInterrupted, Event, NewEvent, Next, Queue, Step, Won, inspect
 from tests.engine.conftest import MakeQueue
 from tests.support import Routed, ready_scores, snapshot
 
@@ -41,7 +41,7 @@ async def test_ack_handing_out_the_next_event(make_queue: MakeQueue) -> None:
     step = await twice(queue, lambda: queue.ack(first))
     assert isinstance(step, Event)
     assert (step.event_id, step.attempt) == ("b", 1)
-    assert (await queue.stats())["acked"] == 1
+    assert (await inspect.stats(queue))["acked"] == 1
     assert await Routed(queue).llen(queue.keys.pending(1)) == 1
 
 
@@ -51,7 +51,7 @@ async def test_ack_that_drained_the_account(make_queue: MakeQueue) -> None:
     await queue.push_many([NewEvent(1, "a")])
     event = await claim_one(queue)
     assert await twice(queue, lambda: queue.ack(event)) is Step.DRAINED
-    assert (await queue.stats())["acked"] == 1
+    assert (await inspect.stats(queue))["acked"] == 1
 
 
 async def test_ack_replayed_after_the_lease_ended_says_it_landed(make_queue: MakeQueue) -> None:
@@ -81,13 +81,13 @@ async def test_nack_retry(make_queue: MakeQueue) -> None:
     await queue.push_many([NewEvent(1, "a"), NewEvent(1, "b")])
     event = await claim_one(queue)
     assert await twice(queue, lambda: queue.nack(event, "boom", dead=False)) is Step.RETRY
-    assert (await queue.stats())["nacked"] == 1
+    assert (await inspect.stats(queue))["nacked"] == 1
     again = await twice(queue, lambda: queue.take(1, event.token))
     assert isinstance(again, Event)
     assert (again.event_id, again.seq, again.attempt) == ("a", event.seq, 2)
     step = await twice(queue, lambda: queue.nack(again, "boom", dead=False))
     assert step is Step.RETRY
-    assert (await queue.stats())["nacked"] == 2
+    assert (await inspect.stats(queue))["nacked"] == 2
 
 
 async def test_dead_letter_nack(make_queue: MakeQueue) -> None:

@@ -9,9 +9,8 @@ from pathlib import Path
 from subprocess import Popen
 from typing import Any, TypeVar, cast
 
-from app.engine.connection import TRANSIENT
+from app.engine import TRANSIENT, NewEvent, PushResult, Queue, inspect, open_queue, registry
 from app.engine.dead import dead_letters as dead_letter_page
-from app.engine.queue import NewEvent, PushResult, Queue, open_queue
 from app.workload.generator import workload
 from app.workload.report import Attempt, order_violations, read_log
 from tests.support import settings, wait_for
@@ -51,7 +50,7 @@ def push_workload(url: str, events: int, accounts: int, seed: int = 1) -> list[N
 
 def counter(url: str, name: str) -> int:
     """A counter of `Queue.stats`, summed over the shards."""
-    return engine(url, lambda queue: queue.stats())[name]
+    return engine(url, inspect.stats)[name]
 
 
 async def _lists(queue: Queue, kind: str) -> dict[int, list[bytes]]:
@@ -83,7 +82,7 @@ def dead_letters(url: str) -> list[dict[str, Any]]:
 
 def live_consumers(url: str) -> int:
     """How many consumer processes sent a heartbeat within a minute."""
-    return len(engine(url, lambda queue: queue.live_consumers(60)))
+    return len(engine(url, lambda queue: registry.live_consumers(queue, 60)))
 
 
 def seq_of(body: bytes) -> int:

@@ -15,10 +15,9 @@ from pathlib import Path
 import pytest
 import redis as sync_redis
 
-from app.engine.connection import TRANSIENT
+from app.engine import TRANSIENT, NewEvent, open_queue
 from app.engine.inspect import account_state
 from app.engine.keys import Keys
-from app.engine.queue import NewEvent, open_queue
 from app.workload.generator import workload
 from app.workload.report import Attempt, order_violations
 from tests.integration.helpers import (

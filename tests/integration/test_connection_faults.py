@@ -11,7 +11,7 @@ from subprocess import Popen
 
 import redis as sync_redis
 
-from app.engine.queue import NewEvent
+from app.engine import NewEvent
 from app.workload.report import Attempt
 from bench.scenarios import handling_window_s
 from tests.integration.helpers import (

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from app.cli.commands import app
-from app.engine.queue import NewEvent
+from app.engine import NewEvent
 from app.log import rotated
 from app.workload.report import Attempt, order_violations
 from tests.integration.helpers import (

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from app.api.app import create_app
 from app.cli.commands import app
-from app.engine.queue import NewEvent
+from app.engine import NewEvent
 from app.workload.report import Run, summarize
 from tests.api.test_api import Lifespan
 from tests.integration.helpers import (

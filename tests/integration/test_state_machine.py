@@ -15,8 +15,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from app.engine.connection import Nodes
-from app.engine.queue import Event, NewEvent, Queue, Step
+from app.engine import Event, NewEvent, Nodes, Queue, Step
 from tests.integration.helpers import seq_of
 from tests.support import RedisServer, snapshot
 from tests.support import settings as evq_settings

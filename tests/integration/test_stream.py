@@ -20,7 +20,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from app.api.stream import MAX_BAD_FRAMES, MAX_FRAME_BYTES
 from app.cli.commands import app
-from app.engine.queue import NewEvent, open_queue
+from app.engine import NewEvent, open_queue
 from app.workload.client import StreamClient
 from app.workload.report import read_log
 from tests.integration.helpers import assert_all_acked_once_in_order, wait_burst

@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from app.cli.commands import app
-from app.engine.queue import NewEvent
+from app.engine import NewEvent
 from app.workload.generator import WorkloadFileError, read_events, write_events
 
 
