@@ -34,7 +34,7 @@ CLOSE_TRY_LATER = 1013  # Redis failed a push: reconnect and send the unanswered
 GONE = (WebSocketDisconnect, ClientDisconnected, RuntimeError)  # sending to a closed socket
 
 
-class Lane:
+class StreamState:
     """One stream as the Ingest sees it: once one of its pushes failed, none of its later
     events is pushed, so a stream's events never land out of order."""
 
@@ -46,7 +46,7 @@ class Lane:
 
 @dataclass(slots=True)
 class _Part:
-    lane: Lane
+    stream: StreamState
     events: list[NewEvent]
     future: "asyncio.Future[list[PushResult]]" = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
@@ -62,11 +62,13 @@ class Ingest:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    def submit(self, lane: Lane, events: list[NewEvent]) -> "asyncio.Future[list[PushResult]]":
+    def submit(
+        self, stream: StreamState, events: list[NewEvent]
+    ) -> "asyncio.Future[list[PushResult]]":
         """Queue `events` after everything submitted before; the future has their results."""
-        part = _Part(lane, events)
-        if lane.failed:
-            part.future.set_exception(lane.failed)
+        part = _Part(stream, events)
+        if stream.failed:
+            part.future.set_exception(stream.failed)
             return part.future
         self._waiting.append(part)
         self._wake.set()
@@ -107,10 +109,10 @@ class Ingest:
     def _fail(self, taken: list[_Part], exc: Exception) -> None:
         """Fail the taken parts, and everything waiting of their streams."""
         for part in taken:
-            part.lane.failed = exc
+            part.stream.failed = exc
         kept: deque[_Part] = deque()
         for part in (*taken, *self._waiting):
-            if part.lane.failed:
+            if part.stream.failed:
                 if not part.future.done():
                     part.future.set_exception(exc)
             else:
@@ -145,7 +147,7 @@ class Stream:
         self._ws = websocket
         self._ingest = ingest
         self._max_unacked = max_unacked
-        self._lane = Lane()
+        self._state = StreamState()
         self._frames: deque[_Frame] = deque()
         self._unacked = 0
         self._room = asyncio.Event()
@@ -220,7 +222,7 @@ class Stream:
         if not events:
             return self._bad_items(items)
         self._bad_in_a_row = 0
-        return _Frame(items, self._ingest.submit(self._lane, events))
+        return _Frame(items, self._ingest.submit(self._state, events))
 
     def _bad(self, error: str, detail: str, code: int) -> _Frame:
         return self._bad_items([error_frame(None, error, detail)], code)

@@ -40,7 +40,7 @@ from app.workload.report import read_log, render, summarize
 
 T = TypeVar("T")
 DEFAULT_API = "http://127.0.0.1:8000"
-# A lane holds a connection only for one round trip, so a few dozen serve hundreds of lanes.
+# A slot holds a connection only for one round trip, so a few dozen serve hundreds of slots.
 LANE_CONNECTIONS = 32
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 
@@ -153,7 +153,7 @@ def gen(
 
     async def main() -> tuple[PushSummary, int]:
         async with open_target(settings, via, api_url, connections) as target:
-            width = slots or await target.live_slots() or settings.concurrency
+            total_slots = slots or await target.live_slots() or settings.concurrency
             run_log.info(
                 "run_started",
                 run_id=run_id,
@@ -161,22 +161,22 @@ def gen(
                 accounts=len({e.account for e in plan}),
                 **described,
                 via=via,
-                slots=width,
+                slots=total_slots,
                 longest_chain=chain,
                 process_s=settings.process_seconds,
             )
             with _progress_bar(len(plan)) as advance:
                 summary = await target.send(plan, batch, rate, advance)
         run_log.info("run_pushed", run_id=run_id, accepted=summary.accepted)
-        return summary, width
+        return summary, total_slots
 
-    summary, width = run(main(), settings)
-    bound = lower_bound_s(len(plan), chain, width, settings.process_seconds)
+    summary, total_slots = run(main(), settings)
+    bound = lower_bound_s(len(plan), chain, total_slots, settings.process_seconds)
     refused = f", {summary.refused} refused (MAX_BACKLOG_PER_ACCOUNT)" if summary.refused else ""
     typer.echo(
         f"run {run_id}: {summary.accepted} accepted, {summary.duplicates} duplicates{refused}, "
         f"{len(plan) / summary.elapsed_s:,.0f} events/s over {summary.elapsed_s:.2f} s\n"
-        f"longest chain {chain} events; lower bound with W={width} slots and "
+        f"longest chain {chain} events; lower bound with W={total_slots} slots and "
         f"PROCESS_SECONDS={settings.process_seconds:g}: {bound:.1f} s"
     )
 

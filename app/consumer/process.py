@@ -1,7 +1,26 @@
-"""The consumer process: CONCURRENCY slots fed by one claimer, lease renewal, reaper, signals.
+"""The consumer process: CONCURRENCY slots fed by one claimer, with lease renewal, heartbeats,
+the reaper and signals.
 
-What a slot does with the account it holds, faults included, is `app/consumer/slots.py`; this module
-keeps the slots fed, their leases renewed and the process alive.
+One event's trip, and the function that does each step:
+
+1. claim: `Consumer._claimer` asks `Queue.claim` for as many accounts as slots are idle. It
+   reads the top of every shard's ready index, then sends one MULTI per shard (INCR+EXPIRE
+   lock, fence INCR, the take script): one round trip per master for all the accounts won.
+2. take: the take script in that MULTI hands back each won account's head event with its
+   attempt and fencing token; `Consumer._run_slot` gives it to an idle slot.
+3. handle: `Slots._handle` runs the handler (`Slots._run_handler`: on the loop, or in the
+   thread pool for a sync handler), bounded by HANDLER_TIMEOUT_SECONDS.
+4. settle: `Queue.ack` or `Queue.nack`, sent again after connection faults by
+   `Slots.retrying`. The wire is `Scripts.call`: every script call made in one loop turn, by
+   any slot, goes out in one pipelined round trip per master (`Scripts.send`). The ack hands
+   back the account's next event, so the slot goes back to step 3 without another round trip.
+5. log: `Slots._record` writes the outcome line (`EventLog.write`) only once Redis answered.
+
+When the settle hands back no event, the slot is free again: the account was drained, given up
+for a longer backlog, or lost with its lease. Meanwhile `_renewer` extends the leases held,
+`_heartbeat` registers the process and folds its `Tally` into Redis, and `_reaper` sweeps
+orphaned accounts back into the ready indexes. What a slot does with its account, faults
+included, is `app/consumer/slots.py`.
 """
 
 import asyncio
@@ -47,10 +66,10 @@ class Consumer:
         self._slots = slots
         self._tally = slots.tally
         self._stopping = slots.stopping
-        self._lanes_done = asyncio.Event()
+        self._slots_done = asyncio.Event()
         self._reap_soon = asyncio.Event()
         self._held: dict[int, Holding] = {}
-        self._lanes: list[asyncio.Task[None]] = []
+        self._slot_tasks: list[asyncio.Task[None]] = []
         self._failures: deque[float] = deque()
         self.forced = False
         self.failing = False
@@ -62,8 +81,8 @@ class Consumer:
         if self._stopping.is_set():
             self.forced = True
             self._log.warning("shutdown_forced", held=len(self._held))
-            for lane in self._lanes:
-                lane.cancel()
+            for task in self._slot_tasks:
+                task.cancel()
             return
         self._log.info("shutdown_requested", held=len(self._held))
         self._stopping.set()
@@ -82,21 +101,21 @@ class Consumer:
             lease_s=self._settings.lease_seconds,
             burst=burst,
         )
-        self._lanes = [
-            asyncio.create_task(self._lane(i)) for i in range(self._settings.concurrency)
+        self._slot_tasks = [
+            asyncio.create_task(self._run_slot(i)) for i in range(self._settings.concurrency)
         ]
         helpers = [
             asyncio.create_task(helper())
             for helper in (self._renewer, self._heartbeat, self._reaper)
         ]
         await self._claimer(burst)
-        for _ in self._lanes:
+        for _ in self._slot_tasks:
             self._claims.put_nowait(None)
         # Slots never raise; a forced stop cancels them.
-        await asyncio.wait(self._lanes)
+        await asyncio.wait(self._slot_tasks)
         # Helpers stop on this event, not by cancellation: on Python 3.11 a cancel that lands
         # while a Redis call completes can be swallowed, leaving the helper running forever.
-        self._lanes_done.set()
+        self._slots_done.set()
         self._reap_soon.set()
         await asyncio.gather(*helpers)
         with contextlib.suppress(Exception):
@@ -164,7 +183,7 @@ class Consumer:
     async def _all_done(self) -> bool:
         return self._idle == self._settings.concurrency and await inspect.drained(self._queue)
 
-    async def _lane(self, slot: int) -> None:
+    async def _run_slot(self, slot: int) -> None:
         while True:
             self._idle += 1
             self._wake.set()
@@ -199,7 +218,7 @@ class Consumer:
 
     async def _renewer(self) -> None:
         period = self._settings.lease_seconds / 3
-        while not self._lanes_done.is_set():
+        while not self._slots_done.is_set():
             pause = period
             try:
                 await self._renew_held()
@@ -211,13 +230,13 @@ class Consumer:
             if self._tally.faults:
                 self._log.warning("redis_faults_ridden_out", calls=self._tally.faults)
                 self._tally.faults = 0
-            await sleep_unless(self._lanes_done, pause)
+            await sleep_unless(self._slots_done, pause)
 
     async def _heartbeat(self) -> None:
         """Every HEARTBEAT_S: this consumer is alive, with so many busy slots, and what its
         slots measured meanwhile goes into the metrics hash; once more after the slots end."""
         while True:
-            done = self._lanes_done.is_set()
+            done = self._slots_done.is_set()
             counts, sums = self._tally.take()
             try:
                 await registry.heartbeat(self._queue, self._member, len(self._held), counts, sums)
@@ -228,7 +247,7 @@ class Consumer:
                 self._failed("heartbeat_failed")
             if done:
                 return
-            await sleep_unless(self._lanes_done, HEARTBEAT_S)
+            await sleep_unless(self._slots_done, HEARTBEAT_S)
 
     def log_state(self) -> None:
         """SIGUSR1: one line with what this consumer is doing."""
@@ -276,9 +295,9 @@ class Consumer:
         """Sweeps orphans every REAPER_SECONDS (one consumer at a time), and at once after a
         claim may have left one."""
         interval = self._settings.reaper_seconds
-        while not self._lanes_done.is_set():
+        while not self._slots_done.is_set():
             soon = await sleep_unless(self._reap_soon, interval)
-            if self._lanes_done.is_set():
+            if self._slots_done.is_set():
                 return
             self._reap_soon.clear()
             try:

@@ -1,11 +1,12 @@
 """Building the Redis clients (`Nodes`), and what counts as a connection fault; nothing else
 makes a client.
 
-One Redis and a Redis Cluster look the same to the engine: `Nodes.for_slot` names the client of
-the master serving a slot. On a cluster, redis-py's asyncio `RedisCluster` keeps the slot map
-(discovery, refresh after MOVED or a failover), and the engine talks to each master through a
-plain client of its own: a per-shard MULTI and a pipeline of EVALSHA calls then go out on one
-connection of the owning node, in one round trip, with the same code as on one Redis.
+One Redis and a Redis Cluster look the same to the engine: `Nodes.for_hash_slot` names the
+client of the master serving a hash slot. On a cluster, redis-py's asyncio `RedisCluster` keeps
+the hash slot map (discovery, refresh after MOVED or a failover), and the engine talks to each
+master through a plain client of its own: a per-shard MULTI and a pipeline of EVALSHA calls
+then go out on one connection of the owning node, in one round trip, with the same code as on
+one Redis.
 """
 
 import asyncio
@@ -42,7 +43,7 @@ T = TypeVar("T")
 FIRST_PAUSE_S = 0.02  # before the first retry after a fault
 LONGEST_PAUSE_S = 1.0
 CLUSTER_SCHEME = "redis+cluster"
-REFRESH_EVERY_S = 0.1  # at most this often the slot map is read again after faults
+REFRESH_EVERY_S = 0.1  # at most this often the hash slot map is read again after faults
 
 # Faults of the connection or of the cluster's routing, not answers: the call may or may not
 # have run (MOVED, ASK, TRYAGAIN, CLUSTERDOWN and READONLY during a failover or resharding:
@@ -91,7 +92,7 @@ def _pool(pool: BlockingConnectionPool) -> BlockingConnectionPool:
 
 
 class Nodes:
-    """The masters of one Redis or of a Redis Cluster, and which one serves each slot.
+    """The masters of one Redis or of a Redis Cluster, and which one serves each hash slot.
 
     Each master's client has a pool that queues callers beyond `max_connections` instead of
     opening more. No call is sent again by a client itself: the caller knows whether that is
@@ -139,16 +140,16 @@ class Nodes:
         return nodes
 
     async def start(self) -> None:
-        """Learn the cluster's slot map (on one Redis: nothing to learn)."""
+        """Learn the cluster's hash slot map (on one Redis: nothing to learn)."""
         if self.cluster is not None:
             await timed(self._options["socket_connect_timeout"] * 2, self.cluster.initialize())
 
-    def for_slot(self, slot: int) -> Redis:
-        """The client of the master serving `slot`, as far as this process knows."""
+    def for_hash_slot(self, hash_slot: int) -> Redis:
+        """The client of the master serving `hash_slot`, as far as this process knows."""
         if self._single is not None:
             return self._single
         assert self.cluster is not None
-        node = self.cluster.nodes_manager.get_node_from_slot(slot)
+        node = self.cluster.nodes_manager.get_node_from_slot(hash_slot)
         client = self._clients.get(node.name)
         if client is None:
             pool = BlockingConnectionPool(host=node.host, port=node.port, **self._options)
@@ -156,7 +157,7 @@ class Nodes:
         return client
 
     def for_key(self, key: str) -> Redis:
-        return self.for_slot(key_slot(key.encode()))
+        return self.for_hash_slot(key_slot(key.encode()))
 
     def masters(self) -> list[Redis]:
         """One client per master."""
@@ -164,12 +165,13 @@ class Nodes:
             return [self._single]
         assert self.cluster is not None
         slots = self.cluster.nodes_manager.slots_cache
-        firsts = {nodes[0].name: slot for slot, nodes in slots.items() if nodes}
-        return [self.for_slot(slot) for slot in firsts.values()]
+        firsts = {nodes[0].name: hash_slot for hash_slot, nodes in slots.items() if nodes}
+        return [self.for_hash_slot(hash_slot) for hash_slot in firsts.values()]
 
     def noticed(self, fault: BaseException) -> None:
-        """A call failed with `fault`: on a cluster, read the slot map again (in the background,
-        at most every REFRESH_EVERY_S), as the slot may have moved or its master failed over."""
+        """A call failed with `fault`: on a cluster, read the hash slot map again (in the
+        background, at most every REFRESH_EVERY_S), as the hash slot may have moved or its
+        master failed over."""
         if self.cluster is None or not isinstance(fault, TRANSIENT):
             return
         if self._refreshing is not None and not self._refreshing.done():

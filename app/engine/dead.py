@@ -59,15 +59,15 @@ async def replay(queue: Queue, selection: Selection) -> int:
     """Queue the selected dead letters again, ids and payloads intact, each at the head of its
     account's list in seq order (ahead of what is pending); a parked account goes on. Their
     deliveries are logged as replays. Returns how many were replayed."""
-    return await _settle(queue, selection, replay=True)
+    return await _replay_or_purge(queue, selection, replay=True)
 
 
 async def purge(queue: Queue, selection: Selection) -> int:
     """Delete the selected dead letters; returns how many."""
-    return await _settle(queue, selection, replay=False)
+    return await _replay_or_purge(queue, selection, replay=False)
 
 
-async def _settle(queue: Queue, selection: Selection, replay: bool) -> int:
+async def _replay_or_purge(queue: Queue, selection: Selection, replay: bool) -> int:
     by_shard: dict[int, list[tuple[int, int, bytes, bytes]]] = {}
     for shard, entry, raw in await _matching(queue, selection):
         body = _body(entry) if replay else b""

@@ -2,7 +2,7 @@
 
 An account's shard is crc32 of its decimal id mod S, the same in every process. Every key of a
 shard, its accounts' keys included, carries the tag ``{<namespace>:<shard>}``, so each script
-and each MULTI touches one Redis Cluster slot, and one Redis runs the same code.
+and each MULTI touches one Redis Cluster hash slot, and one Redis runs the same code.
 """
 
 import zlib
@@ -24,8 +24,8 @@ class Keys:
     def shard_of(self, account: int) -> int:
         return zlib.crc32(b"%d" % account) % self.shards
 
-    def slot(self, shard: int) -> int:
-        """The Redis Cluster slot of every key of `shard`."""
+    def hash_slot(self, shard: int) -> int:
+        """The Redis Cluster hash slot of every key of `shard`."""
         return key_slot(self.tag(shard).encode())
 
     def tag(self, shard: int) -> str:

@@ -2,7 +2,8 @@
 
 Accounts are spread over SHARDS shards (`Keys`); every script and every MULTI touches one
 shard, so one Redis and a Redis Cluster run this same code. Calls go to the master of the
-shard's slot (`Nodes.for_slot`), one pipelined round trip per master where a step spans shards.
+shard's hash slot (`Nodes.for_hash_slot`), one pipelined round trip per master where a step
+spans shards.
 """
 
 import asyncio
@@ -80,7 +81,7 @@ class Queue:
         self._margin = settings.switch_margin if self._order == "longest" else 1
         self._dedupe_ms = max(1, round(settings.dedupe_seconds * 1000))
         self._rand: Callable[[], str] = _random_score if self._order == "random" else _no_score
-        self._slot = [self.keys.slot(shard) for shard in range(settings.shards)]
+        self._hash_slot = [self.keys.hash_slot(shard) for shard in range(settings.shards)]
         self._push_keys = [
             [key.encode() for key in (*self.keys.shard_keys(shard)[:3], self.keys.paused(shard))]
             for shard in range(settings.shards)
@@ -120,7 +121,7 @@ class Queue:
 
     def node(self, shard: int) -> Redis:
         """The client of the master that serves `shard`."""
-        return self.nodes.for_slot(self._slot[shard])
+        return self.nodes.for_hash_slot(self._hash_slot[shard])
 
     def node_of(self, account: int) -> Redis:
         """The client of the master that serves `account`."""

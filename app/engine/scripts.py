@@ -39,7 +39,7 @@ class Scripts:
     """EVALSHA runner; every call reloads the scripts once on NOSCRIPT.
 
     `call` auto-pipelines: the calls made in one turn of the event loop go out together, one
-    pipeline per master. A consumer's lanes settle many events at once, and one round trip for
+    pipeline per master. A consumer's slots settle many events at once, and one round trip for
     all of them costs the client far less CPU than one round trip each.
     """
 
@@ -80,11 +80,12 @@ class Scripts:
         for item in queued:
             by_node.setdefault(item[0], []).append(item)
         for client, items in by_node.items():
-            task = asyncio.ensure_future(self._settle(client, items))
+            task = asyncio.ensure_future(self._answer(client, items))
             self._sending.add(task)
             task.add_done_callback(self._sending.discard)
 
-    async def _settle(self, client: Redis, queued: list[Queued]) -> None:
+    async def _answer(self, client: Redis, queued: list[Queued]) -> None:
+        """Send one master's queued calls and hand each caller its reply (or the fault)."""
         try:
             results = await self._execute(client, [call for _, call, _ in queued])
         except Exception as exc:  # the round trip failed: every caller gets the error

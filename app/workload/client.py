@@ -119,17 +119,17 @@ class StreamClient:
         on_progress: Callable[[int], None],
     ) -> Answers:
         """Send `events` in frames of up to `frame`, at most `rate` per second in all."""
-        lanes: list[list[NewEvent]] = [[] for _ in range(self._connections)]
+        streams: list[list[NewEvent]] = [[] for _ in range(self._connections)]
         for event in events:
-            lanes[event.account % self._connections].append(event)
+            streams[event.account % self._connections].append(event)
         answers = Answers()
         share = rate / self._connections
         await asyncio.gather(
-            *(self._lane(lane, frame, share, answers, on_progress) for lane in lanes if lane)
+            *(self._stream(part, frame, share, answers, on_progress) for part in streams if part)
         )
         return answers
 
-    async def _lane(
+    async def _stream(
         self,
         events: list[NewEvent],
         frame: int,

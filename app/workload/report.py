@@ -170,11 +170,11 @@ def summarize(run: Run, waiting: int | None, slots: int | None = None) -> Report
     events = {(a.account, a.seq) for a in attempts}
     outcomes = {o: {(a.account, a.seq) for a in attempts if a.outcome == o} for o in SETTLED}
     violations = order_violations(attempts)
-    width = slots or run.slots or len({(a.host, a.pid, a.slot) for a in attempts}) or 1
+    total_slots = slots or run.slots or len({(a.host, a.pid, a.slot) for a in attempts}) or 1
     chain = run.longest_chain or max(Counter(a for a, _ in events).values(), default=0)
     process_s = run.process_s if run.process_s is not None else _median_duration_s(attempts)
     total = run.accepted if run.accepted is not None else len(events)
-    bound = lower_bound_s(total, chain, width, process_s)
+    bound = lower_bound_s(total, chain, total_slots, process_s)
     makespan = (
         (max(a.finished_ns for a in attempts) - min(a.enqueued_ns for a in attempts)) / 1e9
         if attempts
@@ -203,7 +203,7 @@ def summarize(run: Run, waiting: int | None, slots: int | None = None) -> Report
         wait_p95_s=_percentile(waits, 95),
         wait_p99_s=_percentile(waits, 99),
         peak_concurrency=peak_concurrency(attempts),
-        slots=width,
+        slots=total_slots,
         longest_chain=chain,
         process_s=process_s,
         violations=violations,

@@ -238,7 +238,7 @@ def test_slot_of_a_busy_shard_moved_mid_drain(
         keys = Keys("evq", settings(url).shards)
         busiest = collections.Counter(keys.shard_of(a) for a, _ in plan_of(3000, 300, seed=7))
         shard = busiest.most_common(1)[0][0]
-        moved = migrate_slot(base, keys.slot(shard))
+        moved = migrate_slot(base, keys.hash_slot(shard))
         assert counter(url, "acked") < 3000, "the drain ended before the slot moved"
         wait_settled(url, 3000, timeout=120)
         graceful_stop(consumers.procs)
