@@ -11,7 +11,8 @@ import pytest
 from fastapi.routing import APIRoute
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.api.app import OPEN_PATHS, create_app
+from app.api.app import create_app
+from app.api.middleware import OPEN_PATHS
 from app.engine import Event, NewEvent, Queue, inspect
 from tests.api.test_api import Lifespan
 from tests.support import settings
