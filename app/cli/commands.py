@@ -42,7 +42,19 @@ T = TypeVar("T")
 DEFAULT_API = "http://127.0.0.1:8000"
 # A slot holds a connection only for one round trip, so a few dozen serve hundreds of slots.
 LANE_CONNECTIONS = 32
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+HELP = """evq: per-account ordered event processing on Redis.
+
+Events of one account are handled one after another, in the order they were accepted; many
+accounts run in parallel. Settings come from the environment or a .env file in the working
+directory (.env.example lists them all, docs/configuration.md explains them).
+
+Start here: `make demo` runs the whole job locally. By hand: `evq consume` runs a consumer,
+`evq api` the HTTP API, `gen` pushes a workload, `evq wait` waits for the drain and `evq report`
+proves the order from the event log.
+"""
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, help=HELP, rich_markup_mode="markdown"
+)
 
 
 @app.command()
@@ -325,7 +337,7 @@ app.add_typer(cli_ops.dead_app, name="dead")
 for command in (cli_ops.event, cli_ops.pause, cli_ops.resume, cli_ops.top):
     app.command()(command)
 
-gen_app = typer.Typer(add_completion=False)
+gen_app = typer.Typer(add_completion=False, rich_markup_mode="markdown")
 gen_app.command()(gen)
 
 

@@ -17,7 +17,12 @@ from app.engine import MAX_ACCOUNT_ID, dead, open_queue
 from app.engine.dead import Selection
 from app.engine.inspect import Snapshot, event_state, snapshot
 
-dead_app = typer.Typer(no_args_is_help=True, add_completion=False, help="Dead letters.")
+dead_app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="Dead letters: list, replay or purge them.",
+    rich_markup_mode="markdown",
+)
 
 Account = Annotated[
     int | None, typer.Option("--account", min=1, max=MAX_ACCOUNT_ID, help="Of this account.")
