@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from bench.harness import RESULTS
-from tests.support import REPO
+from stack import REPO
 
 GROWTH_TARGET_EVENTS = 1_000_000
 DOC = REPO / "docs" / "benchmarks.md"

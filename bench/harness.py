@@ -14,35 +14,13 @@ from typing import Any
 
 import redis as sync_redis
 
-from tests.support import REPO, RedisServer, answers, free_block, free_port, make, wait_for
+from stack import REPO
+from stack.cluster import LocalCluster
+from stack.servers import RedisServer, answers, free_port, wait_for
 
 BIN = REPO / ".venv" / "bin"
 SCRATCH = REPO / "bench" / "scratch"
 RESULTS = REPO / "bench" / "results"
-
-
-class LocalCluster:
-    """The Makefile's local Redis Cluster (3 masters + 3 replicas) with its state in scratch."""
-
-    def __init__(self, var: Path) -> None:
-        self.var = var
-        self.base = free_block()
-        self.url = f"redis+cluster://127.0.0.1:{self.base}"
-
-    def start(self) -> None:
-        make("cluster-up", self.var, self.base)
-
-    def stop(self) -> None:
-        make("cluster-down", self.var, self.base)
-
-    def masters(self) -> list[sync_redis.Redis]:
-        client = sync_redis.Redis(port=self.base)
-        nodes = client.execute_command("CLUSTER NODES")  # type: ignore[no-untyped-call]
-        client.close()
-        found = [address for address, node in nodes.items() if "master" in node["flags"]]
-        return [
-            sync_redis.Redis(port=int(address.split(":")[1].split("@")[0])) for address in found
-        ]
 
 
 class Bench:

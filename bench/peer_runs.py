@@ -17,7 +17,7 @@ from pathlib import Path
 
 from app.workload.report import Attempt
 from bench.harness import SCRATCH, Bench
-from tests.support import REPO
+from stack import REPO
 
 PEERS_DIR = REPO / "bench" / "peers"
 VENVS = REPO / "var" / "peers"

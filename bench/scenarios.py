@@ -19,7 +19,7 @@ from app.workload.generator import longest_chain, lower_bound_s, workload
 from app.workload.report import Attempt, order_violations, read_log
 from bench import peer_runs
 from bench.harness import Bench, api_url_when_up
-from tests.support import ConnectionKiller
+from stack.servers import ConnectionKiller
 
 PEER_EVENTS, PEER_ACCOUNTS = 10_000, 1_000
 WRK_SCRIPT = Path(__file__).parent / "wrk" / "events.lua"

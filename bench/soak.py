@@ -33,11 +33,11 @@ import redis as sync_redis
 
 from app.engine import NewEvent, inspect
 from app.log import rotated
+from app.settings import Settings
 from app.workload.client import ApiClient, ApiError
 from app.workload.report import order_violations, read_log
 from bench.harness import Bench, api_url_when_up, bench, write
-from tests.integration.helpers import engine
-from tests.support import REPO
+from stack import REPO, servers
 
 SETTINGS: dict[str, object] = {
     "concurrency": 50,
@@ -149,7 +149,7 @@ class Pusher(threading.Thread):
 
 def sample(b: Bench) -> dict[str, Any]:
     """The counters summed over the shards, Redis' memory and its number of keys."""
-    counts = engine(b.server.url, inspect.stats)
+    counts = servers.engine(Settings(_env_file=None, redis_url=b.server.url), inspect.stats)
     client = sync_redis.Redis.from_url(b.server.url)
     keys = int(client.dbsize())
     client.close()

@@ -8,7 +8,20 @@ import redis as sync_redis
 from redis.cluster import RedisCluster
 
 from app.engine import Queue, open_queue
-from tests.support import Consumers, RedisServer, free_block, make, running, settings
+from stack.cluster import LocalCluster
+from stack.servers import RedisServer, running
+from tests.support import Consumers, settings
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The engine suite's runs on a real server are marked `server` (make check leaves them
+    out); every test on the session's cluster is in one xdist group, so one worker starts it."""
+    for item in items:
+        backend = getattr(item, "callspec", None) and item.callspec.params.get("make_queue")
+        if backend in ("redis-server", "cluster"):
+            item.add_marker(pytest.mark.server)
+        if backend == "cluster" or "cluster_url" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("session-cluster"))
 
 
 @pytest.fixture(scope="session")
@@ -23,14 +36,13 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 @pytest.fixture(scope="session")
 def cluster_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    """A local Redis Cluster for the session (make cluster-up: 3 masters, 3 replicas); its
-    first port."""
-    var, base = tmp_path_factory.mktemp("cluster"), free_block()
+    """A local Redis Cluster for the session (3 masters, 3 replicas); its first port."""
+    local = LocalCluster(tmp_path_factory.mktemp("cluster"))
     try:
-        make("cluster-up", var, base)
-        yield base
+        local.start()
+        yield local.base
     finally:
-        make("cluster-down", var, base)
+        local.stop()
 
 
 @pytest.fixture

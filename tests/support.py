@@ -1,83 +1,23 @@
 """Test helpers shared by the suites: a real redis-server, consumer processes, handlers."""
 
 import asyncio
+import collections
 import contextlib
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, cast
 
-import httpx
-import redis as sync_redis
-
 from app.engine import Event, Queue
 from app.settings import Settings
-
-REPO = Path(__file__).resolve().parent.parent
-INSTALL_HINT = (
-    "redis-server is not on PATH: install it with 'apt-get install redis-server' "
-    "(make test does this when run as root)"
-)
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@dataclass
-class RedisServer:
-    """A throwaway redis-server on a free port, with its own data dir."""
-
-    data_dir: Path
-    appendonly: bool = False
-    port: int = field(default_factory=free_port)
-    process: subprocess.Popen[bytes] | None = None
-    options: tuple[str, ...] = ()  # more redis-server options
-    password: str | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError(INSTALL_HINT)
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
-        args += ["--dir", str(self.data_dir), "--appendonly", "yes" if self.appendonly else "no"]
-        args += ["--appendfsync", "always"] if self.appendonly else []
-        args += ["--maxmemory-policy", "noeviction", *self.options]
-        args += ["--requirepass", self.password] if self.password else []
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL)
-        client = sync_redis.Redis(port=self.port, password=self.password)
-        deadline = time.monotonic() + 10
-        while True:
-            with contextlib.suppress(sync_redis.ConnectionError, sync_redis.BusyLoadingError):
-                if client.ping():
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server on port {self.port} did not start")
-            time.sleep(0.02)
-        client.close()
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-            self.process = None
+from app.workload.report import Attempt, order_violations, read_log
+from stack import REPO
+from stack.servers import answers, free_port, wait_for
 
 
 def settings(url: str, **overrides: object) -> Settings:
@@ -93,37 +33,6 @@ def settings(url: str, **overrides: object) -> Settings:
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[arg-type]
-
-
-NODES = 6
-BUS_OFFSET = 10_000  # Redis Cluster's bus listens on port + 10000
-
-
-def free_block(first: int = 21_000, last: int = 29_000) -> int:
-    """A base port whose NODES ports and their bus ports are all free right now."""
-    for base in range(first, last, NODES):
-        ports = [base + i for i in range(NODES)] + [base + i + BUS_OFFSET for i in range(NODES)]
-        try:
-            for port in ports:
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError("no free block of cluster ports")
-
-
-def make(target: str, var: Path, base: int) -> str:
-    """Run a cluster target of the Makefile on VAR and CLUSTER_PORT; its output."""
-    done = subprocess.run(
-        ["make", "-s", "-C", str(REPO), target, f"VAR={var}", f"CLUSTER_PORT={base}"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout
 
 
 @dataclass
@@ -186,23 +95,6 @@ def api_process(redis_url: str, **env: str) -> Iterator[ApiProcess]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
-
-
-def answers(url: str) -> bool:
-    """Whether a GET of `url` answers 200 (an API probe)."""
-    try:
-        return httpx.get(url, timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def wait_for(condition: "object", timeout: float, what: str) -> None:
-    """Poll `condition()` until true; fail naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 def failing_marked(settings: Settings) -> "object":
@@ -339,37 +231,17 @@ def raises_unexpected(settings: Settings) -> "object":
     return handle
 
 
-class ConnectionKiller:
-    """Kills every normal client connection (the consumer's, not its own) every `period_s`."""
-
-    def __init__(self, url: str, period_s: float) -> None:
-        self._client = sync_redis.Redis.from_url(url)
-        self._period_s = period_s
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self.rounds = 0
-        self.killed = 0
-
-    def __enter__(self) -> "ConnectionKiller":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._done.set()
-        self._thread.join()
-        self._client.close()
-
-    def _run(self) -> None:
-        while not self._done.wait(self._period_s):
-            self.killed += int(self._client.client_kill_filter(_type="normal"))
-            self.rounds += 1
+def attempts(log: Path) -> list[Attempt]:
+    """Every attempt the event log holds."""
+    return read_log([log]).attempts
 
 
-@contextlib.contextmanager
-def running(server: RedisServer) -> Iterator[RedisServer]:
-    """Start `server` for the duration of the block."""
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+def assert_all_acked_once_in_order(log: Path, expected: int) -> list[Attempt]:
+    """I1 and I2 from the log: every event acked exactly once, per-account order kept."""
+    found = attempts(log)
+    acked = collections.Counter((a.account, a.seq) for a in found if a.outcome == "ack")
+    assert len(acked) == expected, f"{len(acked)} distinct events acked, expected {expected}"
+    twice = [key for key, n in acked.items() if n > 1]
+    assert not twice, f"acked more than once: {twice[:5]}"
+    assert order_violations(found) == []
+    return found

@@ -17,8 +17,7 @@ from app import handlers, log
 from app.cli import operate as cli_ops
 from app.cli import progress
 from app.cli.support import run, settings_or_exit
-from app.consumer.process import Consumer
-from app.consumer.slots import Slots
+from app.consumer import process
 from app.engine import UNREACHABLE, inspect, open_queue
 from app.settings import Settings
 from app.workload.generator import (
@@ -41,7 +40,7 @@ from app.workload.report import read_log, render, summarize
 T = TypeVar("T")
 DEFAULT_API = "http://127.0.0.1:8000"
 # A slot holds a connection only for one round trip, so a few dozen serve hundreds of slots.
-LANE_CONNECTIONS = 32
+SLOT_CONNECTIONS = 32
 HELP = """evq: per-account ordered event processing on Redis.
 
 Events of one account are handled one after another, in the order they were accepted; many
@@ -73,15 +72,10 @@ def consume(
         raise typer.Exit(2) from exc
 
     async def main() -> bool:
-        pool_size = min(settings.concurrency, LANE_CONNECTIONS) + 4
+        pool_size = min(settings.concurrency, SLOT_CONNECTIONS) + 4
         # Open the pools before the first claim, so the first wave of acks does not pay for it.
         async with open_queue(settings, pool_size, consumer=True, connections=pool_size) as queue:
-            diagnostics = log.configure(settings, fallback=True)
-            # A slot waits for an unwritable event log at most half a lease, then gives up.
-            events = log.EventLog(settings, diagnostics, settings.lease_seconds / 2)
-            slots = Slots(queue, handler, settings, diagnostics, events)
-            consumer = Consumer(queue, slots, settings, diagnostics)
-            await consumer.run(burst=burst)
+            consumer = await process.consume(queue, handler, settings, burst)
         return consumer.forced or consumer.failing
 
     if run(main(), settings):

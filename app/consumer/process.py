@@ -35,10 +35,12 @@ from typing import Any
 
 from structlog.typing import FilteringBoundLogger
 
+from app import log
 from app.consumer.slots import Holding, Slots, sleep_unless
 from app.engine import TRANSIENT, ClaimInterrupted, Event, Queue, Won, inspect, registry
 from app.engine.connection import LONGEST_PAUSE_S, backoff
 from app.engine.registry import HEARTBEAT_S
+from app.handlers import Handler
 from app.settings import Settings
 
 HELD_SHOWN = 50  # accounts listed in the SIGUSR1 line (it stays well under 4 KiB)
@@ -309,3 +311,19 @@ class Consumer:
                 self._tally.faults += 1
             except Exception:
                 self._failed("reaper_failed")
+
+
+async def consume(
+    queue: Queue, handler: Handler, settings: Settings, burst: bool = False
+) -> Consumer:
+    """Run a consumer with `handler` on an open `queue` until it is stopped (or, in `burst`
+    mode, until no account has work left); returns it, to tell how it ended. Its event lines
+    and diagnostics go to EVENT_LOG."""
+    diagnostics = log.configure(settings, fallback=True)
+    # A slot waits for an unwritable event log at most half a lease, then gives up.
+    events = log.EventLog(settings, diagnostics, settings.lease_seconds / 2)
+    consumer = Consumer(
+        queue, Slots(queue, handler, settings, diagnostics, events), settings, diagnostics
+    )
+    await consumer.run(burst=burst)
+    return consumer

@@ -15,7 +15,8 @@ from fastapi import FastAPI
 from app.api.app import create_app
 from app.api.schema import MAX_PAYLOAD_BYTES
 from app.engine import NewEvent, Queue, inspect
-from tests.support import Consumers, RedisServer, Routed, settings
+from stack.servers import RedisServer
+from tests.support import Consumers, Routed, settings
 
 
 @pytest.fixture

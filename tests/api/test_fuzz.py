@@ -8,7 +8,8 @@ from hypothesis import HealthCheck, settings
 
 from app.api.app import create_app
 from app.settings import Settings
-from tests.support import RedisServer, api_process
+from stack.servers import RedisServer
+from tests.support import api_process
 
 TOKEN = "fuzz-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

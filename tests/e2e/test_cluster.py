@@ -1,6 +1,7 @@
 """The local Redis Cluster: make cluster-up forms 3 masters + 3 replicas, cluster-down stops
 them, and cluster-up again brings them back from their own state, data included."""
 
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -8,7 +9,22 @@ import pytest
 import redis as sync_redis
 from redis.cluster import RedisCluster
 
-from tests.support import free_block, make
+from stack import REPO
+from stack.servers import free_block
+
+
+def make(target: str, var: Path, base: int) -> str:
+    """Run a cluster target of the Makefile on VAR and CLUSTER_PORT, as a user would; its
+    output."""
+    done = subprocess.run(
+        ["make", "-s", "-C", str(REPO), target, f"VAR={var}", f"CLUSTER_PORT={base}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
 
 
 @pytest.fixture

@@ -10,8 +10,10 @@ from typing import Any
 import httpx
 import pytest
 
+from stack import REPO
+from stack.servers import wait_for
 from tests.e2e.test_stack import Stack, api_up
-from tests.support import REPO, api_process, wait_for
+from tests.support import api_process
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 CHROMIUM = shutil.which("chromium")

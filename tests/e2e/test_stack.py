@@ -9,7 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import REPO, free_port, wait_for
+from stack import REPO
+from stack.servers import free_port, wait_for
 
 NUMPROCS = 2
 ENV = {"CONCURRENCY": "50", "PROCESS_SECONDS": "0.2", "LEASE_SECONDS": "5"}

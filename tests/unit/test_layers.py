@@ -2,7 +2,7 @@
 
 import ast
 
-from tests.support import REPO
+from stack import REPO
 
 # Room -> the rooms (or single modules, like api.schema) its modules may import; a room may
 # always import itself. The top-level modules settings, log and handlers are rooms of their own.

@@ -10,7 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from tests.support import REPO, settings
+from stack import REPO
+from tests.support import settings
 
 SECONDS = st.floats(0.01, 1000, allow_nan=False)
 

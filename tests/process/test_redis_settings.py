@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import redis as sync_redis
 
-from tests.integration.helpers import assert_all_acked_once_in_order
-from tests.support import REPO, RedisServer, free_port, running
+from stack import REPO
+from stack.servers import RedisServer, free_port, running
+from tests.process.helpers import assert_all_acked_once_in_order
 
 PASSWORD = "s3cret-pw"
 

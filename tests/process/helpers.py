@@ -1,36 +1,23 @@
 """Helpers of the process-level tests: push, inspect Redis, read and check the event log."""
 
-import asyncio
-import collections
 import signal
-import time
 from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
 from subprocess import Popen
 from typing import Any, TypeVar, cast
 
-from app.engine import TRANSIENT, NewEvent, PushResult, Queue, inspect, open_queue, registry
+from app.engine import NewEvent, PushResult, Queue, inspect, registry
 from app.engine.dead import dead_letters as dead_letter_page
 from app.workload.generator import workload
-from app.workload.report import Attempt, order_violations, read_log
-from tests.support import settings, wait_for
+from stack import servers
+from stack.servers import wait_for
+from tests.support import settings
 
 T = TypeVar("T")
 
 
 def engine(url: str, use: Callable[[Queue], Awaitable[T]]) -> T:
-    """`use(queue)` on an engine of its own, on one Redis or a cluster alike."""
-
-    async def main() -> T:
-        async with open_queue(settings(url)) as queue:
-            return await use(queue)
-
-    for _ in range(50):  # rides out what the tests do to Redis (a pause, a failover)
-        try:
-            return asyncio.run(main())
-        except TRANSIENT:
-            time.sleep(0.2)
-    return asyncio.run(main())
+    """`use(queue)` on an engine of its own with test settings (`stack.servers.engine`)."""
+    return servers.engine(settings(url), use)
 
 
 def push(url: str, events: Sequence[NewEvent]) -> list[PushResult]:
@@ -94,21 +81,6 @@ def in_flight(url: str) -> dict[int, int]:
     """account -> seq of every event currently in flight."""
     flying = engine(url, lambda queue: _lists(queue, "inflight"))
     return {account: seq_of(bodies[0]) for account, bodies in flying.items() if bodies}
-
-
-def attempts(log: Path) -> list[Attempt]:
-    return read_log([log]).attempts
-
-
-def assert_all_acked_once_in_order(log: Path, expected: int) -> list[Attempt]:
-    """I1 and I2 from the log: every event acked exactly once, per-account order kept."""
-    found = attempts(log)
-    acked = collections.Counter((a.account, a.seq) for a in found if a.outcome == "ack")
-    assert len(acked) == expected, f"{len(acked)} distinct events acked, expected {expected}"
-    twice = [key for key, n in acked.items() if n > 1]
-    assert not twice, f"acked more than once: {twice[:5]}"
-    assert order_violations(found) == []
-    return found
 
 
 def graceful_stop(procs: Sequence[Popen[bytes]], timeout: float = 15) -> None:

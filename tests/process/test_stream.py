@@ -23,8 +23,9 @@ from app.cli.commands import app
 from app.engine import NewEvent, open_queue
 from app.workload.client import StreamClient
 from app.workload.report import read_log
-from tests.integration.helpers import assert_all_acked_once_in_order, wait_burst
-from tests.support import ApiProcess, Consumers, RedisServer, api_process, settings
+from stack.servers import RedisServer
+from tests.process.helpers import assert_all_acked_once_in_order, wait_burst
+from tests.support import ApiProcess, Consumers, api_process, settings
 
 TOKEN = "stream-token"
 

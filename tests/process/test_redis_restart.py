@@ -2,14 +2,15 @@
 
 from pathlib import Path
 
-from tests.integration.helpers import (
+from stack.servers import RedisServer, wait_for
+from tests.process.helpers import (
     assert_all_acked_once_in_order,
     counter,
     graceful_stop,
     push_workload,
     wait_settled,
 )
-from tests.support import Consumers, RedisServer, wait_for
+from tests.support import Consumers
 
 
 def test_redis_restart_with_aof_loses_nothing(tmp_path: Path) -> None:

@@ -11,7 +11,8 @@ from app.cli.commands import app
 from app.engine import NewEvent
 from app.log import rotated
 from app.workload.report import Attempt, order_violations
-from tests.integration.helpers import (
+from stack.servers import wait_for
+from tests.process.helpers import (
     assert_all_acked_once_in_order,
     attempts,
     counter,
@@ -24,7 +25,7 @@ from tests.integration.helpers import (
     wait_burst,
     wait_settled,
 )
-from tests.support import Consumers, wait_for
+from tests.support import Consumers
 
 
 def test_many_consumers_keep_per_account_order(redis_url: str, consumers: Consumers) -> None:

@@ -14,7 +14,9 @@ import redis as sync_redis
 from app.engine import NewEvent
 from app.workload.report import Attempt
 from bench.scenarios import handling_window_s
-from tests.integration.helpers import (
+from stack import REPO
+from stack.servers import ConnectionKiller, wait_for
+from tests.process.helpers import (
     assert_all_acked_once_in_order,
     attempts,
     counter,
@@ -26,7 +28,7 @@ from tests.integration.helpers import (
     wait_burst,
     wait_settled,
 )
-from tests.support import REPO, ConnectionKiller, Consumers, wait_for
+from tests.support import Consumers
 
 
 def log_mentions(log: Path, needle: str) -> int:

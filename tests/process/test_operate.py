@@ -15,8 +15,9 @@ from app.api.app import create_app
 from app.cli.commands import app
 from app.engine import NewEvent
 from app.workload.report import Run, summarize
+from stack.servers import wait_for
 from tests.api.test_api import Lifespan
-from tests.integration.helpers import (
+from tests.process.helpers import (
     assert_all_acked_once_in_order,
     attempts,
     counter,
@@ -25,7 +26,7 @@ from tests.integration.helpers import (
     push_workload,
     wait_burst,
 )
-from tests.support import Consumers, settings, wait_for
+from tests.support import Consumers, settings
 
 POISONED = "tests.support:poisoned_until_fixed"
 

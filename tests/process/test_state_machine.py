@@ -16,9 +16,10 @@ from hypothesis.stateful import (
 )
 
 from app.engine import Event, NewEvent, Nodes, Queue, Step
-from tests.integration.helpers import seq_of
-from tests.support import RedisServer, snapshot
+from stack.servers import RedisServer
+from tests.process.helpers import seq_of
 from tests.support import settings as evq_settings
+from tests.support import snapshot
 
 T = TypeVar("T")
 Call = Callable[[], Coroutine[Any, Any, Event | Step]]

@@ -20,7 +20,9 @@ from app.engine.inspect import account_state
 from app.engine.keys import Keys
 from app.workload.generator import workload
 from app.workload.report import Attempt, order_violations
-from tests.integration.helpers import (
+from stack import REPO, cluster
+from stack.servers import free_block, wait_for
+from tests.process.helpers import (
     assert_all_acked_once_in_order,
     attempts,
     counter,
@@ -31,7 +33,7 @@ from tests.integration.helpers import (
     push_workload,
     wait_settled,
 )
-from tests.support import REPO, Consumers, free_block, make, settings, wait_for
+from tests.support import Consumers, settings
 
 
 def three_draining(consumers: Consumers, seed: int, acked: int, **settings: object) -> None:
@@ -122,10 +124,10 @@ def own_cluster(tmp_path: Path) -> Iterator[tuple[Path, int]]:
     """A cluster of this test's own (it kills a master): VAR and the first port."""
     var, base = tmp_path / "var", free_block()
     try:
-        make("cluster-up", var, base)
+        cluster.up(var, base)
         yield var, base
     finally:
-        make("cluster-down", var, base)
+        cluster.down(var, base)
 
 
 class Pusher(threading.Thread):
@@ -178,7 +180,7 @@ def test_master_killed_mid_drain_loses_nothing_accepted(
         # Its replica takes over. With no replica left, REPLICA_ACKS=1 writes to its shards
         # fail until the old master is back, as a replica of the new one.
         time.sleep(1)
-        make("cluster-up", var, base)
+        cluster.up(var, base)
         pusher.join(timeout=120)
         assert not pusher.is_alive()
         assert pusher.faults > 0  # the pushes did meet the failover

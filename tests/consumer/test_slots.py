@@ -1,0 +1,183 @@
+"""The hot path in process: a consumer's slots drain a fakeredis queue while connection
+faults are injected before and after Redis runs a round trip, and while leases are lost; the
+event log (a temporary file) must still show every event acked once, in order."""
+
+import random
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import fakeredis
+import pytest
+from redis.asyncio.client import Pipeline
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from app.consumer.process import consume
+from app.engine import Event, NewEvent, Nodes, Queue, inspect
+from app.settings import Settings
+from app.workload.generator import workload
+from tests.support import assert_all_acked_once_in_order, attempts
+from tests.support import settings as evq_settings
+
+
+class Faults:
+    """Which round trips fail: before they reach Redis (nothing ran) or after (it ran, the
+    reply is lost), each with its own probability, from a seeded generator."""
+
+    def __init__(self, before: float, after: float, seed: int = 7) -> None:
+        self.before, self.after = before, after
+        self._random = random.Random(seed)
+        self.injected: Counter[str] = Counter()
+        self.on = True
+
+    def draw(self) -> str | None:
+        if not self.on:
+            return None
+        roll = self._random.random()
+        if roll < self.before:
+            return "before"
+        if roll < self.before + self.after:
+            return "after"
+        return None
+
+
+class FaultyPipeline(Pipeline):
+    """A pipeline whose round trip fails as `faults` says."""
+
+    faults: Faults
+
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
+        fault = self.faults.draw()
+        if fault == "before":
+            self.faults.injected[fault] += 1
+            await self.reset()
+            raise RedisConnectionError("injected: the round trip never reached Redis")
+        replies = await super().execute(raise_on_error)
+        if fault == "after":
+            self.faults.injected[fault] += 1
+            raise RedisConnectionError("injected: Redis ran it, the reply was lost")
+        return replies
+
+
+class FaultyRedis(fakeredis.FakeAsyncRedis):
+    """fakeredis whose pipelines (every script call, claim and settle) fail as `faults` says."""
+
+    faults: Faults
+
+    def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> Pipeline:
+        pipe = FaultyPipeline(
+            self.connection_pool, self.response_callbacks, transaction, shard_hint
+        )
+        pipe.faults = self.faults
+        return pipe
+
+
+Drain = Callable[..., Any]
+
+
+@pytest.fixture
+async def faulty(tmp_path: Path) -> AsyncIterator[tuple[FaultyRedis, Callable[..., Settings]]]:
+    """A fakeredis server behind a client that injects faults (none until a test sets them),
+    and test settings whose event log is a temporary file."""
+    client = FaultyRedis(server=fakeredis.FakeServer())
+    client.faults = Faults(0.0, 0.0)
+
+    def settings(**overrides: object) -> Settings:
+        return evq_settings("redis://fake", event_log=tmp_path / "event.log", **overrides)
+
+    yield client, settings
+    await client.aclose()
+
+
+def queue_on(client: FaultyRedis, settings: Settings) -> Queue:
+    return Queue(Nodes.wrap(client, settings), settings)
+
+
+async def push(queue: Queue, events: list[NewEvent]) -> None:
+    """Push with faults off: this test is about the consumer."""
+    faults = queue.nodes.masters()[0].faults  # type: ignore[attr-defined]
+    faults.on = False
+    await queue.open()
+    await queue.push_many(events)
+    faults.on = True
+
+
+async def noop(event: Event) -> None:
+    """A handler that does nothing."""
+
+
+async def test_faults_before_and_after_each_round_trip_lose_and_repeat_nothing(
+    faulty: tuple[FaultyRedis, Callable[..., Settings]],
+) -> None:
+    """With a fifth of all round trips failing (half of them after Redis ran them), 600
+    events over 40 accounts are each acked once, in seq order, and Redis agrees."""
+    client, settings = faulty
+    config = settings(concurrency=8)
+    queue = queue_on(client, config)
+    plan = workload("bursty", 600, 40, seed=3)
+    await push(queue, [NewEvent(a, f"e{i}", None) for i, a in enumerate(plan)])
+    client.faults = Faults(before=0.1, after=0.1)
+    consumer = await consume(queue, noop, config, burst=True)
+    assert not consumer.failing
+    assert client.faults.injected["before"] > 20 and client.faults.injected["after"] > 20
+    assert_all_acked_once_in_order(config.event_log, 600)
+    client.faults.on = False
+    stats = await inspect.stats(queue)
+    assert (stats["acked"], stats["backlog"], stats["redelivered"]) == (600, 0, 0)
+    await queue.aclose()
+
+
+async def test_a_lost_lease_refuses_the_ack_and_the_event_runs_again(
+    faulty: tuple[FaultyRedis, Callable[..., Settings]],
+) -> None:
+    """When an account's lock vanishes while its event runs (the lease ran out), the ack is
+    refused and logged as lost; the reaper hands the account out again and the event runs as
+    attempt 2 with a larger token, before the account's later events."""
+    client, settings = faulty
+    config = settings(concurrency=4)
+    queue = queue_on(client, config)
+    await push(queue, [NewEvent(1, f"e{i}", None) for i in range(5)])
+    await push(queue, [NewEvent(2, f"f{i}", None) for i in range(5)])
+    lost: list[int] = []
+
+    async def loses_its_lease_once(event: Event) -> None:
+        if event.event_id == "e2" and not lost:
+            lost.append(event.token)
+            await client.delete(queue.keys.lock(1))
+
+    await consume(queue, loses_its_lease_once, config, burst=True)
+    found = attempts(config.event_log)
+    e2 = [(a.attempt, a.outcome, a.token) for a in found if a.event_id == "e2"]
+    assert [(n, outcome) for n, outcome, _ in e2] == [(1, "lost_lease"), (2, "ack")]
+    assert e2[1][2] > e2[0][2] == lost[0]
+    assert_all_acked_once_in_order(config.event_log, 10)
+    assert (await inspect.stats(queue))["redelivered"] == 1
+    await queue.aclose()
+
+
+async def test_a_failing_event_is_retried_then_dead_lettered_through_faults(
+    faulty: tuple[FaultyRedis, Callable[..., Settings]],
+) -> None:
+    """An event that always fails is nacked MAX_ATTEMPTS times, with attempts counted right
+    although nacks' replies are lost, then dead-lettered; its account goes on after it."""
+    client, settings = faulty
+    config = settings(concurrency=2, max_attempts=3)
+    queue = queue_on(client, config)
+    await push(queue, [NewEvent(1, f"e{i}", None) for i in range(4)])
+    client.faults = Faults(before=0.1, after=0.15, seed=11)
+
+    async def poison(event: Event) -> None:
+        if event.event_id == "e1":
+            raise ValueError("poison")
+
+    await consume(queue, poison, config, burst=True)
+    found = attempts(config.event_log)
+    e1 = [(a.attempt, a.outcome) for a in found if a.event_id == "e1"]
+    assert e1 == [(1, "nack"), (2, "nack"), (3, "dead")]
+    acked = [a.event_id for a in found if a.outcome == "ack"]
+    assert acked == ["e0", "e2", "e3"]
+    client.faults.on = False
+    stats = await inspect.stats(queue)
+    assert (stats["dead"], stats["nacked"], stats["backlog"]) == (1, 3, 0)
+    await queue.aclose()
