@@ -68,9 +68,10 @@ lint: venv
 test: venv redis-server chromium lint
 	$(BIN)/pytest -n 3 --dist loadgroup
 
-# The edit-run loop, in seconds: lint, types, the unit tests, the in-process consumer tests
-# and the engine suite on fakeredis.
+# The edit-run loop, in seconds: lint, types, every test module imported (collected), then
+# the unit tests, the in-process consumer tests and the engine suite on fakeredis.
 check: venv lint
+	$(BIN)/pytest -q --collect-only tests >/dev/null
 	$(BIN)/pytest -q -m "not server" tests/unit tests/consumer tests/engine
 
 up: venv redis-server

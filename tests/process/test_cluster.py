@@ -23,8 +23,6 @@ from app.workload.report import Attempt, order_violations
 from stack import REPO, cluster
 from stack.servers import free_block, wait_for
 from tests.process.helpers import (
-    assert_all_acked_once_in_order,
-    attempts,
     counter,
     engine,
     graceful_stop,
@@ -33,7 +31,7 @@ from tests.process.helpers import (
     push_workload,
     wait_settled,
 )
-from tests.support import Consumers, settings
+from tests.support import Consumers, assert_all_acked_once_in_order, attempts, settings
 
 
 def three_draining(consumers: Consumers, seed: int, acked: int, **settings: object) -> None:

@@ -17,8 +17,6 @@ from bench.scenarios import handling_window_s
 from stack import REPO
 from stack.servers import ConnectionKiller, wait_for
 from tests.process.helpers import (
-    assert_all_acked_once_in_order,
-    attempts,
     counter,
     graceful_stop,
     held,
@@ -28,7 +26,7 @@ from tests.process.helpers import (
     wait_burst,
     wait_settled,
 )
-from tests.support import Consumers
+from tests.support import Consumers, assert_all_acked_once_in_order, attempts
 
 
 def log_mentions(log: Path, needle: str) -> int:

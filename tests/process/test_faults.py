@@ -13,8 +13,6 @@ from app.log import rotated
 from app.workload.report import Attempt, order_violations
 from stack.servers import wait_for
 from tests.process.helpers import (
-    assert_all_acked_once_in_order,
-    attempts,
     counter,
     dead_letters,
     graceful_stop,
@@ -25,7 +23,7 @@ from tests.process.helpers import (
     wait_burst,
     wait_settled,
 )
-from tests.support import Consumers
+from tests.support import Consumers, assert_all_acked_once_in_order, attempts
 
 
 def test_many_consumers_keep_per_account_order(redis_url: str, consumers: Consumers) -> None:

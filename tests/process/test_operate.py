@@ -17,16 +17,8 @@ from app.engine import NewEvent
 from app.workload.report import Run, summarize
 from stack.servers import wait_for
 from tests.api.test_api import Lifespan
-from tests.process.helpers import (
-    assert_all_acked_once_in_order,
-    attempts,
-    counter,
-    graceful_stop,
-    push,
-    push_workload,
-    wait_burst,
-)
-from tests.support import Consumers, settings
+from tests.process.helpers import counter, graceful_stop, push, push_workload, wait_burst
+from tests.support import Consumers, assert_all_acked_once_in_order, attempts, settings
 
 POISONED = "tests.support:poisoned_until_fixed"
 

@@ -3,14 +3,8 @@
 from pathlib import Path
 
 from stack.servers import RedisServer, wait_for
-from tests.process.helpers import (
-    assert_all_acked_once_in_order,
-    counter,
-    graceful_stop,
-    push_workload,
-    wait_settled,
-)
-from tests.support import Consumers
+from tests.process.helpers import counter, graceful_stop, push_workload, wait_settled
+from tests.support import Consumers, assert_all_acked_once_in_order
 
 
 def test_redis_restart_with_aof_loses_nothing(tmp_path: Path) -> None:

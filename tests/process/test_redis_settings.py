@@ -12,7 +12,7 @@ import redis as sync_redis
 
 from stack import REPO
 from stack.servers import RedisServer, free_port, running
-from tests.process.helpers import assert_all_acked_once_in_order
+from tests.support import assert_all_acked_once_in_order
 
 PASSWORD = "s3cret-pw"
 

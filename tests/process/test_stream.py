@@ -24,8 +24,14 @@ from app.engine import NewEvent, open_queue
 from app.workload.client import StreamClient
 from app.workload.report import read_log
 from stack.servers import RedisServer
-from tests.process.helpers import assert_all_acked_once_in_order, wait_burst
-from tests.support import ApiProcess, Consumers, api_process, settings
+from tests.process.helpers import wait_burst
+from tests.support import (
+    ApiProcess,
+    Consumers,
+    api_process,
+    assert_all_acked_once_in_order,
+    settings,
+)
 
 TOKEN = "stream-token"
 
