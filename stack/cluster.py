@@ -55,7 +55,7 @@ def up(var: Path, base: int, node_timeout_ms: int = NODE_TIMEOUT_MS) -> None:
             raise SystemExit(f"node {port} did not start: see {where / 'redis.log'}") from None
     first = sync_redis.Redis(port=base)
     try:
-        if first.cluster("info")["cluster_slots_assigned"] == 0:
+        if int(first.cluster("info")["cluster_slots_assigned"]) == 0:
             _create(var, base)
         deadline = time.monotonic() + SETTLE_S
         while not _settled(base):
@@ -86,7 +86,8 @@ def _settled(base: int) -> bool:
     clients = {port: sync_redis.Redis(port=port, decode_responses=True) for port in ports(base)}
     try:
         info = clients[base].cluster("info")
-        replicas = clients[base].execute_command("CLUSTER NODES").count("slave")  # type: ignore[no-untyped-call]
+        nodes = clients[base].execute_command("CLUSTER NODES")  # type: ignore[no-untyped-call]
+        replicas = sum("slave" in node["flags"] for node in nodes.values())
         if info["cluster_state"] != "ok" or replicas != NODES // 2:
             return False
         for client in clients.values():

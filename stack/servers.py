@@ -15,6 +15,8 @@ from typing import TypeVar
 
 import httpx
 import redis as sync_redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from app.engine import TRANSIENT, Queue, open_queue
 from app.settings import Settings
@@ -69,7 +71,10 @@ def answers(url: str) -> bool:
 
 def pings(port: int, password: str | None = None) -> bool:
     """Whether a Redis on `port` answers PING (not while it loads its data)."""
-    client = sync_redis.Redis(port=port, password=password, socket_timeout=1)
+    # No retries: redis-py's default backs off for about a second before it says no.
+    client = sync_redis.Redis(
+        port=port, password=password, socket_timeout=1, retry=Retry(NoBackoff(), 0)
+    )
     try:
         return bool(client.ping())
     except (sync_redis.ConnectionError, sync_redis.BusyLoadingError, sync_redis.TimeoutError):
