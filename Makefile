@@ -65,8 +65,10 @@ lint: venv
 
 # Everything: lint, types and every test, three at a time (most of them wait on real
 # processes); the tests of the session's cluster share one worker, so one cluster starts.
+# The fuzz runs on its own: its items share one node id, which xdist cannot tell apart.
 test: venv redis-server chromium lint
-	$(BIN)/pytest -n 3 --dist loadgroup
+	$(BIN)/pytest -n 3 --dist loadgroup -m "not fuzz"
+	$(BIN)/pytest -m fuzz
 
 # The edit-run loop, in seconds: lint, types, every test module imported (collected), then
 # the unit tests, the in-process consumer tests and the engine suite on fakeredis.

@@ -11,6 +11,9 @@ from app.settings import Settings
 from stack.servers import RedisServer
 from tests.support import api_process
 
+# Its items share one node id, which pytest-xdist cannot tell apart: make test runs it alone.
+pytestmark = pytest.mark.fuzz
+
 TOKEN = "fuzz-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
