@@ -42,7 +42,8 @@ class AppendFile:
         self._unchecked = 0
 
     def _open(self) -> int:
-        return os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        # Owner and group only: the lines carry event ids, accounts and errors.
+        return os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
 
     def write(self, line: bytes) -> None:
         written = os.write(self._fd, line)

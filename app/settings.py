@@ -1,7 +1,7 @@
 """Settings: one frozen object read from the environment and `.env`, built once per entrypoint."""
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -51,6 +51,12 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=1, le=65_535)
     api_token: SecretStr | None = None
+    # A file holding the token, read when API_TOKEN is unset (the Docker image makes one).
+    api_token_file: Path | None = None
+    api_allow_no_token: bool = False
+    allowed_hosts: str = ""  # comma-separated Host names served besides loopback and API_HOST
+    allowed_origins: str = ""  # comma-separated origins allowed besides the API's own
+    api_header_timeout_seconds: float = Field(5.0, gt=0, le=300)
     ws_max_unacked: int = Field(5000, ge=1, le=1_000_000)
 
     @model_validator(mode="after")
@@ -86,6 +92,44 @@ class Settings(BaseSettings):
         if token is not None and not token.get_secret_value().strip():
             return None  # API_TOKEN= in a .env: no token, as when it is unset
         return token
+
+    @field_validator("api_token_file", mode="before")
+    @classmethod
+    def _blank_is_no_file(cls, path: object) -> object:
+        return None if isinstance(path, str) and not path.strip() else path
+
+    @model_validator(mode="before")
+    @classmethod
+    def _token_from_file(cls, values: Any) -> Any:
+        """API_TOKEN_FILE stands in for API_TOKEN when that is unset and the file exists."""
+        if not isinstance(values, dict) or str(values.get("api_token") or "").strip():
+            return values
+        path = str(values.get("api_token_file") or "").strip()
+        if not path:
+            return values
+        try:
+            token = Path(path).read_text().strip()
+        except FileNotFoundError:
+            return values
+        except OSError as exc:
+            raise ValueError(f"API_TOKEN_FILE {path} cannot be read: {exc.strerror}") from None
+        return {**values, "api_token": token} if token else values
+
+    @property
+    def api_hosts(self) -> frozenset[str]:
+        """The Host names the API answers: loopback, API_HOST unless it is a wildcard, and
+        ALLOWED_HOSTS (`*` there: any)."""
+        named = {h.strip().lower() for h in self.allowed_hosts.split(",") if h.strip()}
+        if self.api_host not in ("0.0.0.0", "::", ""):
+            named.add(self.api_host.lower())
+        return frozenset({"localhost", "127.0.0.1", "::1", *named})
+
+    @property
+    def api_origins(self) -> frozenset[str]:
+        """Origins allowed to change state or open a stream besides the API's own."""
+        return frozenset(
+            o.strip().rstrip("/") for o in self.allowed_origins.split(",") if o.strip()
+        )
 
     @property
     def socket_timeout_s(self) -> float:

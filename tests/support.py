@@ -80,13 +80,15 @@ class ApiProcess(NamedTuple):
 
 
 @contextlib.contextmanager
-def api_process(redis_url: str, **env: str) -> Iterator[ApiProcess]:
-    """`evq api` as a real process on a free port with `env`, once it answers."""
+def api_process(redis_url: str, log: Path | None = None, **env: str) -> Iterator[ApiProcess]:
+    """`evq api` as a real process on a free port with `env`, once it answers; its output
+    (the access log included) goes to `log` when given."""
     port = free_port()
     values = {**os.environ, "REDIS_URL": redis_url, "API_PORT": str(port), **env}
     values["PYTHONPATH"] = str(REPO)
+    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 (closed below)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "app", "api"], env=values, stderr=subprocess.DEVNULL
+        [sys.executable, "-m", "app", "api"], env=values, stdout=out, stderr=out
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -95,6 +97,8 @@ def api_process(redis_url: str, **env: str) -> Iterator[ApiProcess]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+        if log:
+            out.close()
 
 
 def failing_marked(settings: Settings) -> "object":

@@ -22,11 +22,11 @@ from pydantic import (
     StrictInt,
     model_validator,
 )
-from redis.exceptions import OutOfMemoryError
+from redis.exceptions import OutOfMemoryError, RedisError
 from starlette.exceptions import HTTPException
 
 from app.api import stream
-from app.api.middleware import BodyLimit, TokenAuth
+from app.api.middleware import BodyLimit, BrowserGuard, TokenAuth
 from app.api.prometheus import exposition
 from app.api.schema import (
     MAX_EVENT_ID_BYTES,
@@ -112,6 +112,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(BodyLimit)
     if settings.api_token:
         app.add_middleware(TokenAuth, token=settings.api_token.get_secret_value())
+    app.add_middleware(BrowserGuard, hosts=settings.api_hosts, origins=settings.api_origins)
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(HTTPException, _http_error)
     for fault in UNREACHABLE:
@@ -253,11 +254,14 @@ def _ops_routes(app: FastAPI, settings: Settings) -> None:
         """The process is up."""
         return {"status": "ok"}
 
-    @app.get("/readyz")
-    async def readyz(request: Request) -> dict[str, str]:
-        """Redis answers (503 otherwise)."""
-        await queue(request).ping()
-        return {"status": "ready"}
+    @app.get("/readyz", responses={503: {"description": "Redis does not answer"}})
+    async def readyz(request: Request) -> JSONResponse:
+        """Redis answers: 200 ready, else 503 not ready; nothing more, as anyone may ask."""
+        try:
+            await queue(request).ping()
+        except RedisError:
+            return JSONResponse({"status": "not ready"}, status_code=503)
+        return JSONResponse({"status": "ready"})
 
 
 def _admin_routes(app: FastAPI) -> None:

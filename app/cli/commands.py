@@ -208,12 +208,28 @@ def api() -> None:
             async with open_queue(settings):
                 pass
 
+    from app.api import server  # noqa: PLC0415 (the web stack loads only for this command)
+
+    try:
+        server.check_exposure(settings)
+    except server.OpenToTheNetwork as exc:
+        typer.echo(f"evq api: {exc}", err=True)
+        raise typer.Exit(2) from exc
     run(check(), settings)
-    import uvicorn  # noqa: PLC0415 (the web stack loads only for this command)
+    server.serve(settings)
 
-    from app.api.app import create_app  # noqa: PLC0415
 
-    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port)
+@app.command()
+def token() -> None:
+    """Print the API token (API_TOKEN, or the file API_TOKEN_FILE names): what a client sends
+    as `Authorization: Bearer <token>`. Exits 1 when none is set."""
+    settings = settings_or_exit()
+    if settings.api_token is None:
+        typer.echo(
+            "evq: no API token: API_TOKEN is unset (and API_TOKEN_FILE names no file)", err=True
+        )
+        raise typer.Exit(1)
+    typer.echo(settings.api_token.get_secret_value())
 
 
 @app.command()

@@ -11,6 +11,7 @@ one Redis.
 
 import asyncio
 import random
+import re
 import time
 from collections.abc import Awaitable, Iterator
 from typing import Any, TypeVar
@@ -43,6 +44,7 @@ T = TypeVar("T")
 FIRST_PAUSE_S = 0.02  # before the first retry after a fault
 LONGEST_PAUSE_S = 1.0
 CLUSTER_SCHEME = "redis+cluster"
+SECRET_PARAM = re.compile(r"((?:^|&)(?:ssl_)?password=)[^&]*", re.IGNORECASE)
 REFRESH_EVERY_S = 0.1  # at most this often the hash slot map is read again after faults
 
 # Faults of the connection or of the cluster's routing, not answers: the call may or may not
@@ -221,14 +223,20 @@ def _cluster_seeds(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
 
 
 def masked(url: str) -> str:
-    """`url` with its password replaced by `***`, for every message a person may read."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    credentials, hosts = parts.netloc.rsplit("@", 1)
-    user, has_password, _ = credentials.partition(":")
-    shown = f"{user}:***" if has_password else user
-    return parts._replace(netloc=f"{shown}@{hosts}").geturl()
+    """`url` with every password replaced by `***` (`user:pass@`, and the query's `password`
+    and `ssl_password`), for every message a person may read; a URL that does not parse is
+    not shown at all."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(a REDIS_URL that does not parse)"
+    netloc = parts.netloc
+    if "@" in netloc:
+        credentials, hosts = netloc.rsplit("@", 1)
+        user, has_password, _ = credentials.partition(":")
+        netloc = f"{user}:***@{hosts}" if has_password else f"{user}@{hosts}"
+    query = SECRET_PARAM.sub(r"\1***", parts.query)
+    return parts._replace(netloc=netloc, query=query).geturl()
 
 
 async def timed(seconds: float, round_trip: Awaitable[T]) -> T:

@@ -36,7 +36,7 @@ class Lifespan:
     async def __aenter__(self) -> httpx.AsyncClient:
         await self.context.__aenter__()
         transport = httpx.ASGITransport(app=self.app)
-        self.client = httpx.AsyncClient(transport=transport, base_url="http://evq")
+        self.client = httpx.AsyncClient(transport=transport, base_url="http://localhost")
         return self.client
 
     async def __aexit__(self, *exc: object) -> None:

@@ -3,6 +3,7 @@ faults are injected before and after Redis runs a round trip, and while leases a
 event log (a temporary file) must still show every event acked once, in order."""
 
 import random
+import stat
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -122,6 +123,7 @@ async def test_faults_before_and_after_each_round_trip_lose_and_repeat_nothing(
     assert not consumer.failing
     assert client.faults.injected["before"] > 20 and client.faults.injected["after"] > 20
     assert_all_acked_once_in_order(config.event_log, 600)
+    assert stat.S_IMODE(config.event_log.stat().st_mode) == 0o640  # no reading by others
     client.faults.on = False
     stats = await inspect.stats(queue)
     assert (stats["acked"], stats["backlog"], stats["redelivered"]) == (600, 0, 0)
