@@ -1,5 +1,6 @@
 """Settings: one frozen object read from the environment and `.env`, built once per entrypoint."""
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +19,8 @@ class Settings(BaseSettings):
     )
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # A file holding the Redis password, for a URL without one (the Docker stack's).
+    redis_password_file: Path | None = None
     namespace: str = Field(
         "evq", min_length=1, validation_alias=AliasChoices("EVQ_NAMESPACE", "namespace")
     )
@@ -92,6 +95,20 @@ class Settings(BaseSettings):
         if token is not None and not token.get_secret_value().strip():
             return None  # API_TOKEN= in a .env: no token, as when it is unset
         return token
+
+    @field_validator("redis_password_file", mode="after")
+    @classmethod
+    def _password_file_readable(cls, path: Path | None) -> Path | None:
+        if path is not None and not os.access(path, os.R_OK):
+            raise ValueError(f"{path} cannot be read")
+        return path
+
+    @property
+    def redis_password(self) -> str | None:
+        """The password of REDIS_PASSWORD_FILE, when one is named."""
+        if self.redis_password_file is None:
+            return None
+        return self.redis_password_file.read_text().strip()
 
     @field_validator("api_token_file", mode="before")
     @classmethod

@@ -2,7 +2,7 @@
 
 import contextlib
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from importlib import resources
@@ -11,6 +11,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Path, Query, Request, Response, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPBearer
 from fastapi_offline import FastAPIOffline
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4 as PROMETHEUS_TEXT
@@ -37,6 +38,7 @@ from app.api.schema import (
     Problem,
     Refused,
     result_of,
+    strict_loads,
 )
 from app.api.stream import Ingest
 from app.engine import MAX_ACCOUNT_ID, UNREACHABLE, Nodes, Queue, dead, inspect, registry
@@ -86,6 +88,27 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+class StrictJSONRequest(Request):
+    """A request whose JSON body is read by `strict_loads` (no key twice in an object)."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = strict_loads(await self.body())
+        return self._json
+
+
+class StrictJSONRoute(APIRoute):
+    """Routes whose bodies are parsed strictly; a refused body is a 422 like any bad JSON."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def strict(request: Request) -> Response:
+            return await handler(StrictJSONRequest(request.scope, request.receive))
+
+        return strict
+
+
 def create_app(settings: Settings) -> FastAPI:
     """The ASGI app, with one Redis pool opened for its lifetime."""
 
@@ -109,6 +132,7 @@ def create_app(settings: Settings) -> FastAPI:
         responses=ERRORS,
         dependencies=[Depends(HTTPBearer(auto_error=False))] if settings.api_token else [],
     )
+    app.router.route_class = StrictJSONRoute
     app.add_middleware(BodyLimit)
     if settings.api_token:
         app.add_middleware(TokenAuth, token=settings.api_token.get_secret_value())
@@ -195,7 +219,7 @@ def _read_routes(app: FastAPI, settings: Settings) -> None:
         live = await registry.live_consumers(q, settings.lease_seconds)
         return {**await inspect.stats(q), "consumers": len(live), "slots": sum(live.values())}
 
-    @app.get("/accounts/{account_id}/events/{event_id}")
+    @app.get("/accounts/{account_id}/events/{event_id:path}")
     async def get_event(
         account_id: Annotated[int, Path(gt=0, le=MAX_ACCOUNT_ID)],
         event_id: Annotated[str, Path(min_length=1, max_length=MAX_EVENT_ID_BYTES)],
@@ -299,16 +323,24 @@ def _where(loc: tuple[int | str, ...]) -> str:
     """`("body", "events", 3, "account_id")` -> `events[3].account_id`."""
     out = ""
     for part in loc[1:] if loc and loc[0] in ("body", "query", "path") else loc:
+        if loc[0] == "body" and isinstance(part, int) and len(loc) == 2:
+            break  # json_invalid's character offset, not an index
         out += f"[{part}]" if isinstance(part, int) else f".{part}"
     return out.lstrip(".") or "body"
+
+
+def _message(error: Any) -> str:
+    """What is wrong, in at most 200 characters; a body that is not JSON says why."""
+    if error.get("type") == "json_invalid":
+        return f"the body is not JSON: {error.get('ctx', {}).get('error', '')}"[:200]
+    return str(error["msg"])[:200]
 
 
 async def _invalid(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
     detail = [
-        {"loc": _where(tuple(e["loc"])), "msg": str(e["msg"])[:200]}
-        for e in errors[:MAX_ERRORS_SHOWN]
+        {"loc": _where(tuple(e["loc"])), "msg": _message(e)} for e in errors[:MAX_ERRORS_SHOWN]
     ]
     if len(errors) > MAX_ERRORS_SHOWN:
         detail.append({"loc": "", "msg": f"and {len(errors) - MAX_ERRORS_SHOWN} more errors"})

@@ -10,7 +10,13 @@ import orjson
 
 from app.api.schema import MAX_PAYLOAD_BYTES
 
-BODY_LIMITS = {"/events": MAX_PAYLOAD_BYTES + 1024, "/events/batch": 8 * 1024 * 1024}
+BATCH_BODY_LIMIT = 8 * 1024 * 1024  # 1,000 events, or 10,000 event ids of up to 128 bytes
+BODY_LIMITS = {
+    "/events": MAX_PAYLOAD_BYTES + 1024,
+    "/events/batch": BATCH_BODY_LIMIT,
+    "/dead/replay": BATCH_BODY_LIMIT,
+    "/dead/purge": BATCH_BODY_LIMIT,
+}
 DEFAULT_BODY_LIMIT = 64 * 1024
 # Served without API_TOKEN: the probes, and pages and assets that carry no queue data (the
 # dashboard asks for the token and sends it with every call it makes).
@@ -155,12 +161,9 @@ class TokenAuth:
             await _refuse(scope, receive, send, 401, f"{error}, or ?token=<API_TOKEN>")
 
 
-class _TooLarge(Exception):
-    pass
-
-
 class BodyLimit:
-    """413 for a body over its route's limit, by Content-Length or while it streams in."""
+    """413 for a body over its route's limit, by Content-Length or, for a chunked body, as
+    soon as it streams past it (the route then reads a disconnect and its answer is dropped)."""
 
     def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
         self.app = app
@@ -178,19 +181,22 @@ class BodyLimit:
             await _send_problem(send, 413, f"body is larger than {limit} bytes")
             return
         seen = 0
+        refused = False
 
         async def counted() -> Message:
-            nonlocal seen
+            nonlocal seen, refused
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > limit:
-                raise _TooLarge
-            return message
+            if seen > limit and not refused:
+                refused = True
+                await _send_problem(send, 413, f"body is larger than {limit} bytes")
+            return {"type": "http.disconnect"} if refused else message
 
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await _send_problem(send, 413, f"body is larger than {limit} bytes")
+        async def unless_refused(message: Message) -> None:
+            if not refused:
+                await send(message)
+
+        await self.app(scope, counted, unless_refused)
 
 
 async def _send_problem(

@@ -1,5 +1,6 @@
 """What the API and the stream take in and answer: one event's schema, and per-event results."""
 
+import json
 import math
 from typing import Any
 
@@ -145,3 +146,25 @@ def result_of(event: EventIn, result: PushResult) -> Accepted | Refused:
         seq=result.seq,
         duplicate=result.duplicate,
     )
+
+
+def _no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        keys = [key for key, _ in pairs]
+        repeated = next(key for key in keys if keys.count(key) > 1)
+        raise ValueError(f"the key {repeated!r} appears twice in one object")
+    return found
+
+
+def strict_loads(data: str | bytes) -> Any:
+    """JSON as the API takes it: an object that names a key twice is refused, as a parser that
+    keeps the last one could queue an event on another account than the sender meant.
+    Raises json.JSONDecodeError."""
+    try:
+        return json.loads(data, object_pairs_hook=_no_repeated_keys)
+    except json.JSONDecodeError:
+        raise
+    except ValueError as exc:
+        text = data if isinstance(data, str) else data.decode("utf-8", "replace")
+        raise json.JSONDecodeError(str(exc), text, 0) from None

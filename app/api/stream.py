@@ -10,6 +10,7 @@ sender faster than Redis is held back instead of buffered.
 
 import asyncio
 import contextlib
+import json
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +20,7 @@ from pydantic import ValidationError
 from starlette.websockets import WebSocket, WebSocketDisconnect
 from uvicorn.protocols.utils import ClientDisconnected
 
-from app.api.schema import MAX_BATCH, MAX_EVENT_ID_BYTES, EventIn, result_of
+from app.api.schema import MAX_BATCH, MAX_EVENT_ID_BYTES, EventIn, result_of, strict_loads
 from app.engine import UNREACHABLE, NewEvent, PushResult, Queue, RedisFull
 
 PATH = "/ws/events"
@@ -197,8 +198,8 @@ class Stream:
             problem = f"frame of {size} bytes; at most {MAX_FRAME_BYTES}"
             return self._bad("too_large", problem, CLOSE_TOO_LARGE)
         try:
-            found = orjson.loads(data or b"")
-        except orjson.JSONDecodeError as exc:
+            found = strict_loads(data or b"")
+        except json.JSONDecodeError as exc:
             return self._bad("not_json", f"frame is not JSON: {exc}", CLOSE_NOT_JSON)
         if isinstance(found, dict):
             found = [found]

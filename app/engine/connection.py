@@ -115,6 +115,8 @@ class Nodes:
             # None, not left out: redis-py's default is a 5 s timeout per reply.
             "socket_timeout": None if consumer else settings.socket_timeout_s,
         }
+        if settings.redis_password is not None:  # the URL's own password, if any, wins
+            self._options["password"] = settings.redis_password
         self._clients: dict[str, Redis] = {}
         self._refreshing: asyncio.Task[None] | None = None
         self._refreshed = 0.0
@@ -126,6 +128,8 @@ class Nodes:
             return
         self._single = None
         seeds, auth = _cluster_seeds(url)
+        if "password" in self._options:
+            auth.setdefault("password", self._options["password"])
         self.cluster = RedisCluster(
             startup_nodes=[ClusterNode(host, port) for host, port in seeds],
             socket_connect_timeout=settings.socket_timeout_s,

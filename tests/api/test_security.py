@@ -7,7 +7,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 from websockets.asyncio.client import connect
@@ -176,3 +178,53 @@ def test_connections_that_never_finish_their_headers_are_closed(redis_url: str) 
             sock.close()
     assert all(closed)
     assert waited < 3
+
+
+async def test_a_chunked_body_over_the_limit_is_413(redis_url: str) -> None:
+    """A body sent without Content-Length is cut at the route's limit with 413, as a
+    declared one is; nothing is queued."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"account_id": 1, "event_id": "big", "payload": "'
+        for _ in range(80):
+            yield b"x" * 1024
+        yield b'"}'
+
+    async with Lifespan(create_app(settings(redis_url))) as api:
+        answer = await api.post("/events", content=chunks())
+        assert answer.status_code == 413
+        assert (await api.get("/stats")).json()["accepted"] == 0
+
+
+async def test_replay_takes_the_documented_10000_ids(redis_url: str) -> None:
+    """A replay or purge naming 10,000 event ids of 128 bytes is within the body limit."""
+    ids = [f"{i:0128d}" for i in range(10_000)]
+    async with Lifespan(create_app(settings(redis_url))) as api:
+        answer = await api.post("/dead/purge", json={"event_ids": ids})
+        assert answer.status_code == 200, answer.text
+        assert answer.json() == {"purged": 0}
+
+
+async def test_any_valid_event_id_can_be_looked_up(redis_url: str) -> None:
+    """An event id with slashes and spaces is found by its lookup route."""
+    async with Lifespan(create_app(settings(redis_url))) as api:
+        event_id = "orders/2026/11 a?b"
+        await api.post("/events", json={"account_id": 3, "event_id": event_id})
+        answer = await api.get(f"/accounts/3/events/{quote(event_id, safe='')}")
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["state"] == "pending"
+
+
+async def test_a_key_named_twice_is_refused(redis_url: str) -> None:
+    """`{"account_id": 1, "account_id": 2}` is a 422, not an event on account 2, in a single
+    event and in a batch; nothing is queued."""
+    async with Lifespan(create_app(settings(redis_url))) as api:
+        single = b'{"account_id": 1, "event_id": "e", "account_id": 2}'
+        batch = b'{"events": [{"account_id": 1, "event_id": "e", "account_id": 2}]}'
+        for path, body in (("/events", single), ("/events/batch", batch)):
+            answer = await api.post(
+                path, content=body, headers={"content-type": "application/json"}
+            )
+            assert answer.status_code == 422, path
+            assert "'account_id' appears twice" in answer.text
+        assert (await api.get("/stats")).json()["accepted"] == 0

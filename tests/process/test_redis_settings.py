@@ -77,6 +77,21 @@ def test_password_and_acl_user_work_and_are_never_shown(protected: RedisServer) 
     assert "Traceback" not in wrong.stderr
 
 
+def test_a_password_file_logs_in_and_a_missing_one_is_a_usage_error(
+    protected: RedisServer, tmp_path: Path
+) -> None:
+    """REDIS_PASSWORD_FILE supplies the password a URL leaves out (the Docker stack's Redis);
+    a file that cannot be read is a one-line error with exit 2."""
+    url = f"redis://127.0.0.1:{protected.port}/0"
+    secret = tmp_path / "redis_password"
+    secret.write_text(PASSWORD + "\n")
+    assert evq(url, "stats").returncode == 1
+    assert evq(url, "stats", REDIS_PASSWORD_FILE=str(secret)).returncode == 0
+    missing = evq(url, "stats", REDIS_PASSWORD_FILE=str(tmp_path / "nope"))
+    assert missing.returncode == 2
+    assert "redis_password_file" in missing.stderr and "Traceback" not in missing.stderr
+
+
 @pytest.fixture
 def tls(tmp_path: Path) -> Iterator[tuple[RedisServer, str]]:
     """A redis-server that also listens with TLS (a certificate of a throwaway CA), and the
