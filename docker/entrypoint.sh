@@ -4,7 +4,8 @@
 # SIGTERM and the consumers drain their current events before exiting).
 set -eu
 mkdir -p "$EVQ_VAR/log" "$EVQ_VAR/run"
-chown evq:evq "$EVQ_VAR" "$EVQ_VAR/log" "$EVQ_VAR/run"
+chown evq:evq "$EVQ_VAR"
+chown -R evq:evq "$EVQ_VAR/log" "$EVQ_VAR/run"
 if [ -z "${API_TOKEN:-}" ] && [ -n "${API_TOKEN_FILE:-}" ]; then
   if [ ! -s "$API_TOKEN_FILE" ]; then
     mkdir -p "$(dirname "$API_TOKEN_FILE")"
