@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+URL_SCHEMES = ("redis", "rediss", "unix", "redis+cluster")
 ClaimOrder = Literal["longest", "oldest", "random"]
 PoisonPolicy = Literal["skip", "park"]
 
@@ -15,7 +16,7 @@ class Settings(BaseSettings):
     """Every knob of evq; `.env.example` documents each one."""
 
     model_config = SettingsConfigDict(
-        env_file=".env", frozen=True, extra="ignore", populate_by_name=True
+        env_file=".env", frozen=True, extra="ignore", populate_by_name=True, allow_inf_nan=False
     )
 
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -27,7 +28,7 @@ class Settings(BaseSettings):
     shards: int = Field(16, ge=1, le=16_384)
     concurrency: int = Field(500, ge=1, le=10_000)
     process_seconds: float = Field(1.0, ge=0)
-    lease_seconds: float = Field(30.0, gt=0)
+    lease_seconds: float = Field(30.0, ge=1)  # renewed every third: shorter is not safe
     max_attempts: int = Field(5, ge=1)
     dead_letters_max: int = Field(10_000, ge=1)
     max_backlog_per_account: int | None = Field(None, ge=1)
@@ -83,6 +84,28 @@ class Settings(BaseSettings):
                 " sooner than the event ids it accepted"
             )
         return self
+
+    @field_validator("redis_url")
+    @classmethod
+    def _a_redis_url(cls, url: str) -> str:
+        """redis://, rediss://, unix:// or redis+cluster:// with host:port pairs; a database
+        given as a path must be a number."""
+        scheme, found, rest = url.partition("://")
+        if not found or scheme not in URL_SCHEMES:
+            raise ValueError(f"must start with {', '.join(s + '://' for s in URL_SCHEMES)}")
+        address, _, path = rest.partition("?")[0].rpartition("@")[2].partition("/")
+        if scheme == "unix":
+            return url
+        if not address:
+            raise ValueError("names no host")
+        if scheme == "redis+cluster":
+            for pair in address.split(","):
+                host, _, port = pair.rpartition(":")
+                if not host or not port.isdigit():
+                    raise ValueError(f"redis+cluster:// takes host:port pairs, not {pair!r}")
+        elif path and not path.isdigit():
+            raise ValueError(f"the database after the host must be a number, not {path!r}")
+        return url
 
     @field_validator("max_backlog_per_account", mode="before")
     @classmethod

@@ -9,7 +9,8 @@ import typer
 import uvloop
 from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError, RedisClusterException
+from redis.exceptions import OutOfMemoryError, RedisClusterException, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.engine import LayoutMismatch, UnsafeRedis
 from app.engine.connection import masked
@@ -26,7 +27,10 @@ def settings_or_exit() -> Settings:
     except ValidationError as exc:
         problems = "; ".join(
             ": ".join(
-                filter(None, (".".join(map(str, e["loc"])), e["msg"].removeprefix("Value error, ")))
+                filter(
+                    None,
+                    (".".join(map(str, e["loc"])).upper(), e["msg"].removeprefix("Value error, ")),
+                )
             )
             for e in exc.errors()
         )
@@ -49,8 +53,19 @@ def run(coro: Coroutine[Any, Any, T], settings: Settings) -> T:
             err=True,
         )
         raise typer.Exit(1) from exc
+    except RedisTimeoutError as exc:
+        typer.echo(f"evq: Redis at {masked(settings.redis_url)} did not answer: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    except ResponseError as exc:  # a database out of range, a command the server refuses
+        typer.echo(f"evq: Redis at {masked(settings.redis_url)} refused: {exc}", err=True)
+        raise typer.Exit(1) from exc
     except (LayoutMismatch, UnsafeRedis) as exc:
         typer.echo(f"evq: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    except OSError as exc:
+        if exc.filename is None:
+            raise
+        typer.echo(f"evq: cannot write {exc.filename}: {exc.strerror}", err=True)
         raise typer.Exit(2) from exc
     except ApiError as exc:
         typer.echo(f"evq: {exc}", err=True)

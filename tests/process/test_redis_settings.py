@@ -2,6 +2,7 @@
 Redis is refused, passwords and ACL users work, and no message shows a password."""
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -89,7 +90,7 @@ def test_a_password_file_logs_in_and_a_missing_one_is_a_usage_error(
     assert evq(url, "stats", REDIS_PASSWORD_FILE=str(secret)).returncode == 0
     missing = evq(url, "stats", REDIS_PASSWORD_FILE=str(tmp_path / "nope"))
     assert missing.returncode == 2
-    assert "redis_password_file" in missing.stderr and "Traceback" not in missing.stderr
+    assert "REDIS_PASSWORD_FILE" in missing.stderr and "Traceback" not in missing.stderr
 
 
 @pytest.fixture
@@ -180,3 +181,44 @@ def test_tls_connection_drains_in_order(tls: tuple[RedisServer, str], tmp_path: 
     refused = evq(untrusted, "stats", REDIS_TIMEOUT_SECONDS="2")
     assert refused.returncode == 1
     assert "certificate verify failed" in refused.stderr and "Traceback" not in refused.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"REDIS_URL": "garbage"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis://127.0.0.1:1/abc"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis+cluster://a,b:1"}, "REDIS_URL"),
+        ({"PROCESS_SECONDS": "inf"}, "PROCESS_SECONDS"),
+        ({"LEASE_SECONDS": "0.001"}, "LEASE_SECONDS"),
+        ({"REAPER_SECONDS": "nan"}, "REAPER_SECONDS"),
+    ],
+)
+def test_a_bad_setting_is_one_line_and_exit_2(env: dict[str, str], named: str) -> None:
+    """A setting that cannot work is a one-line error naming it, exit 2, never a traceback."""
+    done = evq(env.pop("REDIS_URL", "redis://127.0.0.1:1/0"), "stats", **env)
+    assert done.returncode == 2
+    assert named in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in done.stderr
+
+
+def test_what_redis_refuses_or_never_answers_is_a_clear_error(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A database out of range, a Redis that hangs and an event log that cannot be written
+    each end in one line and an exit status, never a traceback."""
+    out_of_range = evq(f"redis://127.0.0.1:{redis_server.port}/99", "stats")
+    assert out_of_range.returncode == 1 and "refused" in out_of_range.stderr
+    assert redis_server.process is not None
+    redis_server.process.send_signal(signal.SIGSTOP)
+    try:
+        hung = evq(redis_server.url, "stats", REDIS_TIMEOUT_SECONDS="0.5")
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
+    assert hung.returncode == 1 and "did not answer" in hung.stderr
+    blocked = tmp_path / "a-file"  # a directory that is a file: even root cannot write there
+    blocked.write_text("")
+    unwritable = evq(redis_server.url, "consume", "--burst", EVENT_LOG=str(blocked / "event.log"))
+    assert unwritable.returncode == 2 and "cannot write" in unwritable.stderr
+    for done in (out_of_range, hung, unwritable):
+        assert "Traceback" not in done.stderr, done.stderr
