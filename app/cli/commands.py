@@ -292,7 +292,8 @@ def report(
     """Prove per-account order from the event logs and measure the run against its bound.
 
     Consumers on several hosts each write their own log: name them all (or a glob) and the
-    report proves order across them. Exits 1 when an order violation or a lost event is found.
+    report proves order across them. Exits 1 when an order violation or a lost event is found,
+    or a line of the logs could not be read.
     """
     settings = settings_or_exit()
     named = _log_files(logs or [str(settings.event_log)])

@@ -50,6 +50,7 @@ class Run:
     slots: int | None = None
     longest_chain: int | None = None
     process_s: float | None = None
+    malformed: int = 0  # lines of the logs that are not a whole record
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,11 +79,12 @@ class Report:
     longest_chain: int
     process_s: float
     violations: list[str] = field(default_factory=list)
+    malformed: int = 0
 
     @property
     def ok(self) -> bool:
-        """No order violation and nothing lost."""
-        return self.order_violations == 0 and not self.lost
+        """No order violation, nothing lost, and every line of the logs read."""
+        return self.order_violations == 0 and not self.lost and not self.malformed
 
     def as_json(self) -> dict[str, Any]:
         """Every figure, rounded for reading; the violations themselves stay in the text form."""
@@ -97,16 +99,20 @@ def read_log(paths: Sequence[Path], latest_run: bool = False) -> Run:
     markers: dict[str, dict[str, Any]] = {}
     pushed: dict[str, int] = {}
     attempts: list[Attempt] = []
-    for record in (record for path in paths for record in _records(path)):
+    unread = [0]
+    for record in (record for path in paths for record in _records(path, unread)):
         if "outcome" in record:
-            fields = {name: record[name] for name in LOGGED if name in record}
-            attempts.append(Attempt(**{"host": "", **fields}))
+            attempt = _attempt(record)
+            if attempt is None:
+                unread[0] += 1
+            else:
+                attempts.append(attempt)
         elif record.get("event") == "run_started":
             markers[record["run_id"]] = record
         elif record.get("event") == "run_pushed":
             pushed[record["run_id"]] = record["accepted"]
     if not latest_run or not markers:
-        return Run(attempts)
+        return Run(attempts, malformed=unread[0])
     # The newest by its timestamp; in the order read where markers carry none.
     _, (run_id, marker) = max(
         enumerate(markers.items()), key=lambda item: (item[1][1].get("timestamp", ""), item[0])
@@ -120,18 +126,41 @@ def read_log(paths: Sequence[Path], latest_run: bool = False) -> Run:
         slots=marker["slots"],
         longest_chain=marker["longest_chain"],
         process_s=marker["process_s"],
+        malformed=unread[0],
     )
 
 
-def _records(path: Path) -> Iterator[dict[str, Any]]:
+def _records(path: Path, unread: list[int]) -> Iterator[dict[str, Any]]:
+    """The JSON objects of `path`, one a line; a line that is not one counts in `unread[0]`."""
     with path.open("rb") as lines:
         for line in lines:
             try:
                 record = orjson.loads(line)
             except orjson.JSONDecodeError:
-                continue
+                record = None
             if isinstance(record, dict):
                 yield record
+            elif line.strip():
+                unread[0] += 1
+
+
+def _attempt(record: dict[str, Any]) -> Attempt | None:
+    """The attempt an outcome line records; None when a field it needs is missing or wrong."""
+    fields = {name: record[name] for name in LOGGED if name in record}
+    try:
+        attempt = Attempt(**{"host": "", **fields})
+    except TypeError:
+        return None
+    numbers = (
+        attempt.account,
+        attempt.seq,
+        attempt.attempt,
+        attempt.started_ns,
+        attempt.finished_ns,
+    )
+    if not all(isinstance(n, int) for n in numbers) or not isinstance(attempt.event_id, str):
+        return None
+    return attempt
 
 
 def order_violations(attempts: Iterable[Attempt]) -> list[str]:
@@ -207,6 +236,7 @@ def summarize(run: Run, waiting: int | None, slots: int | None = None) -> Report
         longest_chain=chain,
         process_s=process_s,
         violations=violations,
+        malformed=run.malformed,
     )
 
 
@@ -283,6 +313,8 @@ def render(report: Report) -> str:
         ),
         ("peak concurrency", f"{report.peak_concurrency} of W={report.slots}"),
     ]
+    if report.malformed:
+        lines.append(("malformed lines", f"{report.malformed} (not read: the proof is incomplete)"))
     text = "\n".join(f"{name:<17} {value}" for name, value in lines)
     shown = report.violations[:20]
     if shown:

@@ -50,7 +50,7 @@ def write_log(tmp_path: Path, lines: list[dict[str, object]], accepted: int) -> 
         *lines,
         {"event": "run_pushed", "run_id": RUN, "accepted": accepted},
     ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in records) + "not json\n")
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
 
 
@@ -202,3 +202,18 @@ def test_a_replayed_dead_letter_is_a_delivery_of_its_own(tmp_path: Path) -> None
     assert found.order_violations == 1
     out_of_order = [attempt(1, 1, 0, 1), attempt(1, 3, 1, 2), attempt(1, 2, 2, 3)]
     assert report_of(write_log(tmp_path, out_of_order, accepted=3)).order_violations == 1
+
+
+def test_malformed_lines_are_counted_and_fail_the_proof(tmp_path: Path) -> None:
+    """A line that is not JSON, one cut short and an outcome line missing a field are each
+    counted, shown, and make the report exit 1; the whole lines around them are still read."""
+    path = write_log(tmp_path, [attempt(1, 1, 0, 1), attempt(1, 2, 1, 2)], accepted=2)
+    whole = attempt(2, 1, 0, 1)
+    broken = {k: v for k, v in attempt(2, 2, 1, 2).items() if k != "started_ns"}
+    with path.open("a") as log:
+        log.write("not json\n" + json.dumps(whole)[:40] + "\n" + json.dumps(broken) + "\n")
+    found = report_of(path)
+    assert (found.malformed, found.acked, found.ok) == (3, 2, False)
+    done = CliRunner().invoke(app, ["report", str(path)], env=NO_REDIS)
+    assert done.exit_code == 1
+    assert "malformed lines   3" in done.output
