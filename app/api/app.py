@@ -41,7 +41,16 @@ from app.api.schema import (
     strict_loads,
 )
 from app.api.stream import Ingest
-from app.engine import MAX_ACCOUNT_ID, UNREACHABLE, Nodes, Queue, dead, inspect, registry
+from app.engine import (
+    MAX_ACCOUNT_ID,
+    UNREACHABLE,
+    Nodes,
+    Queue,
+    UnsafeRedis,
+    dead,
+    inspect,
+    registry,
+)
 from app.engine.dead import Selection
 from app.engine.inspect import account_state, event_state, snapshot
 from app.settings import Settings
@@ -142,6 +151,7 @@ def create_app(settings: Settings) -> FastAPI:
     for fault in UNREACHABLE:
         app.add_exception_handler(fault, _redis_down)
     app.add_exception_handler(OutOfMemoryError, _redis_full)  # the more specific one wins
+    app.add_exception_handler(UnsafeRedis, _redis_evicting)
     _routes(app, settings)
     return app
 
@@ -363,6 +373,10 @@ async def _redis_full(request: Request, exc: Exception) -> JSONResponse:
         status_code=507,
         headers={"Retry-After": str(RETRY_FULL_S)},
     )
+
+
+async def _redis_evicting(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"error": str(exc)}, status_code=503)
 
 
 async def _redis_down(request: Request, exc: Exception) -> JSONResponse:

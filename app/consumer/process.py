@@ -37,7 +37,16 @@ from structlog.typing import FilteringBoundLogger
 
 from app import log
 from app.consumer.slots import Holding, Slots, sleep_unless
-from app.engine import TRANSIENT, ClaimInterrupted, Event, Queue, Won, inspect, registry
+from app.engine import (
+    TRANSIENT,
+    ClaimInterrupted,
+    Event,
+    Queue,
+    UnsafeRedis,
+    Won,
+    inspect,
+    registry,
+)
 from app.engine.connection import LONGEST_PAUSE_S, backoff
 from app.engine.registry import HEARTBEAT_S
 from app.handlers import Handler
@@ -48,6 +57,7 @@ MAX_FAILURES = 10  # unexpected slot failures within FAILURE_WINDOW_S that stop 
 FAILURE_WINDOW_S = 60.0
 CLAIM_RETRY_S = 1.0  # pause of the claimer after an unexpected error
 LOOK_EVERY_S = 0.25  # how often a busy consumer reads the best waiting backlog of the shards
+GUARD_EVERY_S = 30.0  # how often a running consumer checks that Redis still evicts nothing
 
 
 class Consumer:
@@ -108,7 +118,7 @@ class Consumer:
         ]
         helpers = [
             asyncio.create_task(helper())
-            for helper in (self._renewer, self._heartbeat, self._reaper)
+            for helper in (self._renewer, self._heartbeat, self._reaper, self._guard)
         ]
         await self._claimer(burst)
         for _ in self._slot_tasks:
@@ -311,6 +321,24 @@ class Consumer:
                 self._tally.faults += 1
             except Exception:
                 self._failed("reaper_failed")
+
+    async def _guard(self) -> None:
+        """Every GUARD_EVERY_S: a Redis switched to an evicting maxmemory-policy while this
+        consumer runs stops it, loudly (its claims and acks could vanish); supervisord's
+        restart then refuses to start until the policy is noeviction again."""
+        while not await sleep_unless(self._slots_done, GUARD_EVERY_S):
+            try:
+                await self._queue.guard.check_eviction(warn=False)
+            except UnsafeRedis as exc:
+                self._log.critical("redis_evicting", reason=str(exc))
+                print(f"evq consume: {exc}; stopping", file=sys.stderr)
+                self.failing = True
+                self.stop()
+                return
+            except TRANSIENT:
+                self._tally.faults += 1
+            except Exception:
+                self._failed("guard_failed")
 
 
 async def consume(

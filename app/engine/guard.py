@@ -48,15 +48,18 @@ class Guard:
                 f" {keys.layout!r})"
             )
 
-    async def check_eviction(self) -> None:
+    async def check_eviction(self, warn: bool = True) -> None:
         """Every master must keep what it is given: `maxmemory-policy noeviction` (read from
         INFO, which managed services answer where CONFIG is disabled). Any other policy can
-        evict queued events, leases or dedupe buckets; EVQ_ALLOW_EVICTION=1 runs anyway."""
+        evict queued events, leases or dedupe buckets; EVQ_ALLOW_EVICTION=1 runs anyway, with
+        a warning unless `warn` is off (the periodic check of a running process)."""
         for master in self._nodes.masters():
             where = master.connection_pool.connection_kwargs
             address = f"{where.get('host', '?')}:{where.get('port', '?')}"
             memory = await self.memory_info(master)
             if memory is None:
+                if not warn:
+                    continue
                 print(
                     f"evq: WARNING: Redis at {address} answers no INFO (a proxy?), so its"
                     " maxmemory-policy cannot be checked: it must be noeviction",
@@ -74,7 +77,8 @@ class Guard:
             )
             if not self._allow_eviction:
                 raise UnsafeRedis(message)
-            print(f"evq: WARNING: {message}", file=sys.stderr)
+            if warn:
+                print(f"evq: WARNING: {message}", file=sys.stderr)
 
     async def memory_info(self, node: Redis) -> dict[str, Any] | None:
         """INFO memory of `node`; None where INFO is not served (some proxies, fakeredis)."""
@@ -97,6 +101,12 @@ class Guard:
             memory = await self.memory_info(node) or {}
             at, used = now, int(memory.get("used_memory", 0))
             limit = int(memory.get("maxmemory", 0))
+            policy = memory.get("maxmemory_policy", "noeviction")
+            if policy != "noeviction" and not self._allow_eviction:
+                raise UnsafeRedis(
+                    f"Redis switched to maxmemory-policy {policy}: it may evict queued events;"
+                    " pushes are refused until it is noeviction again (or EVQ_ALLOW_EVICTION=1)"
+                )
         if limit and used + growth > limit * HIGH_WATER:
             self._memory[node] = (at, used, limit)
             raise RedisFull(

@@ -1,6 +1,7 @@
 """What evq requires of Redis and how it talks to one that asks for credentials: an evicting
 Redis is refused, passwords and ACL users work, and no message shows a password."""
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -11,9 +12,11 @@ from pathlib import Path
 import pytest
 import redis as sync_redis
 
+from app.consumer import process
+from app.engine import NewEvent, UnsafeRedis, guard, open_queue
 from stack import REPO
 from stack.servers import RedisServer, free_port, running
-from tests.support import assert_all_acked_once_in_order
+from tests.support import assert_all_acked_once_in_order, settings, sleeping
 
 PASSWORD = "s3cret-pw"
 
@@ -29,6 +32,33 @@ def evq(url: str, *args: str, timeout: float = 30, **env: str) -> subprocess.Com
         timeout=timeout,
         check=False,
     )
+
+
+async def test_a_redis_turning_evicting_later_stops_consumers_and_pushes(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Switched to allkeys-lru while evq runs: a running consumer stops with a
+    `redis_evicting` line, and pushes are refused until the policy is noeviction again."""
+    monkeypatch.setattr(process, "GUARD_EVERY_S", 0.2)
+    config = settings(redis_server.url, event_log=tmp_path / "event.log")
+    admin = sync_redis.Redis(port=redis_server.port)
+    async with open_queue(config) as queue:
+        await queue.push_many([NewEvent(1, "before")])
+        running_consumer = asyncio.ensure_future(process.consume(queue, sleeping(config), config))
+        await asyncio.sleep(0.5)
+        admin.config_set("maxmemory-policy", "allkeys-lru")
+        try:
+            consumer = await asyncio.wait_for(running_consumer, 10)
+            await asyncio.sleep(guard.ROOM_CHECK_S)
+            with pytest.raises(UnsafeRedis, match="allkeys-lru"):
+                await queue.push_many([NewEvent(1, "during")])
+        finally:
+            admin.config_set("maxmemory-policy", "noeviction")
+            admin.close()
+        await asyncio.sleep(guard.ROOM_CHECK_S)
+        assert (await queue.push_many([NewEvent(1, "after")]))[0].queued
+    assert consumer.failing
+    assert "redis_evicting" in config.event_log.read_text()
 
 
 @pytest.fixture
