@@ -62,6 +62,7 @@ class Settings(BaseSettings):
     allowed_origins: str = ""  # comma-separated origins allowed besides the API's own
     api_header_timeout_seconds: float = Field(5.0, gt=0, le=300)
     ws_max_unacked: int = Field(5000, ge=1, le=1_000_000)
+    ws_max_unacked_bytes: int = Field(8 * 1024 * 1024, ge=64 * 1024, le=1024 * 1024 * 1024)
 
     @model_validator(mode="after")
     def _timeout_fits_the_lease(self) -> "Settings":

@@ -211,7 +211,9 @@ def _ingest_routes(app: FastAPI, settings: Settings) -> None:
         """Events as JSON frames (one event, or an array of up to 1,000); one answer frame per
         event, in order, once it is stored (see app/api/stream.py)."""
         ingest: stream.Ingest = websocket.app.state.ingest
-        await stream.Stream(websocket, ingest, settings.ws_max_unacked).serve()
+        await stream.Stream(
+            websocket, ingest, settings.ws_max_unacked, settings.ws_max_unacked_bytes
+        ).serve()
 
 
 def _read_routes(app: FastAPI, settings: Settings) -> None:

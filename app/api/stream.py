@@ -3,9 +3,11 @@
 Every stream hands its events to one `Ingest` per process, which pushes them one push at a
 time: what arrives while a push is in flight goes out together in the next one, so a stream of
 single events is queued in batches of every shard, and each stream's events reach Redis in the
-order they were sent. A stream holds at most WS_MAX_UNACKED events that are not answered yet;
-beyond that it stops reading its socket (uvicorn then stops reading the TCP connection), so a
-sender faster than Redis is held back instead of buffered.
+order they were sent. A stream holds at most WS_MAX_UNACKED events, and WS_MAX_UNACKED_BYTES
+of frames, that are not answered yet, and all streams of the process together at most
+PROCESS_MAX_BYTES; beyond that a stream stops reading its socket (uvicorn then stops reading
+the TCP connection), so a sender faster than Redis is held back instead of buffered. Frames
+arrive uncompressed (no permessage-deflate), so bytes on the wire are the bytes held.
 """
 
 import asyncio
@@ -27,6 +29,8 @@ PATH = "/ws/events"
 MAX_FRAME_BYTES = 8 * 1024 * 1024  # as a batch request; uvicorn closes 1009 past --ws-max-size
 MAX_BAD_FRAMES = 10  # frames in a row with nothing to queue, then the stream is closed
 FLUSH_MAX = 5000  # events per push
+FLUSH_MAX_BYTES = 4 * 1024 * 1024  # frame bytes per push: one push never hogs Redis or memory
+PROCESS_MAX_BYTES = 16 * 1024 * 1024  # frame bytes all streams of the process hold unanswered
 # Close codes (RFC 6455): why a stream was closed.
 CLOSE_NOT_JSON = 1003  # unsupported data
 CLOSE_INVALID = 1008  # policy violation
@@ -49,6 +53,7 @@ class StreamState:
 class _Part:
     stream: StreamState
     events: list[NewEvent]
+    size: int  # bytes of the frame the events came in
     future: "asyncio.Future[list[PushResult]]" = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -62,12 +67,23 @@ class Ingest:
         self._waiting: deque[_Part] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self.held = 0  # frame bytes every stream of the process holds unanswered
+        self.room = asyncio.Event()  # set whenever `held` went down
+        self.room.set()
+
+    def hold(self, size: int) -> None:
+        self.held += size
+
+    def release(self, size: int) -> None:
+        self.held -= size
+        self.room.set()
 
     def submit(
-        self, stream: StreamState, events: list[NewEvent]
+        self, stream: StreamState, events: list[NewEvent], size: int
     ) -> "asyncio.Future[list[PushResult]]":
-        """Queue `events` after everything submitted before; the future has their results."""
-        part = _Part(stream, events)
+        """Queue `events` (from a frame of `size` bytes) after everything submitted before;
+        the future has their results."""
+        part = _Part(stream, events, size)
         if stream.failed:
             part.future.set_exception(stream.failed)
             return part.future
@@ -92,10 +108,13 @@ class Ingest:
             await asyncio.sleep(0)  # what other streams read in this turn joins the push
             while self._waiting:
                 taken = [self._waiting.popleft()]
-                size = len(taken[0].events)
-                while self._waiting and size + len(self._waiting[0].events) <= FLUSH_MAX:
+                count, size = len(taken[0].events), taken[0].size
+                while self._waiting and (
+                    count + len(self._waiting[0].events) <= FLUSH_MAX
+                    and size + self._waiting[0].size <= FLUSH_MAX_BYTES
+                ):
                     taken.append(self._waiting.popleft())
-                    size += len(taken[-1].events)
+                    count, size = count + len(taken[-1].events), size + taken[-1].size
                 try:
                     results = await self._queue.push_many([e for p in taken for e in p.events])
                 except Exception as exc:  # nothing of these is known to be stored
@@ -127,6 +146,7 @@ class _Frame:
     whose answer comes from the push."""
 
     items: list[bytes | EventIn]
+    size: int = 0  # bytes of the frame, held until its answers are sent
     pushed: "asyncio.Future[list[PushResult]] | None" = None
     close: tuple[int, str] | None = None  # close the stream after these answers
 
@@ -141,13 +161,18 @@ def error_frame(event_id: Any, error: str, detail: str) -> bytes:
 
 
 class Stream:
-    """One WebSocket connection: reads frames while fewer than `max_unacked` events wait for
-    their answer, and answers each event in the order received."""
+    """One WebSocket connection: reads frames while fewer than `max_unacked` events and
+    `max_bytes` of frames wait for their answer (and the process holds less than
+    PROCESS_MAX_BYTES), and answers each event in the order received."""
 
-    def __init__(self, websocket: WebSocket, ingest: Ingest, max_unacked: int) -> None:
+    def __init__(
+        self, websocket: WebSocket, ingest: Ingest, max_unacked: int, max_bytes: int
+    ) -> None:
         self._ws = websocket
         self._ingest = ingest
         self._max_unacked = max_unacked
+        self._max_bytes = max_bytes
+        self._bytes = 0
         self._state = StreamState()
         self._frames: deque[_Frame] = deque()
         self._unacked = 0
@@ -169,13 +194,12 @@ class Stream:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, *GONE):
                 await self._reader
+            self._ingest.release(self._bytes)
 
     async def _read(self) -> None:
         try:
             while True:
-                while self._unacked >= self._max_unacked:
-                    self._room.clear()
-                    await self._room.wait()
+                await self._wait_for_room()
                 message = await self._ws.receive()
                 if message["type"] == "websocket.disconnect":
                     return
@@ -183,12 +207,31 @@ class Stream:
                 frame = self._parse(message.get("bytes") if data is None else data)
                 self._frames.append(frame)
                 self._unacked += frame.count
+                self._bytes += frame.size
+                self._ingest.hold(frame.size)
                 self._more.set()
                 if frame.close:
                     return
         finally:
             self._reading = False
             self._more.set()
+
+    async def _wait_for_room(self) -> None:
+        """Until this stream may read another frame. A stream holding nothing may always read
+        one (a frame is at most MAX_FRAME_BYTES), so no stream waits on itself forever."""
+        while self._unacked and (
+            self._unacked >= self._max_unacked
+            or self._bytes >= self._max_bytes
+            or self._ingest.held >= PROCESS_MAX_BYTES
+        ):
+            self._room.clear()
+            self._ingest.room.clear()
+            waits = [asyncio.ensure_future(e.wait()) for e in (self._room, self._ingest.room)]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for wait in waits:
+                    wait.cancel()
 
     def _parse(self, data: str | bytes | None) -> _Frame:
         size = len(data or "")
@@ -223,7 +266,7 @@ class Stream:
         if not events:
             return self._bad_items(items)
         self._bad_in_a_row = 0
-        return _Frame(items, self._ingest.submit(self._state, events))
+        return _Frame(items, size, self._ingest.submit(self._state, events, size))
 
     def _bad(self, error: str, detail: str, code: int) -> _Frame:
         return self._bad_items([error_frame(None, error, detail)], code)
@@ -255,8 +298,9 @@ class Stream:
                     at += 1
             self._frames.popleft()
             self._unacked -= frame.count
-            if self._unacked < self._max_unacked:
-                self._room.set()
+            self._bytes -= frame.size
+            self._ingest.release(frame.size)
+            self._room.set()
             if frame.close:
                 await self._ws.close(*frame.close)
                 return

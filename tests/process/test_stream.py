@@ -328,3 +328,54 @@ def test_recorded_workload_replays_the_same_order_per_account(
     run = read_log([consumers.event_log], latest_run=True)
     assert run.accepted == 600 and len(run.attempts) == 600
     assert run.id_prefix == lines[0]["event_id"].split("-")[0] + "-"
+
+
+MEMORY_BOUND_MIB = 256  # what docs/security.md promises for one API process
+
+
+async def test_adversarial_streams_cannot_exhaust_the_api(redis_url: str) -> None:
+    """Three streams flood frames of 1,000 events with 7 KiB payloads each (resending the
+    same ids, so Redis stays small) and never read an answer; a fourth, polite stream still
+    gets each of its events answered within a second, and the API stays under
+    MEMORY_BOUND_MIB of RSS."""
+    payload = "x" * 7000
+    with api_process(redis_url) as (url, pid):
+        stop = asyncio.Event()
+        peak = rss_kib(pid)
+
+        async def flood(n: int) -> int:
+            sent = 0
+            frame = orjson.dumps([event(n * 1000 + i, f"a{n}-{i}", p=payload) for i in range(1000)])
+            async with connect(ws_url(url), compression=None, max_size=None) as ws:
+                while not stop.is_set():
+                    try:
+                        await asyncio.wait_for(ws.send(frame, text=True), 0.5)
+                    except TimeoutError:
+                        continue  # held back: the API stopped reading this stream
+                    sent += 1
+            return sent
+
+        async def polite() -> list[float]:
+            waits = []
+            async with connect(ws_url(url), compression=None) as ws:
+                for i in range(20):
+                    started = time.monotonic()
+                    await ws.send(orjson.dumps(event(99_999, f"polite-{i}")), text=True)
+                    answer = orjson.loads(await asyncio.wait_for(ws.recv(), 10))
+                    assert answer["event_id"] == f"polite-{i}" and "error" not in answer
+                    waits.append(time.monotonic() - started)
+                    await asyncio.sleep(0.1)
+            return waits
+
+        floods = [asyncio.create_task(flood(n)) for n in range(3)]
+        await asyncio.sleep(1)
+        polite_waits = asyncio.create_task(polite())
+        while not polite_waits.done():
+            peak = max(peak, rss_kib(pid))
+            await asyncio.sleep(0.1)
+        stop.set()
+        frames = await asyncio.gather(*floods)
+        peak = max(peak, rss_kib(pid))
+    assert min(frames) >= 2, f"the floods sent only {frames} frames"
+    assert peak < MEMORY_BOUND_MIB * 1024, f"API RSS reached {peak / 1024:.0f} MiB"
+    assert max(polite_waits.result()) < 1.0, polite_waits.result()
