@@ -42,6 +42,8 @@ def up(var: Path, base: int, node_timeout_ms: int = NODE_TIMEOUT_MS) -> None:
             [
                 binary, "--port", str(port), "--bind", "127.0.0.1",
                 "--cluster-enabled", "yes", "--cluster-node-timeout", str(node_timeout_ms),
+                # A master's outage stops only its own hash slots, not the whole cluster.
+                "--cluster-require-full-coverage", "no",
                 "--cluster-config-file", "nodes.conf", "--dir", str(where),
                 "--appendonly", "yes", "--save", "", "--maxmemory-policy", "noeviction",
                 "--shutdown-on-sigterm", "now", "--daemonize", "yes",

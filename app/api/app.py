@@ -190,19 +190,24 @@ def _ingest_routes(app: FastAPI, settings: Settings) -> None:
 
     @app.post("/events/batch", status_code=202, response_model=BatchAccepted)
     async def post_batch(batch: BatchIn, request: Request, response: Response) -> BatchAccepted:
-        """Queue up to 1,000 events in one atomic round trip; results in request order. An
-        event whose account is at MAX_BACKLOG_PER_ACCOUNT is refused on its own (Retry-After
-        is then set)."""
-        results = await queue(request).push_many([e.new_event() for e in batch.events])
+        """Queue up to 1,000 events in one round trip, shard by shard; results in request
+        order. An event whose account is at MAX_BACKLOG_PER_ACCOUNT is refused on its own,
+        and the events of a shard whose Redis master failed are answered `unavailable` while
+        the others are queued (Retry-After is then set); 503 when nothing could be."""
+        results = await queue(request).push_each([e.new_event() for e in batch.events])
+        if all(r.fault is not None for r in results):
+            raise next(r.fault for r in results if r.fault is not None)
         answers = [result_of(e, r) for e, r in zip(batch.events, results, strict=True)]
-        refused = sum(isinstance(a, Refused) for a in answers)
+        unavailable = sum(r.fault is not None for r in results)
+        refused = sum(isinstance(a, Refused) for a in answers) - unavailable
         dupes = sum(isinstance(a, Accepted) and a.duplicate for a in answers)
-        if refused:
+        if refused or unavailable:
             response.headers.update(retry_after)
         return BatchAccepted(
-            accepted=len(answers) - dupes - refused,
+            accepted=len(answers) - dupes - refused - unavailable,
             duplicates=dupes,
             refused=refused,
+            unavailable=unavailable,
             results=answers,
         )
 

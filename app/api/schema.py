@@ -104,7 +104,8 @@ class Accepted(BaseModel):
 
 class Refused(BaseModel):
     """An event not queued: `error` says why (`backlog_full`: its account already has
-    MAX_BACKLOG_PER_ACCOUNT events waiting), `detail` says it for a person."""
+    MAX_BACKLOG_PER_ACCOUNT events waiting; `unavailable`: the Redis master of its shard
+    failed, so it is not stored or not known to be), `detail` says it for a person."""
 
     account_id: int
     event_id: str
@@ -113,12 +114,13 @@ class Refused(BaseModel):
 
 
 class BatchAccepted(BaseModel):
-    """Per-event results in request order; refused events are not stored, send them again
-    later (Retry-After)."""
+    """Per-event results in request order; refused and unavailable events are not stored,
+    send them again later (Retry-After)."""
 
     accepted: int
     duplicates: int
     refused: int = 0
+    unavailable: int = 0
     results: list[Accepted | Refused]
 
 
@@ -131,6 +133,14 @@ class Problem(BaseModel):
 
 def result_of(event: EventIn, result: PushResult) -> Accepted | Refused:
     """The answer for one event, from what push made of it."""
+    if result.fault is not None:
+        return Refused(
+            account_id=event.account_id,
+            event_id=event.event_id,
+            error="unavailable",
+            detail=f"the Redis of its shard failed ({result.fault}): not stored, or not known"
+            " to be; send it again (a stored one is answered as a duplicate)"[:300],
+        )
     if result.refused:
         return Refused(
             account_id=event.account_id,

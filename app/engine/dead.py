@@ -11,6 +11,7 @@ from redis.asyncio.client import Pipeline
 
 from app.engine.events import body_after_seq
 from app.engine.queue import Queue
+from app.engine.shards import each_shard
 
 CHUNK = 500  # dead letters per script call: thousands are settled without stalling Redis
 
@@ -45,7 +46,7 @@ async def dead_letters(
             pipe.llen(keys.dead(shard))
             pipe.lrange(keys.dead(shard), 0, end - 1)
 
-        shards = await queue.each_shard(read)
+        shards = await each_shard(queue, read)
         total = sum(length for length, _ in shards)
         chosen = [orjson.loads(entry) for _, page in shards for entry in page]
     else:
@@ -94,7 +95,7 @@ async def _matching(queue: Queue, selection: Selection) -> list[tuple[int, dict[
         pipe.lrange(keys.dead(shard), 0, -1)
 
     found = []
-    for shard, (entries,) in zip(shards, await queue.each_shard(read, shards), strict=True):
+    for shard, (entries,) in zip(shards, await each_shard(queue, read, shards), strict=True):
         for raw in entries:
             entry = orjson.loads(raw)
             if entry in selection:

@@ -61,16 +61,18 @@ class NewEvent:
 
 @dataclass(frozen=True, slots=True)
 class PushResult:
-    """What push made of one event: queued with its seq, a duplicate of an earlier seq, or
-    refused (seq 0) because its account's backlog was at MAX_BACKLOG_PER_ACCOUNT."""
+    """What push made of one event: queued with its seq, a duplicate of an earlier seq,
+    refused (seq 0) because its account's backlog was at MAX_BACKLOG_PER_ACCOUNT, or (with
+    `Queue.push_each`) not known to be stored because its shard's master failed (`fault`)."""
 
     queued: bool
     seq: int
     refused: bool = False
+    fault: Exception | None = None
 
     @property
     def duplicate(self) -> bool:
-        return not self.queued and not self.refused
+        return not self.queued and not self.refused and self.fault is None
 
 
 class Step(enum.Enum):

@@ -12,6 +12,7 @@ from redis.asyncio.client import Pipeline
 from app.engine import registry
 from app.engine.events import enqueued_ns, seq_of
 from app.engine.queue import Queue
+from app.engine.shards import each_shard
 
 # The counters of a shard's stats hash, as `stats` sums them.
 COUNTED = ("accepted", "refused", "acked", "nacked", "dead", "redelivered", "replayed", "purged")
@@ -155,7 +156,7 @@ async def stats(queue: Queue) -> dict[str, int]:
 
     sizes = ("ready", "active", "dead_letters", "paused", "parked")
     totals = dict.fromkeys((*COUNTED, "backlog", *sizes), 0)
-    for counters, ready, active, dead_letters, paused in await queue.each_shard(read):
+    for counters, ready, active, dead_letters, paused in await each_shard(queue, read):
         for name in COUNTED:
             totals[name] += int(counters.get(name.encode(), 0))
         totals["ready"] += ready
@@ -170,7 +171,7 @@ async def stats(queue: Queue) -> dict[str, int]:
 async def waiting(queue: Queue, id_prefix: str) -> int:
     """How many pending or in-flight events have an event_id starting with `id_prefix`."""
     keys = queue.keys
-    members = await queue.each_shard(lambda pipe, shard: pipe.smembers(keys.active(shard)))
+    members = await each_shard(queue, lambda pipe, shard: pipe.smembers(keys.active(shard)))
     accounts = {shard: [int(a) for a in found] for shard, (found,) in enumerate(members)}
 
     def read(pipe: Pipeline, shard: int) -> None:
@@ -178,7 +179,7 @@ async def waiting(queue: Queue, id_prefix: str) -> int:
             pipe.lrange(keys.pending(account), 0, -1)
             pipe.lrange(keys.in_flight(account), 0, -1)
 
-    lists = await queue.each_shard(read, [s for s, found in accounts.items() if found])
+    lists = await each_shard(queue, read, [s for s, found in accounts.items() if found])
     needle = b'"id":' + orjson.dumps(id_prefix)[:-1]
     return sum(needle in body for shard in lists for bodies in shard for body in bodies)
 
@@ -186,7 +187,7 @@ async def waiting(queue: Queue, id_prefix: str) -> int:
 async def drained(queue: Queue) -> bool:
     """True when no account has pending or in-flight events."""
     keys = queue.keys
-    sizes = await queue.each_shard(lambda pipe, shard: pipe.scard(keys.active(shard)))
+    sizes = await each_shard(queue, lambda pipe, shard: pipe.scard(keys.active(shard)))
     return not any(size for (size,) in sizes)
 
 
@@ -258,8 +259,8 @@ async def snapshot(queue: Queue, live_within_s: float) -> Snapshot:
 async def _sample(queue: Queue) -> list[tuple[int, int, int | None]]:
     """(account, pending events, seq of its oldest unsettled event) of sampled accounts."""
     keys = queue.keys
-    members = await queue.each_shard(
-        lambda pipe, shard: pipe.srandmember(keys.active(shard), SAMPLE)
+    members = await each_shard(
+        queue, lambda pipe, shard: pipe.srandmember(keys.active(shard), SAMPLE)
     )
     accounts = {shard: [int(a) for a in found] for shard, (found,) in enumerate(members)}
 
@@ -271,7 +272,7 @@ async def _sample(queue: Queue) -> list[tuple[int, int, int | None]]:
 
     shards = [shard for shard, found in accounts.items() if found]
     out = []
-    for shard, replies in zip(shards, await queue.each_shard(read, shards), strict=True):
+    for shard, replies in zip(shards, await each_shard(queue, read, shards), strict=True):
         for i, account in enumerate(accounts[shard]):
             length, flying, head = replies[3 * i : 3 * i + 3]
             body = flying or head

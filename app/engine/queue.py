@@ -12,7 +12,7 @@ import functools
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, NamedTuple, TypeVar, cast
 
 import orjson
@@ -35,6 +35,7 @@ from app.engine.events import (
 from app.engine.guard import Guard
 from app.engine.keys import ACCOUNT_KINDS, Keys
 from app.engine.scripts import Scripts
+from app.engine.shards import each_shard, every
 from app.engine.wakeups import Wakeups
 from app.settings import Settings
 
@@ -133,7 +134,17 @@ class Queue:
         sending the same batch again is safe, as event ids already accepted are duplicates.
         Refused whole (RedisFull) when it would take a master above HIGH_WATER of its
         maxmemory; an event whose account already has MAX_BACKLOG_PER_ACCOUNT pending is
-        refused on its own (`refused`, nothing of it stored)."""
+        refused on its own (`refused`, nothing of it stored). A master's fault is raised."""
+        results = await self.push_each(events)
+        for result in results:
+            if result.fault is not None:
+                raise result.fault
+        return results
+
+    async def push_each(self, events: Sequence[NewEvent]) -> list[PushResult]:
+        """As `push_many`, but shard by shard: when a master fails (a connection fault, too
+        few replicas for REPLICA_ACKS), the events of its shards come back with that `fault`
+        (not known to be stored: send them again) and the other shards' events are queued."""
         if not self._opened:  # the API starts while Redis is down: check the shards first
             await self.open()
         bucket = self.dedupe_bucket()
@@ -147,15 +158,20 @@ class Queue:
         adding: dict[Redis, int] = {}
         for node, _, args in parts:
             adding[node] = adding.get(node, 0) + sum(len(a) for a in args if isinstance(a, bytes))
-        await _every([self.guard.room(node, size) for node, size in adding.items()])
-        replies = await _every(
-            [self.scripts.call(node, "push", keys, args) for node, keys, args in parts]
-        )
+        rooms = await _each([self.guard.room(node, size) for node, size in adding.items()])
+        down = {n: r for n, r in zip(adding, rooms, strict=True) if isinstance(r, Exception)}
+        sending = [part for part in parts if part[0] not in down]
+        calls = [self.scripts.call(node, "push", keys, args) for node, keys, args in sending]
+        sent = iter(await _each(calls))
         results: list[PushResult] = [PushResult(False, 0)] * len(events)
-        for picks, reply in zip(by_shard.values(), replies, strict=True):
+        for (node, _, _), picks in zip(parts, by_shard.values(), strict=True):
+            reply: Any = down[node] if node in down else next(sent)
             for n, i in enumerate(picks):
-                code = reply[2 * n]
-                results[i] = PushResult(code == 1, int(reply[2 * n + 1]), code == 2)
+                if isinstance(reply, Exception):
+                    results[i] = PushResult(False, 0, fault=reply)
+                else:
+                    code = reply[2 * n]
+                    results[i] = PushResult(code == 1, int(reply[2 * n + 1]), code == 2)
         return results
 
     def dedupe_bucket(self) -> int:
@@ -269,8 +285,8 @@ class Queue:
     async def _tops(self, n: int, claiming: int) -> list[tuple[float, int, int]]:
         """(score, shard, account) of the best `n` ready accounts of every shard, best first;
         remembers the best that `claiming` claims would leave waiting."""
-        tops = await self.each_shard(
-            lambda pipe, shard: pipe.zrange(self.keys.ready(shard), 0, n - 1, withscores=True)
+        tops = await each_shard(
+            self, lambda pipe, shard: pipe.zrange(self.keys.ready(shard), 0, n - 1, withscores=True)
         )
         ranked = sorted(
             (score, shard, int(member))
@@ -285,41 +301,10 @@ class Queue:
         while no slot is idle to claim it."""
         await self._tops(1, 0)
 
-    async def each_shard(
-        self, queue: Callable[[Pipeline, int], object], shards: Iterable[int] | None = None
-    ) -> list[list[Any]]:
-        """Per shard (all of them by default), the replies of the commands `queue(pipe, shard)`
-        adds to its master's pipeline; one round trip per master, all in parallel."""
-        wanted = list(range(self.keys.shards) if shards is None else shards)
-        by_node: dict[Redis, list[int]] = {}
-        for shard in wanted:
-            by_node.setdefault(self.node(shard), []).append(shard)
-
-        async def send(node: Redis, shards: list[int]) -> list[tuple[int, list[Any]]]:
-            async with node.pipeline(transaction=False) as pipe:
-                counts = []
-                for shard in shards:
-                    before = len(pipe)
-                    queue(pipe, shard)
-                    counts.append(len(pipe) - before)
-                replies = await self.timed(pipe.execute())
-            out, at = [], 0
-            for shard, count in zip(shards, counts, strict=True):
-                out.append((shard, replies[at : at + count]))
-                at += count
-            return out
-
-        answered = dict(
-            pair
-            for pairs in await _every([send(node, shards) for node, shards in by_node.items()])
-            for pair in pairs
-        )
-        return [answered[shard] for shard in wanted]
-
     async def resume_claim(self, accounts: Sequence[int], claim_id: str) -> list[Event]:
         """The events a claim whose reply was lost took; the accounts it did not win and no
         one holds go back into the ready index. Safe to call again."""
-        replies = await _every(
+        replies = await every(
             [self._script(a, "take", self._argv(a, "resume", claim_id)) for a in accounts]
         )
         found = [
@@ -392,12 +377,12 @@ class Queue:
 
     async def renew(self, held: Sequence[tuple[int, int]]) -> list[bool]:
         """Extend the leases of (account, token) pairs; False where the lease was already lost."""
-        renewed = await _every([self._script(a, "renew", (t, self._lease_ms)) for a, t in held])
+        renewed = await every([self._script(a, "renew", (t, self._lease_ms)) for a, t in held])
         return [bool(r) for r in renewed]
 
     async def reap(self) -> int:
         """Make orphaned accounts (work, no owner, not ready) ready again; returns how many."""
-        counts = await _every([self._reap_shard(shard) for shard in range(self.keys.shards)])
+        counts = await every([self._reap_shard(shard) for shard in range(self.keys.shards)])
         return sum(counts)
 
     async def _reap_shard(self, shard: int) -> int:
@@ -411,7 +396,7 @@ class Queue:
             calls = [
                 self._script(int(m), "reap", (int(m), self._order, self._rand())) for m in members
             ]
-            reaped += sum(int(r) for r in await _every(calls))
+            reaped += sum(int(r) for r in await every(calls))
             if cursor == 0:
                 return reaped
 
@@ -483,13 +468,14 @@ async def open_queue(
         await queue.aclose()
 
 
-async def _every(calls: Sequence[Awaitable[T]]) -> list[T]:
-    """The results of all `calls`, run together; the first error once all have finished."""
+async def _each(calls: Sequence[Awaitable[T]]) -> list[T | Exception]:
+    """The results of all `calls`, run together; a connection fault in place of a result,
+    any other error raised once all have finished."""
     results = await asyncio.gather(*calls, return_exceptions=True)
     for result in results:
-        if isinstance(result, BaseException):
+        if isinstance(result, BaseException) and not isinstance(result, TRANSIENT):
             raise result
-    return cast(list[T], results)
+    return cast(list[T | Exception], results)
 
 
 def _parts(replies: Sequence[Any]) -> list[_Claimed]:

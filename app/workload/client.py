@@ -14,6 +14,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
 from app.engine import NewEvent, PushResult
+from app.engine.connection import backoff
 from app.settings import Settings
 
 STREAM_PATH = "/ws/events"
@@ -44,23 +45,50 @@ async def pace(started: float, sent: int, rate: float) -> None:
 
 
 class ApiError(Exception):
-    """The API answered with an error, or could not be reached."""
+    """The API answered with an error (`status`), or could not be reached (status 0)."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class ApiClient:
     """Pushes batches through `POST /events/batch` and reads `GET /stats`."""
 
-    def __init__(self, http: httpx.AsyncClient) -> None:
+    def __init__(self, http: httpx.AsyncClient, retry_s: float = 60.0) -> None:
         self._http = http
+        self._retry_s = retry_s
 
     async def push_many(self, events: Sequence[NewEvent]) -> list[PushResult]:
-        """Queue events in one request; results in the order given."""
-        body = {"events": [as_sent(e) for e in events]}
-        reply = await self._request("POST", "/events/batch", content=orjson.dumps(body))
-        return [
-            PushResult(False, 0, True) if "error" in r else PushResult(not r["duplicate"], r["seq"])
-            for r in reply["results"]
-        ]
+        """Queue events in one request; results in the order given. Events answered
+        `unavailable` (their shard's Redis failed), or all of them after a 503, are sent again
+        with backoff before this returns, so no later event of their accounts overtakes
+        them; after `retry_s` without success, ApiError."""
+        results: list[PushResult] = [PushResult(False, 0)] * len(events)
+        pending, pauses = list(range(len(events))), backoff()
+        deadline = time.monotonic() + self._retry_s
+        while True:
+            body = orjson.dumps({"events": [as_sent(events[i]) for i in pending]})
+            try:
+                reply = await self._request("POST", "/events/batch", content=body)
+            except ApiError as exc:
+                if exc.status != 503 or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(next(pauses))
+                continue
+            again = []
+            for i, r in zip(pending, reply["results"], strict=True):
+                if r.get("error") == "unavailable":
+                    again.append(i)
+                else:
+                    found = PushResult(not r["duplicate"], r["seq"]) if "seq" in r else None
+                    results[i] = found or PushResult(False, 0, True)
+            if not again:
+                return results
+            if time.monotonic() > deadline:
+                raise ApiError(f"{len(again)} events still unavailable after {self._retry_s:g} s")
+            pending = again
+            await asyncio.sleep(next(pauses))
 
     async def live_slots(self) -> int:
         """Total slots of the live consumers, as the API sees them."""
@@ -78,7 +106,10 @@ class ApiClient:
         except orjson.JSONDecodeError:  # not the API's answer (a proxy's error page)
             found = {}
         if response.is_error:
-            raise ApiError(f"{method} {path}: {response.status_code} {found.get('error', '')}")
+            raise ApiError(
+                f"{method} {path}: {response.status_code} {found.get('error', '')}",
+                response.status_code,
+            )
         return found
 
 

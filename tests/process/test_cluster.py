@@ -15,13 +15,16 @@ from pathlib import Path
 import pytest
 import redis as sync_redis
 
+from app.api.app import create_app
 from app.engine import TRANSIENT, NewEvent, open_queue
 from app.engine.inspect import account_state
 from app.engine.keys import Keys
+from app.workload.client import ApiClient, as_sent
 from app.workload.generator import workload
 from app.workload.report import Attempt, order_violations
 from stack import REPO, cluster
 from stack.servers import free_block, wait_for
+from tests.api.test_api import Lifespan
 from tests.process.helpers import (
     counter,
     engine,
@@ -29,6 +32,7 @@ from tests.process.helpers import (
     live_consumers,
     push,
     push_workload,
+    wait_burst,
     wait_settled,
 )
 from tests.support import Consumers, assert_all_acked_once_in_order, attempts, settings
@@ -247,3 +251,51 @@ def test_slot_of_a_busy_shard_moved_mid_drain(
     assert moved[0] != moved[1]
     assert "redis_faults_ridden_out" in consumers.event_log.read_text()  # it met the move
     assert_tokens_only_grow(assert_all_acked_once_in_order(consumers.event_log, 3000))
+
+
+async def test_a_dead_master_stops_only_its_own_shards(
+    own_cluster: tuple[Path, int], tmp_path: Path
+) -> None:
+    """REPLICA_ACKS=1 on a cluster that does not require full coverage, one master killed -9
+    and its replica promoted with no replica left: batches through the API spanning every
+    shard are accepted for the other masters' shards throughout, their events of the dead
+    one's answered `unavailable`, never a 503 for the whole batch; once the old master is back
+    the client's resends land, and consumers ack everything accepted exactly once, in order."""
+    var, base = own_cluster
+    url = f"redis+cluster://127.0.0.1:{base}"
+    app = create_app(settings(url, replica_acks=1))
+    statuses: list[tuple[int, int, int]] = []  # (status, accepted, unavailable) per batch
+    async with Lifespan(app) as http:
+        client = ApiClient(http, retry_s=120)
+        await client.push_many([NewEvent(a, f"before-{a}") for a in range(1, 101)])
+        master = int((var / "cluster" / str(base) / "redis.pid").read_text())
+        os.kill(master, signal.SIGKILL)
+        for batch in range(40):
+            events = [NewEvent(a, f"during-{batch}-{a}") for a in range(1, 101)]
+            answer = await http.post("/events/batch", json={"events": [as_sent(e) for e in events]})
+            body = answer.json() if answer.status_code == 202 else {}
+            statuses.append(
+                (answer.status_code, body.get("accepted", 0), body.get("unavailable", 0))
+            )
+            await asyncio.sleep(0.2)
+
+        async def resend() -> None:
+            for b in range(40):
+                await client.push_many([NewEvent(a, f"during-{b}-{a}") for a in range(1, 101)])
+
+        resending = asyncio.ensure_future(resend())
+        await asyncio.to_thread(cluster.up, var, base)
+        await asyncio.wait_for(resending, 120)
+    partial = [
+        i for i, (_, accepted, unavailable) in enumerate(statuses) if accepted and unavailable
+    ]
+    assert len(partial) >= 5, statuses
+    assert all(status == 202 for status, _, _ in statuses), statuses
+    consumers = Consumers(url, tmp_path / "event.log")
+    try:
+        consumers.start(burst=True, concurrency=50, replica_acks=1)
+        await asyncio.to_thread(wait_burst, consumers.procs, 120)
+    finally:
+        consumers.stop_all()
+    assert (await asyncio.to_thread(counter, url, "accepted")) == 4100
+    assert_all_acked_once_in_order(consumers.event_log, 4100)
