@@ -10,6 +10,7 @@ import orjson
 from redis.asyncio.client import Pipeline
 
 from app.engine import registry
+from app.engine.dead import letter_id
 from app.engine.events import enqueued_ns, seq_of
 from app.engine.queue import Queue
 from app.engine.shards import each_shard
@@ -18,6 +19,7 @@ from app.engine.shards import each_shard
 COUNTED = ("accepted", "refused", "acked", "nacked", "dead", "redelivered", "replayed", "purged")
 SAMPLE = 200  # accounts per shard read for the oldest event and the longest backlogs
 TOP = 10  # longest backlogs shown
+LOOKUP_DEPTH = 100  # pending events an event lookup reads at most (up to 64 KiB each)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,10 +71,11 @@ async def account_state(queue: Queue, account: int) -> AccountState:
 
 
 async def event_state(queue: Queue, account: int, event_id: str) -> dict[str, Any] | None:
-    """Where one event is: `pending` at `position` (1 runs next), `in_flight` (attempt, and the
+    """Where one event is: `pending` at `position` (1 runs next; None beyond the first
+    LOOKUP_DEPTH pending events, which are all a lookup reads), `in_flight` (attempt, and the
     owner's token and lease while one holds it), `dead` (its error), or `acked`. None when
     evq does not know it: never accepted, or settled and forgotten (its id outlived the
-    dedupe window, or its dead letter was purged)."""
+    dedupe window, or its dead letter was purged). One transaction of bounded cost."""
     keys = queue.keys
     shard = keys.shard_of(account)
     bucket = queue.dedupe_bucket()
@@ -84,9 +87,9 @@ async def event_state(queue: Queue, account: int, event_id: str) -> dict[str, An
         tx.get(keys.lock(account))
         tx.get(keys.fence(account))
         tx.pttl(keys.lock(account))
-        tx.lrange(keys.pending(account), 0, -1)
+        tx.lrange(keys.pending(account), 0, LOOKUP_DEPTH - 1)
         tx.hget(keys.totals(account), "last_acked_seq")
-        tx.lrange(keys.dead(shard), 0, -1)
+        tx.hget(keys.dead(shard), letter_id(account, event_id))
         (
             seen,
             seen_before,
@@ -121,21 +124,31 @@ async def event_state(queue: Queue, account: int, event_id: str) -> dict[str, An
                 "position": position,
                 "replays": event.get("r", 0),
             }
-    letters = [e for e in map(orjson.loads, dead) if e["account"] == account]
-    for entry in reversed(letters):
-        if entry["event_id"] == event_id:
-            return {
-                **found,
-                "state": "dead",
-                "seq": entry["seq"],
-                "attempts": entry["attempts"],
-                "error": entry["error"],
-                "dead_ns": entry["dead_ns"],
-                "replays": entry.get("replays", 0),
-            }
-    seq = seen or seen_before
-    if seq is not None and last is not None and int(seq) <= int(last):
+    return _elsewhere(found, dead, seen or seen_before, last, len(pending) == LOOKUP_DEPTH)
+
+
+def _elsewhere(
+    found: dict[str, Any], dead: bytes | None, seq: bytes | None, last: bytes | None, deeper: bool
+) -> dict[str, Any] | None:
+    """An event neither in flight nor among the pending events read: a dead letter, acked,
+    pending further down (`deeper`: the read stopped at LOOKUP_DEPTH), or not known."""
+    if dead is not None:
+        entry = orjson.loads(dead)
+        return {
+            **found,
+            "state": "dead",
+            "seq": entry["seq"],
+            "attempts": entry["attempts"],
+            "error": entry["error"],
+            "dead_ns": entry["dead_ns"],
+            "replays": entry.get("replays", 0),
+        }
+    if seq is None:
+        return None
+    if last is not None and int(seq) <= int(last):
         return {**found, "state": "acked", "seq": int(seq)}
+    if deeper:
+        return {**found, "state": "pending", "seq": int(seq), "position": None, "replays": 0}
     return None
 
 
@@ -151,7 +164,7 @@ async def stats(queue: Queue) -> dict[str, int]:
         pipe.hgetall(keys.stats(shard))
         pipe.zcard(keys.ready(shard))
         pipe.scard(keys.active(shard))
-        pipe.llen(keys.dead(shard))
+        pipe.hlen(keys.dead(shard))
         pipe.hvals(keys.paused(shard))
 
     sizes = ("ready", "active", "dead_letters", "paused", "parked")

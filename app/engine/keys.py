@@ -41,6 +41,16 @@ class Keys:
         return f"{self.tag(shard)}:active"
 
     def dead(self, shard: int) -> str:
+        """The shard's dead letters: a hash of `<account>:<event_id>` -> the entry (JSON), so
+        one is found, replayed or purged by its id whatever their number."""
+        return f"{self.tag(shard)}:dead:entries"
+
+    def dead_order(self, shard: int) -> str:
+        """The same ids scored by when they died (the shard's dead count then): oldest first."""
+        return f"{self.tag(shard)}:dead:order"
+
+    def legacy_dead(self, shard: int) -> str:
+        """The list the dead letters were kept in before they had ids; read once to move them."""
         return f"{self.tag(shard)}:dead"
 
     def paused(self, shard: int) -> str:
@@ -108,10 +118,16 @@ class Keys:
         """KEYS of every account script, in the order `lua/_lib.lua` names them."""
         shard = self.shard_of(account)
         own = [self._account_key(kind, account) for kind in ACCOUNT_KINDS]
-        return [*own, *self.shard_keys(shard), self.totals(account), self.paused(shard)]
+        return [
+            *own,
+            *self.shard_keys(shard),
+            self.totals(account),
+            self.paused(shard),
+            self.dead_order(shard),
+        ]
 
     def shard_keys(self, shard: int) -> list[str]:
-        """The shard's own keys: ready index, counters, active set, dead letters."""
+        """The shard's own keys: ready index, counters, active set, dead letters (entries)."""
         return [self.ready(shard), self.stats(shard), self.active(shard), self.dead(shard)]
 
     def _account_key(self, kind: str, account: int) -> str:

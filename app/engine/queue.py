@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError
 
+from app.engine import dead
 from app.engine.connection import TRANSIENT, Nodes, timed
 from app.engine.events import (
     ClaimInterrupted,
@@ -107,6 +108,7 @@ class Queue:
         await self.nodes.start()
         await self.guard.check_eviction()
         await self.guard.check_layout(self.keys)
+        await dead.move_legacy(self)
         self._opened = True
         with contextlib.suppress(*TRANSIENT):
             pings = [master.ping() for master in self.nodes.masters() for _ in range(connections)]
@@ -331,7 +333,8 @@ class Queue:
         (each shard keeps the newest DEAD_LETTERS_MAX); with POISON_POLICY=park a dead letter
         pauses its account."""
         entry = dead_entry(event, error) if dead else b""
-        return self._settle("nack", event, want_next, (entry, self._dead_max, self._park))
+        extra = (entry, self._dead_max, self._park, event.event_id)
+        return self._settle("nack", event, want_next, extra)
 
     async def pause(self, account: int) -> tuple[str, bool]:
         """Hold `account`: not claimed until resumed; its owner releases it after the current
@@ -346,25 +349,26 @@ class Queue:
         return str(before.decode())
 
     async def settle_dead(
-        self, shard: int, replay: bool, entries: Sequence[tuple[int, bytes, bytes]]
+        self, shard: int, replay: bool, entries: Sequence[tuple[int, str, bytes, bytes]]
     ) -> int:
-        """Replay or purge (`replay` False) dead letters of one shard, given as (account, entry
-        exactly as stored, body to queue again); each account's newest first. Entries no longer
-        there are skipped. Returns how many were settled."""
-        keys: list[bytes | str] = [self.keys.dead(shard), *self._push_keys[shard]]
+        """Replay or purge (`replay` False) dead letters of one shard, given as (account, id,
+        entry exactly as read, body to queue again); each account's newest first. Entries no
+        longer stored as read are skipped. Returns how many were settled."""
+        keys: list[bytes | str] = [self.keys.dead(shard), self.keys.dead_order(shard)]
+        keys += self._push_keys[shard]
         args: list[Arg] = [
             b"replay" if replay else b"purge",
             self._order,
             random.randrange(1 << 31),
         ]
         numbers: dict[int, int] = {}
-        for account, entry, body in entries:
+        for account, letter, entry, body in entries:
             number = numbers.get(account)
             if number is None:
                 number = numbers[account] = len(numbers) + 1
                 own = self._account_keys(account)
                 keys += (own[PENDING], own[LOCK])
-            args += (number, account, entry, body)
+            args += (number, account, letter, entry, body)
         return int(await self.scripts.call(self.node(shard), "dead", keys, args))
 
     async def release(

@@ -24,7 +24,19 @@ class NotReplicated(RedisTimeoutError):
 Args = Sequence[str | int | float | bytes]
 Call = tuple[str, Sequence[str | bytes], Args]  # script name, KEYS, ARGV
 Queued = tuple[Redis, Call, "asyncio.Future[Any]"]
-NAMES = ("push", "take", "ack", "nack", "renew", "release", "reap", "pause", "resume", "dead")
+NAMES = (
+    "push",
+    "take",
+    "ack",
+    "nack",
+    "renew",
+    "release",
+    "reap",
+    "pause",
+    "resume",
+    "dead",
+    "dead_move",
+)
 
 
 def _source(name: str) -> str:

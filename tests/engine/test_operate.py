@@ -1,11 +1,13 @@
 """Operator actions on the engine: pause and resume, park on poison, dead-letter replay and
 purge, event lookup."""
 
+import orjson
+
 from app.engine import Event, NewEvent, Queue, Step, dead, inspect
 from app.engine.dead import Selection
 from app.engine.inspect import account_state, event_state
 from tests.engine.conftest import MakeQueue
-from tests.support import ready_scores
+from tests.support import Routed, ready_scores
 
 
 async def push(queue: Queue, account: int, *ids: str, **payload: object) -> list[int]:
@@ -174,3 +176,51 @@ async def test_event_lookup_follows_an_event_through_its_states(make_queue: Make
     assert (state["state"], state["error"], state["seq"]) == ("dead", "KeyError: 'x'", seq_b)
     assert await event_state(queue, 5, "nope") is None
     assert await event_state(queue, 6, "a") is None
+
+
+async def test_dead_letters_of_the_old_layout_are_moved_and_replayed(
+    make_queue: MakeQueue,
+) -> None:
+    """Dead letters a version before ids kept in one list per shard are moved, in their order,
+    when an engine opens; then found by their id and replayed like any other."""
+    queue = make_queue()
+    await push(queue, 1, "a", "b")
+    shard = queue.keys.shard_of(1)
+    old = [
+        orjson.dumps(
+            {"account": 1, "seq": 1 + i, "event_id": f"old{i}", "attempts": 5, "replays": 0,
+             "error": "boom", "payload": {"i": i}, "enqueued_ns": 0, "dead_ns": 10 + i}
+        )
+        for i in range(3)
+    ]  # fmt: skip
+    await Routed(queue).rpush(queue.keys.legacy_dead(shard), *old)
+    await queue.open()
+    assert await Routed(queue).exists(queue.keys.legacy_dead(shard)) == 0
+    total, page = await dead.dead_letters(queue, 0, 10)
+    assert total == 3 and [e["event_id"] for e in page] == ["old0", "old1", "old2"]
+    assert (await event_state(queue, 1, "old1") or {})["state"] == "dead"
+    assert await dead.replay(queue, Selection(account=1, event_ids={"old1"})) == 1
+    assert (await dead.dead_letters(queue))[0] == 2
+
+
+async def test_one_dead_letter_costs_the_same_among_many(make_queue: MakeQueue) -> None:
+    """Finding, replaying and purging one dead letter by account and id reads only it:
+    a shard holding 2,000 dead letters answers as one holding a few."""
+    queue = make_queue()
+    shard = queue.keys.shard_of(7)
+    many = {
+        f"7:x{i}": orjson.dumps(
+            {"account": 7, "seq": i + 1, "event_id": f"x{i}", "attempts": 5, "replays": 0,
+             "error": "boom", "payload": None, "enqueued_ns": 0, "dead_ns": i}
+        )
+        for i in range(2000)
+    }  # fmt: skip
+    await Routed(queue).hset(queue.keys.dead(shard), mapping=many)
+    await Routed(queue).zadd(queue.keys.dead_order(shard), {k: i for i, k in enumerate(many)})
+    found = await dead.find(queue, 7, "x1500")
+    assert found is not None and found["seq"] == 1501
+    assert await dead.replay(queue, Selection(account=7, event_ids={"x1500"})) == 1
+    assert await dead.purge(queue, Selection(account=7, event_ids={"x3", "nope"})) == 1
+    assert await dead.find(queue, 7, "x3") is None
+    assert (await dead.dead_letters(queue))[0] == 1998
+    assert await drain(queue, 7) == [("x1500", 1)]

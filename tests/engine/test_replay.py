@@ -98,7 +98,7 @@ async def test_dead_letter_nack(make_queue: MakeQueue) -> None:
     step = await twice(queue, lambda: queue.nack(event, "bad", dead=True))
     assert isinstance(step, Event)
     assert step.event_id == "b"
-    assert await Routed(queue).llen(queue.keys.dead(queue.keys.shard_of(1))) == 1
+    assert await Routed(queue).hlen(queue.keys.dead(queue.keys.shard_of(1))) == 1
 
 
 async def test_release(make_queue: MakeQueue) -> None:

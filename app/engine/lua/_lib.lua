@@ -1,8 +1,9 @@
 -- Shared by every account script; scripts.py prepends it to each one.
 -- KEYS layout (keys.py builds it, every key carries the hash tag of the account's shard):
 --   1 pending list, 2 in-flight list, 3 lock, 4 fence, 5 attempt hash, 6 seq,
---   7 ready index, 8 stats, 9 active set, 10 dead letters of the shard, 11 account totals,
---   12 paused accounts of the shard (account -> 'operator' or 'parked')
+--   7 ready index, 8 stats, 9 active set, 10 dead letters of the shard (hash of
+--   '<account>:<event_id>' -> entry), 11 account totals, 12 paused accounts of the shard
+--   (account -> 'operator' or 'parked'), 13 the dead letters' ids scored by when they died
 -- The attempt hash describes the event at the head or in flight: n (attempts handed out),
 -- and of the in-flight attempt its seq, token (the owner that took it) and claim (the claim
 -- that took it, when one did).
@@ -14,6 +15,7 @@
 -- them surviving: seqs and tokens never go below the server clock in microseconds (`now_us`).
 local pending, in_flight, lock, fence, attempt_key, seq_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local ready, stats, active, dead, totals, paused = KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11], KEYS[12]
+local dead_order = KEYS[13]
 -- Tokens whose last call is kept; older ones are dropped when the account is claimed again.
 local KEEP_CALLS = 32
 
