@@ -385,24 +385,28 @@ class Queue:
         return [bool(r) for r in renewed]
 
     async def reap(self) -> int:
-        """Make orphaned accounts (work, no owner, not ready) ready again; returns how many."""
+        """Make orphaned accounts (work, no owner, not ready) ready again, and forget the
+        pauses of accounts whose state has expired (they hold nothing); how many were reaped."""
         counts = await every([self._reap_shard(shard) for shard in range(self.keys.shards)])
         return sum(counts)
 
     async def _reap_shard(self, shard: int) -> int:
-        reaped = 0
-        cursor = 0
-        node = self.node(shard)
+        reaped = await self._sweep(shard, "sscan", self.keys.active(shard), "reap")
+        await self._sweep(shard, "hscan", self.keys.paused(shard), "forget_pause")
+        return reaped
+
+    async def _sweep(self, shard: int, scan: str, key: str, script: str) -> int:
+        """`script` on every account `scan` (sscan, or hscan's fields) finds in `key`,
+        REAP_CHUNK at a time; the sum of its replies."""
+        total, cursor, node = 0, 0, self.node(shard)
         while True:
-            cursor, members = await self.timed(
-                node.sscan(self.keys.active(shard), cursor, count=REAP_CHUNK)
-            )
+            cursor, found = await self.timed(getattr(node, scan)(key, cursor, count=REAP_CHUNK))
             calls = [
-                self._script(int(m), "reap", (int(m), self._order, self._rand())) for m in members
+                self._script(int(a), script, (int(a), self._order, self._rand())) for a in found
             ]
-            reaped += sum(int(r) for r in await every(calls))
+            total += sum(int(r) for r in await every(calls))
             if cursor == 0:
-                return reaped
+                return total
 
     def _settle(
         self, name: str, event: Event, want_next: bool, extra: tuple[Arg, ...]

@@ -36,6 +36,7 @@ NAMES = (
     "resume",
     "dead",
     "dead_move",
+    "forget_pause",
 )
 
 

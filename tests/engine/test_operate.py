@@ -1,6 +1,8 @@
 """Operator actions on the engine: pause and resume, park on poison, dead-letter replay and
 purge, event lookup."""
 
+import asyncio
+
 import orjson
 
 from app.engine import Event, NewEvent, Queue, Step, dead, inspect
@@ -224,3 +226,23 @@ async def test_one_dead_letter_costs_the_same_among_many(make_queue: MakeQueue) 
     assert await dead.find(queue, 7, "x3") is None
     assert (await dead.dead_letters(queue))[0] == 1998
     assert await drain(queue, 7) == [("x1500", 1)]
+
+
+async def test_a_pause_of_an_account_that_holds_nothing_expires_with_its_state(
+    make_queue: MakeQueue,
+) -> None:
+    """Pausing an account that holds nothing keeps the pause only as long as the account's
+    state would live (ACCOUNT_IDLE_SECONDS): then the reaper forgets it. A paused account
+    with events keeps its pause."""
+    queue = make_queue(dedupe_seconds=0.3, account_idle_seconds=0.3)
+    await push(queue, 1, "a")
+    await queue.pause(1)
+    await queue.pause(999)
+    assert (await inspect.stats(queue))["paused"] == 2
+    assert await queue.reap() == 0
+    assert (await inspect.stats(queue))["paused"] == 2  # too soon: its state still lives
+    await asyncio.sleep(0.5)
+    await queue.reap()
+    assert (await inspect.stats(queue))["paused"] == 1
+    assert (await account_state(queue, 1)).paused == "operator"
+    assert (await account_state(queue, 999)).paused is None
