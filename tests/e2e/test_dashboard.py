@@ -3,7 +3,8 @@ Playwright) against the real local stack, with no network beyond the machine."""
 
 import os
 import shutil
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -93,18 +94,17 @@ def test_dashboard_moves_while_a_run_drains(stack: Stack, browser: Any, tmp_path
     page.goto(f"{stack.api}/")
     page.locator("#token").fill(TOKEN)
     page.locator("#token-form button").click()
-    page.wait_for_function("Number(document.getElementById('chart').dataset.points) >= 2")
+    # Polled from Python: the page's CSP (no eval) forbids Playwright's string predicates.
+    points = page.locator("#chart")
+    until(page, lambda: int(points.get_attribute("data-points") or 0) >= 2)
     first = number(page, "#backlog")
     assert first > 0
 
     page.locator("#account-input").fill(str(LONG_ACCOUNT))
     page.locator("#account-go").click()
-    page.wait_for_function(
-        "(document.getElementById('account-owner') || {}).textContent?.startsWith('token ')"
-    )
-    page.wait_for_function(
-        f"Number(document.getElementById('backlog').textContent.replace(/,/g, '')) < {first}"
-    )
+    owner = page.locator("#account-owner")
+    until(page, lambda: owner.count() > 0 and owner.inner_text().startswith("token "))
+    until(page, lambda: number(page, "#backlog") < first)
     assert int(page.locator("#chart").get_attribute("data-points")) >= 3
     shot = Path(os.environ.get("DASHBOARD_SCREENSHOT", tmp_path / "dashboard.png"))
     page.screenshot(path=str(shot), full_page=True)
@@ -120,6 +120,14 @@ def test_dashboard_moves_while_a_run_drains(stack: Stack, browser: Any, tmp_path
 
     wait_for(acked, 30, "the replayed dead letter acked")
     assert all(url.startswith(stack.api) for url in requests), requests
+
+
+def until(page: Any, condition: Callable[[], bool], timeout_s: float = 30) -> None:
+    """Poll `condition` while the page runs, failing after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "the dashboard did not get there"
+        page.wait_for_timeout(100)
 
 
 @pytest.mark.parametrize(
