@@ -21,7 +21,7 @@ from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError
 
 from app.engine import dead
-from app.engine.connection import TRANSIENT, Nodes, timed
+from app.engine.connection import TRANSIENT, Nodes, backoff, timed
 from app.engine.events import (
     ClaimInterrupted,
     Event,
@@ -466,11 +466,19 @@ class Queue:
 async def open_queue(
     settings: Settings, max_connections: int = 64, consumer: bool = False, connections: int = 1
 ) -> AsyncIterator["Queue"]:
-    """A `Queue` on the Redis or Redis Cluster of REDIS_URL, checked (`Queue.open`) and closed
-    at the end. The one way an entrypoint reaches Redis."""
+    """A `Queue` on REDIS_URL, checked (`Queue.open`; a `consumer` rides out connection faults
+    for up to a lease) and closed at the end. The one way an entrypoint reaches Redis."""
     queue = Queue(Nodes(settings, max_connections, consumer), settings)
+    deadline, pauses = time.monotonic() + settings.lease_seconds, backoff()
     try:
-        await queue.open(connections)
+        while True:
+            try:
+                await queue.open(connections)
+                break
+            except TRANSIENT:
+                if not consumer or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(next(pauses))
         yield queue
     finally:
         await queue.aclose()
