@@ -97,12 +97,14 @@ class Slots:
         want_next = not self.stopping.is_set()
         if error is None:
             step = await self.retrying(lambda: self._queue.ack(event, want_next))
+            _now_holds(holding, step)
             outcome = "lost_lease" if step is Step.LOST else "ack"
             await self._record(slot, event, outcome, started, finished)
             return step
         dead = event.attempt >= self._settings.max_attempts
         text = _reason(error)
         step = await self.retrying(lambda: self._queue.nack(event, text, dead, want_next))
+        _now_holds(holding, step)
         outcome = "lost_lease" if step is Step.LOST else "dead" if dead else "nack"
         await self._record(slot, event, outcome, started, finished, error=text[:500])
         if step is not Step.RETRY:
@@ -233,6 +235,14 @@ class Slots:
             await self._release(holding)
         except Exception:
             self._log.exception("release_failed", account=holding.account)
+
+
+def _now_holds(holding: Holding, step: Next) -> None:
+    """After a settle, what the slot holds in flight: the account's next event, which the
+    settle handed out and no handler has run yet, or nothing. Should the slot fail before it
+    runs it (the log line of the settle could not be written), its release puts that event
+    back without counting an attempt."""
+    holding.event, holding.ran = (step, False) if isinstance(step, Event) else (None, False)
 
 
 def _reason(error: BaseException) -> str:

@@ -2,6 +2,7 @@
 faults are injected before and after Redis runs a round trip, and while leases are lost; the
 event log (a temporary file) must still show every event acked once, in order."""
 
+import errno
 import random
 import stat
 from collections import Counter
@@ -16,6 +17,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from app.consumer.process import consume
 from app.engine import Event, NewEvent, Nodes, Queue, inspect
+from app.log import AppendFile
 from app.settings import Settings
 from app.workload.generator import workload
 from tests.support import assert_all_acked_once_in_order, attempts
@@ -182,4 +184,30 @@ async def test_a_failing_event_is_retried_then_dead_lettered_through_faults(
     client.faults.on = False
     stats = await inspect.stats(queue)
     assert (stats["dead"], stats["nacked"], stats["backlog"]) == (1, 3, 0)
+    await queue.aclose()
+
+
+async def test_an_event_handed_out_by_an_ack_that_could_not_be_logged_is_not_charged(
+    faulty: tuple[FaultyRedis, Callable[..., Settings]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the log line of an ack cannot be written, the slot fails and releases its
+    account; the next event, which that ack had handed out and no handler ran, comes back
+    as attempt 1, not 2."""
+    client, settings = faulty
+    config = settings(concurrency=1, lease_seconds=1)
+    queue = queue_on(client, config)
+    await push(queue, [NewEvent(1, "a"), NewEvent(1, "b")])
+    write = AppendFile.write
+
+    def full_for_a(self: AppendFile, line: bytes) -> None:
+        if b'"event_id":"a"' in line and b'"outcome"' in line:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(self, line)
+
+    monkeypatch.setattr(AppendFile, "write", full_for_a)
+    await consume(queue, noop, config, burst=True)
+    found = attempts(config.event_log)
+    assert [(a.event_id, a.attempt, a.outcome) for a in found] == [("b", 1, "ack")]
+    stats = await inspect.stats(queue)
+    assert (stats["acked"], stats["backlog"], stats["redelivered"]) == (2, 0, 0)
     await queue.aclose()
