@@ -19,6 +19,7 @@ from app.cli import progress
 from app.cli.support import run, settings_or_exit
 from app.consumer import process
 from app.engine import UNREACHABLE, inspect, open_queue
+from app.engine.inspect import event_state
 from app.settings import Settings
 from app.workload.generator import (
     Pattern,
@@ -35,7 +36,7 @@ from app.workload.generator import (
     write_events,
 )
 from app.workload.plot import PlotUnavailable, draw
-from app.workload.report import read_log, render, summarize
+from app.workload.report import Run, read_log, render, resolve, summarize
 
 T = TypeVar("T")
 DEFAULT_API = "http://127.0.0.1:8000"
@@ -302,7 +303,8 @@ def report(
     if not run.attempts:
         names = ", ".join(map(str, paths))
         typer.echo(f"evq: no handled event in {names} yet (are consumers running?)", err=True)
-    found = summarize(run, _waiting(settings, run.id_prefix), slots)
+    run, waiting = _from_redis(settings, run)
+    found = summarize(run, waiting, slots)
     typer.echo(orjson.dumps(found.as_json()).decode() if as_json else render(found))
     if plot:
         try:
@@ -328,20 +330,24 @@ def _log_files(names: list[str]) -> list[Path]:
     return paths
 
 
-def _waiting(settings: Settings, id_prefix: str | None) -> int | None:
-    """Events of the run (ids starting `id_prefix`) Redis still holds; None without a run or
-    a reachable Redis."""
-    if id_prefix is None:
-        return None
+def _from_redis(settings: Settings, logged: Run) -> tuple[Run, int | None]:
+    """`logged` with the attempts whose outcome line is missing resolved against Redis, and how
+    many events of the run (ids starting with its prefix) Redis still holds; the run as read
+    and None without a reachable Redis."""
 
-    async def main() -> int:
+    async def main() -> tuple[Run, int | None]:
         async with open_queue(settings) as queue:
-            return await inspect.waiting(queue, id_prefix)
+            resolved = await resolve(logged, lambda a, e: event_state(queue, a, e))
+            if logged.id_prefix is None:
+                return resolved, None
+            return resolved, await inspect.waiting(queue, logged.id_prefix)
 
+    if logged.id_prefix is None and not logged.settling:
+        return logged, None
     try:
         return run(main(), settings)
     except typer.Exit:
-        return None
+        return logged, None
 
 
 app.add_typer(cli_ops.dead_app, name="dead")

@@ -10,11 +10,13 @@ One event's trip, and the function that does each step:
    attempt and fencing token; `Consumer._run_slot` gives it to an idle slot.
 3. handle: `Slots._handle` runs the handler (`Slots._run_handler`: on the loop, or in the
    thread pool for a sync handler), bounded by HANDLER_TIMEOUT_SECONDS.
-4. settle: `Queue.ack` or `Queue.nack`, sent again after connection faults by
-   `Slots.retrying`. The wire is `Scripts.call`: every script call made in one loop turn, by
-   any slot, goes out in one pipelined round trip per master (`Scripts.send`). The ack hands
-   back the account's next event, so the slot goes back to step 3 without another round trip.
-5. log: `Slots._record` writes the outcome line (`EventLog.write`) only once Redis answered.
+4. settle: `Slots._settling` logs the attempt as settling, then `Queue.ack` or `Queue.nack`
+   goes out, sent again after connection faults by `Slots.retrying`. The wire is
+   `Scripts.call`: every script call made in one loop turn, by any slot, goes out in one
+   pipelined round trip per master (`Scripts.send`). The ack hands back the account's next
+   event, so the slot goes back to step 3 without another round trip.
+5. log: `Slots._record` writes the outcome line (`EventLog.write`) once Redis answered; the
+   lines of one loop turn go out in one write().
 
 When the settle hands back no event, the slot is free again: the account was drained, given up
 for a longer backlog, or lost with its lease. Meanwhile `_renewer` extends the leases held,

@@ -96,6 +96,7 @@ class Slots:
         finished = time.time_ns()
         want_next = not self.stopping.is_set()
         if error is None:
+            await self._settling(slot, event, "ack", started, finished)
             step = await self.retrying(lambda: self._queue.ack(event, want_next))
             _now_holds(holding, step)
             outcome = "lost_lease" if step is Step.LOST else "ack"
@@ -103,6 +104,7 @@ class Slots:
             return step
         dead = event.attempt >= self._settings.max_attempts
         text = _reason(error)
+        await self._settling(slot, event, "dead" if dead else "nack", started, finished)
         step = await self.retrying(lambda: self._queue.nack(event, text, dead, want_next))
         _now_holds(holding, step)
         outcome = "lost_lease" if step is Step.LOST else "dead" if dead else "nack"
@@ -201,11 +203,18 @@ class Slots:
                 self.tally.faults += 1
         return None
 
+    def _settling(
+        self, slot: int, event: Event, settle: str, started: int, finished: int
+    ) -> Awaitable[None]:
+        """The line written before a settle is sent (`settling`: ack, nack or dead). Should the
+        process die after Redis took the settle but before its outcome line, `evq report`
+        resolves the attempt from this line and Redis, so no settled event goes unlogged."""
+        fields = _fields(slot, event, started, finished)
+        return self._events.write("event_settling", settling=settle, **fields)
+
     def _record(
         self, slot: int, event: Event, outcome: str, started: int, finished: int, **extra: object
     ) -> Awaitable[None]:
-        if event.replays:
-            extra["replay"] = event.replays
         if outcome == "lost_lease":
             self.tally.lease_lost()
         else:
@@ -213,20 +222,8 @@ class Slots:
         if outcome == "ack":
             self.tally.observe("processing", (finished - started) / 1e9)
             self.tally.observe("wait", (time.time_ns() - event.enqueued_ns) / 1e9)
-        return self._events.write(
-            OUTCOME_EVENTS[outcome],
-            account=event.account,
-            seq=event.seq,
-            event_id=event.event_id,
-            attempt=event.attempt,
-            outcome=outcome,
-            slot=slot,
-            token=event.token,
-            enqueued_ns=event.enqueued_ns,
-            started_ns=started,
-            finished_ns=finished,
-            **extra,
-        )
+        fields = _fields(slot, event, started, finished)
+        return self._events.write(OUTCOME_EVENTS[outcome], outcome=outcome, **fields, **extra)
 
     async def give_up(self, holding: Holding) -> None:
         """After a slot failed: release its account (the event in flight back at the head), or
@@ -235,6 +232,24 @@ class Slots:
             await self._release(holding)
         except Exception:
             self._log.exception("release_failed", account=holding.account)
+
+
+def _fields(slot: int, event: Event, started: int, finished: int) -> dict[str, object]:
+    """What every line of an attempt says of it."""
+    fields: dict[str, object] = {
+        "account": event.account,
+        "seq": event.seq,
+        "event_id": event.event_id,
+        "attempt": event.attempt,
+        "slot": slot,
+        "token": event.token,
+        "enqueued_ns": event.enqueued_ns,
+        "started_ns": started,
+        "finished_ns": finished,
+    }
+    if event.replays:
+        fields["replay"] = event.replays
+    return fields
 
 
 def _now_holds(holding: Holding, step: Next) -> None:

@@ -1,10 +1,11 @@
 """Reads the event log: proves per-account order (I1) and measures the run against its bound."""
 
+import dataclasses
 import itertools
 import math
 import statistics
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,10 @@ class Run:
     longest_chain: int | None = None
     process_s: float | None = None
     malformed: int = 0  # lines of the logs that are not a whole record
+    # Attempts whose settle was about to be sent (`event_settling` lines), the settle as their
+    # outcome; `resolve` keeps those whose outcome line is missing but Redis took the settle.
+    settling: list[Attempt] = field(default_factory=list)
+    resolved: int = 0  # attempts counted from a settling line and Redis
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +85,7 @@ class Report:
     process_s: float
     violations: list[str] = field(default_factory=list)
     malformed: int = 0
+    resolved: int = 0
 
     @property
     def ok(self) -> bool:
@@ -100,19 +106,20 @@ def read_log(paths: Sequence[Path], latest_run: bool = False) -> Run:
     pushed: dict[str, int] = {}
     attempts: list[Attempt] = []
     unread = [0]
+    settling: list[Attempt] = []
     for record in (record for path in paths for record in _records(path, unread)):
-        if "outcome" in record:
+        if "outcome" in record or "settling" in record:
             attempt = _attempt(record)
             if attempt is None:
                 unread[0] += 1
             else:
-                attempts.append(attempt)
+                (attempts if "outcome" in record else settling).append(attempt)
         elif record.get("event") == "run_started":
             markers[record["run_id"]] = record
         elif record.get("event") == "run_pushed":
             pushed[record["run_id"]] = record["accepted"]
     if not latest_run or not markers:
-        return Run(attempts, malformed=unread[0])
+        return Run(attempts, malformed=unread[0], settling=settling)
     # The newest by its timestamp; in the order read where markers carry none.
     _, (run_id, marker) = max(
         enumerate(markers.items()), key=lambda item: (item[1][1].get("timestamp", ""), item[0])
@@ -120,6 +127,7 @@ def read_log(paths: Sequence[Path], latest_run: bool = False) -> Run:
     prefix = marker.get("id_prefix", f"{run_id}-")
     return Run(
         [a for a in attempts if a.event_id.startswith(prefix)],
+        settling=[a for a in settling if a.event_id.startswith(prefix)],
         run_id=run_id,
         id_prefix=prefix,
         accepted=pushed.get(run_id),
@@ -145,8 +153,11 @@ def _records(path: Path, unread: list[int]) -> Iterator[dict[str, Any]]:
 
 
 def _attempt(record: dict[str, Any]) -> Attempt | None:
-    """The attempt an outcome line records; None when a field it needs is missing or wrong."""
+    """The attempt an outcome or settling line records (a settling line's settle as its
+    outcome); None when a field it needs is missing or wrong."""
     fields = {name: record[name] for name in LOGGED if name in record}
+    if "outcome" not in record:
+        fields["outcome"] = record["settling"]
     try:
         attempt = Attempt(**{"host": "", **fields})
     except TypeError:
@@ -161,6 +172,28 @@ def _attempt(record: dict[str, Any]) -> Attempt | None:
     if not all(isinstance(n, int) for n in numbers) or not isinstance(attempt.event_id, str):
         return None
     return attempt
+
+
+async def resolve(
+    run: Run, state_of: Callable[[int, str], Awaitable[dict[str, Any] | None]]
+) -> Run:
+    """`run` with the attempts whose outcome line is missing (their consumer died between
+    the settle and that line) counted as Redis has them: an ack or a dead-lettering that
+    landed. An attempt of which a later attempt was logged did not settle its event and is
+    left out; so is one Redis still holds the event of (it will be handed out again)."""
+    logged = {(a.account, a.seq, a.attempt) for a in run.attempts}
+    latest: dict[tuple[int, int], int] = {}
+    for a in (*run.attempts, *run.settling):
+        latest[(a.account, a.seq)] = max(latest.get((a.account, a.seq), 0), a.attempt)
+    found = []
+    for a in run.settling:
+        if (a.account, a.seq, a.attempt) in logged or latest[(a.account, a.seq)] > a.attempt:
+            continue
+        state = await state_of(a.account, a.event_id)
+        now = {"acked": "ack", "dead": "dead"}.get(state["state"]) if state else None
+        if now is not None and now == a.outcome:
+            found.append(a)
+    return dataclasses.replace(run, attempts=[*run.attempts, *found], resolved=len(found))
 
 
 def order_violations(attempts: Iterable[Attempt]) -> list[str]:
@@ -237,6 +270,7 @@ def summarize(run: Run, waiting: int | None, slots: int | None = None) -> Report
         process_s=process_s,
         violations=violations,
         malformed=run.malformed,
+        resolved=run.resolved,
     )
 
 
@@ -313,6 +347,8 @@ def render(report: Report) -> str:
         ),
         ("peak concurrency", f"{report.peak_concurrency} of W={report.slots}"),
     ]
+    if report.resolved:
+        lines.append(("resolved", f"{report.resolved} (settled in Redis, outcome line missing)"))
     if report.malformed:
         lines.append(("malformed lines", f"{report.malformed} (not read: the proof is incomplete)"))
     text = "\n".join(f"{name:<17} {value}" for name, value in lines)

@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from app.cli.commands import app
-from app.workload.report import Report, read_log, summarize
+from app.workload.report import Report, read_log, render, resolve, summarize
 
 S = 1_000_000_000  # one second in ns
 RUN = "r1"
@@ -217,3 +217,27 @@ def test_malformed_lines_are_counted_and_fail_the_proof(tmp_path: Path) -> None:
     done = CliRunner().invoke(app, ["report", str(path)], env=NO_REDIS)
     assert done.exit_code == 1
     assert "malformed lines   3" in done.output
+
+
+async def test_a_settle_whose_outcome_line_is_missing_is_resolved_from_redis(
+    tmp_path: Path,
+) -> None:
+    """An attempt logged as settling with no outcome line counts as Redis has it: acked when
+    its ack landed, not when Redis still holds the event or a later attempt ran."""
+    settling = [
+        {**attempt(1, 1, 0, 1), "settling": "ack"},  # acked in Redis: resolved
+        {**attempt(1, 2, 1, 2), "settling": "ack"},  # still pending in Redis: not settled
+        {**attempt(2, 1, 0, 1), "settling": "ack"},  # attempt 2 ran after it: not settled
+    ]
+    for line in settling:
+        del line["outcome"]
+    path = write_log(tmp_path, [*settling, attempt(2, 1, 3, 4, attempt=2)], accepted=3)
+    states = {"r1-1-1": "acked", "r1-1-2": "pending", "r1-2-1": "acked"}
+
+    async def state_of(account: int, event_id: str) -> dict[str, object]:
+        return {"state": states[event_id]}
+
+    run = await resolve(read_log([path], latest_run=True), state_of)
+    found = summarize(run, waiting=1)
+    assert (found.acked, found.resolved, found.lost, found.order_violations) == (2, 1, 0, 0)
+    assert "resolved          1" in render(found)
