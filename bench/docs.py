@@ -59,6 +59,8 @@ def _section(name: str, found: dict[str, dict[str, Any]]) -> str:
         "cluster": _headline,
         "work": _plain,
         "cluster_work": _plain,
+        "cost": _plain,
+        "cluster_cost": _plain,
         "faults": _faults,
         "noop": _plain,
         "push": _plain,

@@ -71,12 +71,17 @@ class Bench:
             )
         return procs
 
-    def drain(self, slots: int, **settings: object) -> None:
-        """Drain what Redis holds with burst consumers for `slots`; returns when they exit."""
+    def drain(self, slots: int, **settings: object) -> float:
+        """Drain what Redis holds with burst consumers for `slots`; returns when they exit,
+        with the CPU seconds (user and system) they used."""
         self.consumers(slots, burst=True, **settings)
+        cpu_s = 0.0
         for proc in self.procs:
-            proc.wait(timeout=900)
+            _, _, usage = os.wait4(proc.pid, 0)
+            proc.returncode = 0
+            cpu_s += usage.ru_utime + usage.ru_stime
         self.procs.clear()
+        return cpu_s
 
     def evq(self, *args: str, **settings: object) -> str:
         """Run `evq <args>` to completion; its stdout."""

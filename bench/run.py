@@ -19,7 +19,7 @@ Cell = Callable[[Bench], dict[str, Any]]
 
 
 SHARDS = (1, 16, 256)
-ON_CLUSTER = ("cluster", "cluster_work")
+ON_CLUSTER = ("cluster", "cluster_work", "cluster_cost")
 
 
 def plan(full: bool) -> dict[str, list[Cell]]:
@@ -39,6 +39,10 @@ def plan(full: bool) -> dict[str, list[Cell]]:
         # Redis commands and CPU per event at several SHARDS, on one Redis and on the cluster.
         "work": [_cell(scenarios.redis_work, shards) for shards in SHARDS],
         "cluster_work": [_cell(scenarios.redis_work, shards) for shards in SHARDS],
+        # What one event costs Redis and the consumer, at 10 and at 100 events per account:
+        # the figures the lean hot path is measured by, on one Redis and on the cluster.
+        "cost": [_cell(scenarios.redis_work, 16, 20_000, n) for n in (2_000, 200)],
+        "cluster_cost": [_cell(scenarios.redis_work, 16, 20_000, n) for n in (2_000, 200)],
         # The 0.1 s bursty drain at W=100, calm and with every connection killed every 0.3 s.
         "faults": [
             _cell(scenarios.makespan, "bursty", 100, "longest", 0.1, kill) for kill in (0, 0.3)

@@ -59,10 +59,18 @@ def redis_work(
     b: Bench, shards: int, events: int = 20_000, accounts: int = 2_000, slots: int = 512
 ) -> dict[str, Any]:
     """What Redis does per event with SHARDS=`shards`, for the push (`gen`) and the no-op
-    drain apart: commands (INFO commandstats) and CPU microseconds of each master (INFO cpu).
+    drain apart: commands (INFO commandstats) and CPU microseconds of each master (INFO cpu),
+    and the consumers' own CPU per event drained (less what they cost to start and stop).
     Stable on a noisy machine, unlike rates: it decides how far a cluster scales."""
     b.fresh()
-    cell: dict[str, Any] = {"masters": len(b.masters()), "shards": shards, "events": events}
+    # What consumers cost to start and stop, drained from an empty Redis: not per event.
+    startup_s = b.drain(slots, process_seconds=0, shards=shards)
+    cell: dict[str, Any] = {
+        "masters": len(b.masters()),
+        "shards": shards,
+        "events": events,
+        "events_per_account": events // accounts,
+    }
     for phase in ("push", "drain"):
         masters = b.masters()
         for client in masters:
@@ -71,7 +79,8 @@ def redis_work(
         if phase == "push":
             b.gen(events, accounts, "uniform", slots, shards=shards)
         else:
-            b.drain(slots, process_seconds=0, shards=shards)
+            consumer_s = b.drain(slots, process_seconds=0, shards=shards)
+            cell["consumer_cpu_us_per_event"] = round((consumer_s - startup_s) / events * 1e6, 1)
         used = [_cpu_s(client) - start for client, start in zip(masters, before, strict=True)]
         calls = sum(
             stat["calls"] for client in masters for stat in client.info("commandstats").values()
