@@ -27,6 +27,7 @@ included, is `app/consumer/slots.py`.
 
 import asyncio
 import contextlib
+import math
 import os
 import signal
 import socket
@@ -38,7 +39,7 @@ from typing import Any
 from structlog.typing import FilteringBoundLogger
 
 from app import log
-from app.consumer.slots import Holding, Slots, sleep_unless
+from app.consumer.slots import EWMA_WEIGHT, Holding, Slots, sleep_unless
 from app.engine import (
     TRANSIENT,
     ClaimInterrupted,
@@ -60,6 +61,7 @@ FAILURE_WINDOW_S = 60.0
 CLAIM_RETRY_S = 1.0  # pause of the claimer after an unexpected error
 LOOK_EVERY_S = 0.25  # how often a busy consumer reads the best waiting backlog of the shards
 GUARD_EVERY_S = 30.0  # how often a running consumer checks that Redis still evicts nothing
+MAX_SWITCH_MARGIN = 1000  # events of backlog: beyond this a switch always pays
 
 
 class Consumer:
@@ -89,6 +91,7 @@ class Consumer:
         self.failing = False
         self._member = f"{socket.gethostname()}:{os.getpid()}:{settings.concurrency}"
         self._started = time.monotonic()
+        self._claim_s = 0.0  # moving average of a claim that found work
 
     def stop(self) -> None:
         """First call: finish current events, release, exit. Second call: stop now."""
@@ -166,7 +169,9 @@ class Consumer:
 
     async def _look(self) -> None:
         """While every slot is busy: wait for one to be idle, and meanwhile keep the view of
-        the best waiting account fresh (when there are other shards to see)."""
+        the best waiting account fresh (when there are other shards to see), and the switch
+        margin in step with the handler's pace."""
+        self._adapt_margin()
         self._wake.clear()
         if self._settings.shards == 1:
             await self._wake.wait()
@@ -180,10 +185,15 @@ class Consumer:
 
     async def _claim(self) -> tuple[list[Event | Won], float]:
         """Claim for the idle slots; the lease of what it won ends `lease_until` at the latest."""
-        lease_until = time.monotonic() + self._settings.lease_seconds
+        started = time.monotonic()
+        lease_until = started + self._settings.lease_seconds
         block_s = self._settings.claim_block_s
         try:
-            return await self._queue.claim(self._idle, block_s), lease_until
+            claimed = await self._queue.claim(self._idle, block_s)
+            if claimed:  # a claim that found nothing waited for work: not its cost
+                self._claim_s += (time.monotonic() - started - self._claim_s) * EWMA_WEIGHT
+                self._adapt_margin()
+            return claimed, lease_until
         except ClaimInterrupted as lost:
             accounts, claim_id = lost.accounts, lost.claim_id
             resumed = await self._slots.retrying(
@@ -193,6 +203,17 @@ class Consumer:
             if resumed is None:
                 self._reap_soon.set()
             return [*lost.claimed, *(resumed or [])], lease_until
+
+    def _adapt_margin(self) -> None:
+        """With CLAIM_ORDER=longest, a slot gives its account up for one with a longer backlog
+        only when the difference is worth the claim it costs: SWITCH_MARGIN events, or as many
+        handler runs as one claim takes, whichever is more (a no-op handler would otherwise
+        switch after almost every event, paying a claim each time for nothing)."""
+        if self._settings.claim_order != "longest" or not self._slots.handler_s:
+            return  # nothing measured yet: SWITCH_MARGIN as set
+        runs = self._claim_s / self._slots.handler_s
+        worth = min(MAX_SWITCH_MARGIN, math.ceil(runs))
+        self._queue.switch_margin = max(self._settings.switch_margin, worth)
 
     async def _all_done(self) -> bool:
         return self._idle == self._settings.concurrency and await inspect.drained(self._queue)

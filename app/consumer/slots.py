@@ -33,6 +33,7 @@ OUTCOME_EVENTS = {
     "lost_lease": "event_lease_lost",
 }
 LEASE_MARGIN = 0.1  # share of the lease a slot keeps in hand when it judges its own lease
+EWMA_WEIGHT = 0.05  # of the newest run in the moving average of handler time
 
 
 class HandlerTimeout(Exception):
@@ -75,6 +76,7 @@ class Slots:
         self._margin_s = settings.lease_seconds * LEASE_MARGIN
         self.stopping = asyncio.Event()
         self.tally = Tally()
+        self.handler_s = 0.0  # moving average of one handler run
 
     async def drain(self, slot: int, holding: Holding, first: Event | Won) -> None:
         """Handle the held account's events until it is released, drained or lost."""
@@ -94,6 +96,7 @@ class Slots:
         holding.ran = True
         error = await self._run_handler(event)
         finished = time.time_ns()
+        self.handler_s += (max(0, finished - started) / 1e9 - self.handler_s) * EWMA_WEIGHT
         want_next = not self.stopping.is_set()
         if error is None:
             await self._settling(slot, event, "ack", started, finished)

@@ -79,8 +79,9 @@ class Queue:
         )
         self._order = settings.claim_order
         self._lease_ms = settings.lease_ms
-        # Score difference that makes a slot switch accounts: events of backlog for `longest`.
-        self._margin = settings.switch_margin if self._order == "longest" else 1
+        # Score difference that makes a slot switch accounts: events of backlog for `longest`
+        # (a consumer raises it for handlers much faster than a claim).
+        self.switch_margin = settings.switch_margin if self._order == "longest" else 1
         self._dedupe_ms = max(1, round(settings.dedupe_seconds * 1000))
         self._rand: Callable[[], str] = _random_score if self._order == "random" else _no_score
         self._hash_slot = [self.keys.hash_slot(shard) for shard in range(settings.shards)]
@@ -418,7 +419,7 @@ class Queue:
             event.seq,
             event.attempt,
             want,
-            self._margin,
+            self.switch_margin,
             self._best_elsewhere,
             *extra,
         )
