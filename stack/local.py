@@ -7,6 +7,7 @@ from the environment, where `make demo PROCESS_SECONDS=0.2` puts it, and beats `
 """
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -142,7 +143,7 @@ def down(stack: Stack) -> None:
     if pid is None:
         print("redis: not running (or not started by make up)")
         return
-    os.kill(pid, 15)
+    os.kill(pid, signal.SIGTERM)
     _wait_gone(pid)
     print("redis: stopped")
 
