@@ -42,6 +42,7 @@ T = TypeVar("T")
 DEFAULT_API = "http://127.0.0.1:8000"
 # A slot holds a connection only for one round trip, so a few dozen serve hundreds of slots.
 SLOT_CONNECTIONS = 32
+WAIT_RIDE_OUT_S = 10.0  # connection faults `evq wait` rides out before Redis first answers
 HELP = """evq: per-account ordered event processing on Redis.
 
 Events of one account are handled one after another, in the order they were accepted; many
@@ -75,7 +76,9 @@ def consume(
     async def main() -> bool:
         pool_size = min(settings.concurrency, SLOT_CONNECTIONS) + 4
         # Open the pools before the first claim, so the first wave of acks does not pay for it.
-        async with open_queue(settings, pool_size, consumer=True, connections=pool_size) as queue:
+        async with open_queue(
+            settings, pool_size, True, pool_size, ride_out_s=settings.lease_seconds
+        ) as queue:
             consumer = await process.consume(queue, handler, settings, burst)
         return consumer.forced or consumer.failing
 
@@ -259,7 +262,7 @@ def wait(
     settings = settings_or_exit()
 
     async def main() -> bool:
-        async with open_queue(settings) as queue:
+        async with open_queue(settings, ride_out_s=WAIT_RIDE_OUT_S) as queue:
             if consumers:
                 return await progress.wait_consumers(queue, consumers, settings, timeout)
             return await progress.wait_drained(queue, timeout, sys.stderr)

@@ -59,14 +59,6 @@ class _Claimed(NamedTuple):
     taken: Any
 
 
-def _random_score() -> str:
-    return repr(random.random())
-
-
-def _no_score() -> str:
-    return "0"
-
-
 class Queue:
     """Per-account ordered queue over the shards; every multi-key step is one Lua script."""
 
@@ -83,7 +75,6 @@ class Queue:
         # (a consumer raises it for handlers much faster than a claim).
         self.switch_margin = settings.switch_margin if self._order == "longest" else 1
         self._dedupe_ms = max(1, round(settings.dedupe_seconds * 1000))
-        self._rand: Callable[[], str] = _random_score if self._order == "random" else _no_score
         self._hash_slot = [self.keys.hash_slot(shard) for shard in range(settings.shards)]
         self._push_keys = [
             [key.encode() for key in (*self.keys.shard_keys(shard)[:3], self.keys.paused(shard))]
@@ -433,6 +424,10 @@ class Queue:
         """One account script on the account's master (auto-pipelined with the others)."""
         return self.scripts.call(self.node_of(account), name, self._account_keys(account), args)
 
+    def _rand(self) -> str:
+        """A random ready score for CLAIM_ORDER=random; '0', unused, for the other orders."""
+        return repr(random.random()) if self._order == "random" else "0"
+
     def _argv(self, account: int, token: int | str, *args: Arg) -> tuple[Arg, ...]:
         """ARGV of every account script but reap and renew: 1 account, 2 fencing token (or
         take's mode), 3 claim order, 4 random score, then the script's own."""
@@ -465,19 +460,23 @@ class Queue:
 
 @contextlib.asynccontextmanager
 async def open_queue(
-    settings: Settings, max_connections: int = 64, consumer: bool = False, connections: int = 1
+    settings: Settings,
+    max_connections: int = 64,
+    consumer: bool = False,
+    connections: int = 1,
+    ride_out_s: float = 0.0,
 ) -> AsyncIterator["Queue"]:
-    """A `Queue` on REDIS_URL, checked (`Queue.open`; a `consumer` rides out connection faults
-    for up to a lease) and closed at the end. The one way an entrypoint reaches Redis."""
+    """A `Queue` on REDIS_URL, checked (`Queue.open`, connection faults ridden out for up to
+    `ride_out_s`) and closed at the end. The one way an entrypoint reaches Redis."""
     queue = Queue(Nodes(settings, max_connections, consumer), settings)
-    deadline, pauses = time.monotonic() + settings.lease_seconds, backoff()
+    deadline, pauses = time.monotonic() + ride_out_s, backoff()
     try:
         while True:
             try:
                 await queue.open(connections)
                 break
             except TRANSIENT:
-                if not consumer or time.monotonic() > deadline:
+                if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(next(pauses))
         yield queue
