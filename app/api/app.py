@@ -340,25 +340,23 @@ def _where(loc: tuple[int | str, ...]) -> str:
     """`("body", "events", 3, "account_id")` -> `events[3].account_id`."""
     out = ""
     for part in loc[1:] if loc and loc[0] in ("body", "query", "path") else loc:
-        if loc[0] == "body" and isinstance(part, int) and len(loc) == 2:
-            break  # json_invalid's character offset, not an index
         out += f"[{part}]" if isinstance(part, int) else f".{part}"
     return out.lstrip(".") or "body"
 
 
-def _message(error: Any) -> str:
-    """What is wrong, in at most 200 characters; a body that is not JSON says why."""
+def _detail(error: Any) -> dict[str, str]:
+    """Where and what is wrong, in at most 200 characters; a body that is not JSON is the
+    whole body's fault (its loc holds a character offset, not a field) and says why."""
     if error.get("type") == "json_invalid":
-        return f"the body is not JSON: {error.get('ctx', {}).get('error', '')}"[:200]
-    return str(error["msg"])[:200]
+        why = error.get("ctx", {}).get("error", "")
+        return {"loc": "body", "msg": f"the body is not JSON: {why}"[:200]}
+    return {"loc": _where(tuple(error["loc"])), "msg": str(error["msg"])[:200]}
 
 
 async def _invalid(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
-    detail = [
-        {"loc": _where(tuple(e["loc"])), "msg": _message(e)} for e in errors[:MAX_ERRORS_SHOWN]
-    ]
+    detail = [_detail(e) for e in errors[:MAX_ERRORS_SHOWN]]
     if len(errors) > MAX_ERRORS_SHOWN:
         detail.append({"loc": "", "msg": f"and {len(errors) - MAX_ERRORS_SHOWN} more errors"})
     message = "; ".join(f"{d['loc']}: {d['msg']}" for d in detail[:5])
