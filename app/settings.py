@@ -1,8 +1,11 @@
 """Settings: one frozen object read from the environment and `.env`, built once per entrypoint."""
 
+import base64
+import binascii
 import os
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -63,6 +66,14 @@ class Settings(BaseSettings):
     api_header_timeout_seconds: float = Field(5.0, gt=0, le=300)
     ws_max_unacked: int = Field(5000, ge=1, le=1_000_000)
     ws_max_unacked_bytes: int = Field(8 * 1024 * 1024, ge=64 * 1024, le=1024 * 1024 * 1024)
+    # HANDLER=app.handlers:http: where each event is POSTed ({account_id} is replaced), the
+    # Standard Webhooks secrets (whsec_..., space-separated while rotating), how long one
+    # delivery may take (default: 10 s or half the lease, whichever is shorter), and how many
+    # connections to one host (default: CONCURRENCY).
+    delivery_url: str | None = None
+    delivery_secret: SecretStr | None = None
+    delivery_timeout_seconds: float | None = Field(None, gt=0)
+    delivery_max_connections: int | None = Field(None, ge=1, le=100_000)
 
     @model_validator(mode="after")
     def _timeout_fits_the_lease(self) -> "Settings":
@@ -73,6 +84,16 @@ class Settings(BaseSettings):
                 f"REDIS_TIMEOUT_SECONDS ({self.redis_timeout_seconds:g}) must be at most half of"
                 f" LEASE_SECONDS ({self.lease_seconds:g}), so a consumer can retry a call"
                 " that timed out before its lease runs out"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _delivery_fits_the_lease(self) -> "Settings":
+        timeout = self.delivery_timeout_seconds
+        if timeout is not None and timeout >= self.lease_seconds:
+            raise ValueError(
+                f"DELIVERY_TIMEOUT_SECONDS ({self.delivery_timeout_seconds:g}) must be shorter"
+                f" than LEASE_SECONDS ({self.lease_seconds:g})"
             )
         return self
 
@@ -112,6 +133,50 @@ class Settings(BaseSettings):
     @classmethod
     def _blank_is_no_cap(cls, cap: object) -> object:
         return None if isinstance(cap, str) and not cap.strip() else cap  # docker-compose's ""
+
+    @field_validator(
+        "delivery_url",
+        "delivery_secret",
+        "delivery_timeout_seconds",
+        "delivery_max_connections",
+        mode="before",
+    )
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("delivery_url")
+    @classmethod
+    def _a_delivery_url(cls, url: str | None) -> str | None:
+        """http:// or https:// with a host; `{account_id}` is the only placeholder."""
+        if url is None:
+            return None
+        parts = urlsplit(url.replace("{account_id}", "0"))
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if "{" in url.replace("{account_id}", ""):
+            raise ValueError("{account_id} is the only placeholder it may hold")
+        return url
+
+    @field_validator("delivery_secret", mode="after")
+    @classmethod
+    def _whsec_secrets(cls, secret: SecretStr | None) -> SecretStr | None:
+        if secret is not None:
+            for each in secret.get_secret_value().split():
+                _webhook_key(each)
+        return secret
+
+    @property
+    def delivery_timeout_s(self) -> float:
+        """How long one delivery may take, waiting for a connection included."""
+        return self.delivery_timeout_seconds or min(10.0, self.lease_seconds / 2)
+
+    @property
+    def delivery_keys(self) -> list[bytes]:
+        """The keys of DELIVERY_SECRET's secrets, each delivery signed with every one."""
+        if self.delivery_secret is None:
+            return []
+        return [_webhook_key(each) for each in self.delivery_secret.get_secret_value().split()]
 
     @field_validator("api_token", mode="after")
     @classmethod
@@ -199,3 +264,16 @@ class Settings(BaseSettings):
         return float(
             min(self.retry_backoff_seconds * 2 ** (attempt - 1), self.retry_backoff_max_seconds)
         )
+
+
+def _webhook_key(secret: str) -> bytes:
+    """The key of a Standard Webhooks secret: `whsec_` and base64 (at least 16 bytes)."""
+    if not secret.startswith("whsec_"):
+        raise ValueError("each secret takes the form whsec_<base64>")
+    try:
+        key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("a secret after whsec_ is not base64") from None
+    if len(key) < 16:
+        raise ValueError("a secret must hold at least 16 bytes (24 base64 characters)")
+    return key

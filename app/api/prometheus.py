@@ -82,8 +82,17 @@ class _Families(Collector):
         for name, metric, text in (
             ("wait", "evq_event_wait_seconds", "From enqueue to ack, per acked event."),
             ("processing", "evq_event_processing_seconds", "Handler time of an acked event."),
+            ("delivery", "evq_delivery_seconds", "Time of one HTTP delivery, any outcome."),
         ):
             yield _histogram(found.measured, name, metric, text)
+        deliveries = CounterMetricFamily(
+            "evq_deliveries",
+            "HTTP deliveries by outcome: 2xx to 5xx, timeout, connection.",
+            labels=["outcome"],
+        )
+        for outcome, count in found.deliveries.items():
+            deliveries.add_metric([outcome], count)
+        yield deliveries
 
 
 def _histogram(measured: dict[str, float], name: str, metric: str, text: str) -> Metric:

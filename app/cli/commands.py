@@ -69,7 +69,7 @@ def consume(
     settings = settings_or_exit()
     try:
         handler = handlers.load(settings)
-    except handlers.HandlerNotFound as exc:
+    except handlers.HandlerUnusable as exc:
         typer.echo(f"evq: {exc}", err=True)
         raise typer.Exit(2) from exc
 

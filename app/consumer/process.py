@@ -52,7 +52,7 @@ from app.engine import (
 )
 from app.engine.connection import LONGEST_PAUSE_S, backoff
 from app.engine.registry import HEARTBEAT_S
-from app.handlers import Handler
+from app.handlers import Handler, close
 from app.settings import Settings
 
 HELD_SHOWN = 50  # accounts listed in the SIGUSR1 line (it stays well under 4 KiB)
@@ -376,5 +376,8 @@ async def consume(
     consumer = Consumer(
         queue, Slots(queue, handler, settings, diagnostics, events), settings, diagnostics
     )
-    await consumer.run(burst=burst)
+    try:
+        await consumer.run(burst=burst)
+    finally:
+        await close(handler)
     return consumer

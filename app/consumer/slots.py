@@ -21,7 +21,7 @@ from structlog.typing import FilteringBoundLogger
 from app.consumer.tally import Tally
 from app.engine import TRANSIENT, Event, Next, Queue, Step, Won
 from app.engine.connection import backoff
-from app.handlers import Handler
+from app.handlers import Delivery, Failed, Handler
 from app.log import EventLog
 from app.settings import Settings
 
@@ -94,36 +94,50 @@ class Slots:
         lease ran out while Redis did not answer)."""
         started = time.time_ns()
         holding.ran = True
-        error = await self._run_handler(event)
+        error, delivery = await self._run_handler(event)
         finished = time.time_ns()
         self.handler_s += (max(0, finished - started) / 1e9 - self.handler_s) * EWMA_WEIGHT
+        extra = {} if delivery is None else delivery.fields()
+        if delivery is not None:
+            self.tally.delivered(delivery)
         want_next = not self.stopping.is_set()
         if error is None:
             await self._settling(slot, event, "ack", started, finished)
             step = await self.retrying(lambda: self._queue.ack(event, want_next))
             _now_holds(holding, step)
             outcome = "lost_lease" if step is Step.LOST else "ack"
-            await self._record(slot, event, outcome, started, finished)
+            await self._record(slot, event, outcome, started, finished, **extra)
             return step
-        dead = event.attempt >= self._settings.max_attempts
+        failed = error if isinstance(error, Failed) else None
+        dead = event.attempt >= self._settings.max_attempts or bool(failed and failed.permanent)
         text = _reason(error)
         await self._settling(slot, event, "dead" if dead else "nack", started, finished)
         step = await self.retrying(lambda: self._queue.nack(event, text, dead, want_next))
         _now_holds(holding, step)
         outcome = "lost_lease" if step is Step.LOST else "dead" if dead else "nack"
-        await self._record(slot, event, outcome, started, finished, error=text[:500])
+        await self._record(slot, event, outcome, started, finished, error=text[:500], **extra)
         if step is not Step.RETRY:
             return step
-        await sleep_unless(self.stopping, self._settings.backoff_s(event.attempt))
+        await sleep_unless(self.stopping, self._retry_in_s(event, failed))
+        if failed is not None and failed.retry_when is not None:
+            await wait_unless(self.stopping, failed.retry_when())
         if self.stopping.is_set():
             return await self._release(holding)
         return await self._take(holding)
 
-    async def _run_handler(self, event: Event) -> BaseException | None:
-        """None when the handler returned, else what it raised, whatever its type: a handler's
-        failure is its event's, never the slot's. Past HANDLER_TIMEOUT_SECONDS the attempt
-        fails as a `HandlerTimeout`: an async handler is cancelled, a sync one left running
-        in its thread (a thread cannot be killed)."""
+    def _retry_in_s(self, event: Event, failed: Failed | None) -> float:
+        """The backoff after a failed attempt, or longer when the handler asked for it (at
+        most RETRY_BACKOFF_MAX_SECONDS)."""
+        backoff = self._settings.backoff_s(event.attempt)
+        if failed is None or failed.retry_after_s is None:
+            return backoff
+        return max(backoff, min(failed.retry_after_s, self._settings.retry_backoff_max_seconds))
+
+    async def _run_handler(self, event: Event) -> tuple[BaseException | None, Delivery | None]:
+        """What the handler raised (None when it returned), whatever its type: a handler's
+        failure is its event's, never the slot's; and the `Delivery` it reported. Past
+        HANDLER_TIMEOUT_SECONDS the attempt fails as a `HandlerTimeout`: an async handler is
+        cancelled, a sync one left running in its thread (a thread cannot be killed)."""
         if self._handler_timeout_s is None:
             return await self._guarded(self._call(event))
         deadline = asyncio.timeout(self._handler_timeout_s)
@@ -140,23 +154,28 @@ class Slots:
             attempt=event.attempt,
             timeout_s=self._handler_timeout_s,
         )
-        return HandlerTimeout(
+        timeout = HandlerTimeout(
             f"timeout: the handler ran longer than {self._handler_timeout_s:g} s"
             " (HANDLER_TIMEOUT_SECONDS)"
         )
+        return timeout, None
 
     @staticmethod
-    async def _guarded(call: Awaitable[None]) -> BaseException | None:
+    async def _guarded(
+        call: Awaitable[Delivery | None],
+    ) -> tuple[BaseException | None, Delivery | None]:
         try:
-            await call
+            result = await call
         except asyncio.CancelledError as exc:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise  # a forced stop or the handler's deadline, not the handler
-            return exc
+            return exc, None
+        except Failed as exc:
+            return exc, exc.delivery
         except BaseException as exc:
-            return exc
-        return None
+            return exc, None
+        return None, result if isinstance(result, Delivery) else None
 
     def _take(self, holding: Holding) -> Awaitable[Next | None]:
         return self._while_held(holding, lambda: self._queue.take(holding.account, holding.token))
@@ -265,12 +284,12 @@ def _now_holds(holding: Holding, step: Next) -> None:
 
 def _reason(error: BaseException) -> str:
     """What a nack records of a failed attempt."""
-    if isinstance(error, HandlerTimeout):
+    if isinstance(error, HandlerTimeout | Failed):
         return str(error)
     return f"{type(error).__name__}: {error}"
 
 
-def _as_async(handler: Handler, threads: int) -> Callable[[Event], Awaitable[None]]:
+def _as_async(handler: Handler, threads: int) -> Callable[[Event], Awaitable[Delivery | None]]:
     """Async handlers run on the loop; sync ones in a thread pool sized to the slots."""
     if inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
         getattr(handler, "__call__", None)  # noqa: B004
@@ -278,8 +297,8 @@ def _as_async(handler: Handler, threads: int) -> Callable[[Event], Awaitable[Non
         return handler  # type: ignore[return-value]
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="evq-handler")
 
-    async def call(event: Event) -> None:
-        await asyncio.get_running_loop().run_in_executor(pool, handler, event)
+    async def call(event: Event) -> Delivery | None:
+        return await asyncio.get_running_loop().run_in_executor(pool, handler, event)  # type: ignore[arg-type]
 
     return call
 
@@ -289,3 +308,14 @@ async def sleep_unless(event: asyncio.Event, seconds: float) -> bool:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(event.wait(), seconds)
     return event.is_set()
+
+
+async def wait_unless(event: asyncio.Event, awaitable: Awaitable[object]) -> None:
+    """Wait for `awaitable` or until `event` is set, whichever comes first."""
+    wanted = asyncio.ensure_future(awaitable)
+    stopped = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait((wanted, stopped), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        wanted.cancel()
+        stopped.cancel()

@@ -5,7 +5,8 @@ import bisect
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from app.engine.registry import FIELDS, HISTOGRAMS, LEASE_LOST
+from app.engine.registry import DELIVERED, FIELDS, HISTOGRAMS, LEASE_LOST
+from app.handlers import Delivery
 
 
 @dataclass(slots=True)
@@ -25,6 +26,11 @@ class Tally:
         self.counts[fields[bisect.bisect_left(HISTOGRAMS[name], seconds)]] += 1
         self.counts[fields[-2]] += 1
         self.sums[fields[-1]] += seconds
+
+    def delivered(self, delivery: Delivery) -> None:
+        """An attempt that handed its event to another service: its outcome and latency."""
+        self.counts[DELIVERED + delivery.outcome] += 1
+        self.observe("delivery", delivery.latency_s)
 
     def lease_lost(self) -> None:
         self.lease_losses += 1

@@ -238,7 +238,18 @@ class Snapshot:
         out.pop("measured")
         out["longest"] = [{"account_id": a, "backlog": n} for a, n in self.longest]
         out.update(slots=self.slots, busy=self.busy, lease_losses=self.lease_losses)
+        out["deliveries"] = self.deliveries
         return out
+
+    @property
+    def deliveries(self) -> dict[str, int]:
+        """HTTP deliveries by outcome (`2xx`, `5xx`, `timeout`, ...), when there were any."""
+        prefix = registry.DELIVERED
+        return {
+            field.removeprefix(prefix): int(count)
+            for field, count in sorted(self.measured.items())
+            if field.startswith(prefix)
+        }
 
     @property
     def lease_losses(self) -> int:

@@ -17,6 +17,7 @@ HEARTBEATS_KEPT_S = 3600.0  # a consumer silent this long is forgotten
 HISTOGRAMS = {
     "processing": (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0, 60.0),
     "wait": (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0),
+    "delivery": (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 }
 # Per histogram, the hash fields of its buckets (by upper bound, +Inf last), count and sum.
 FIELDS = {
@@ -24,6 +25,7 @@ FIELDS = {
     for name, bounds in HISTOGRAMS.items()
 }
 LEASE_LOST = "lease_lost"  # the metrics hash's count of events whose owner lost its lease
+DELIVERED = "delivered:"  # and its count of HTTP deliveries by outcome, `delivered:5xx`
 
 
 async def heartbeat(

@@ -1,7 +1,9 @@
 """Settings: blocking calls stay below the socket timeout; a timeout the lease cannot absorb is
 refused with a message, not a traceback."""
 
+import base64
 import os
+import re
 import subprocess
 import sys
 
@@ -14,6 +16,7 @@ from stack import REPO
 from tests.support import settings
 
 SECONDS = st.floats(0.01, 1000, allow_nan=False)
+SECRET = "whsec_" + base64.b64encode(b"a secret of at least 16 bytes").decode()
 
 
 @given(block=SECONDS, lease=st.floats(1, 1000), share=st.none() | st.floats(0.01, 0.5))
@@ -67,3 +70,48 @@ def test_blank_backlog_cap_is_none(value: str, cap: int | None) -> None:
 def test_backlog_cap_below_one_is_refused() -> None:
     with pytest.raises(ValidationError, match="greater than or equal to 1"):
         settings("redis://x", max_backlog_per_account=0)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "problem"),
+    [
+        ("delivery_url", "ftp://host/x", "http:// or https:// URL with a host"),
+        ("delivery_url", "http:///x", "http:// or https:// URL with a host"),
+        ("delivery_url", "http://h/{account}/x", "{account_id} is the only placeholder"),
+        ("delivery_secret", "c2VjcmV0IG9mIDI0IGJ5dGVzIGF0IGxlYXN0", "the form whsec_<base64>"),
+        ("delivery_secret", "whsec_not base64!", "not base64"),
+        ("delivery_secret", "whsec_bm90IGJhc2U2NCE?", "not base64"),
+        ("delivery_secret", "whsec_c2hvcnQ=", "at least 16 bytes"),
+        ("delivery_timeout_seconds", 30, "must be shorter than LEASE_SECONDS"),
+    ],
+)
+def test_delivery_settings_are_checked(field: str, value: object, problem: str) -> None:
+    with pytest.raises(ValidationError, match=re.escape(problem)):
+        settings("redis://x", lease_seconds=30, **{field: value})
+
+
+def test_delivery_defaults() -> None:
+    """A timeout of 10 s or half a short lease; a secret list; `{account_id}` kept."""
+    found = settings(
+        "redis://x",
+        lease_seconds=8,
+        delivery_url="https://h/{account_id}",
+        delivery_secret=f"{SECRET} {SECRET}",
+    )
+    assert found.delivery_timeout_s == 4
+    assert settings("redis://x", lease_seconds=60).delivery_timeout_s == 10
+    assert found.delivery_keys == [b"a secret of at least 16 bytes"] * 2
+    assert found.delivery_url == "https://h/{account_id}"
+
+
+def test_cli_refuses_http_delivery_without_a_url_and_never_echoes_a_secret() -> None:
+    env = {**os.environ, "HANDLER": "app.handlers:http", "DELIVERY_URL": ""}
+    args = [sys.executable, "-m", "app", "consume"]
+    done = subprocess.run(args, env=env, cwd=REPO, capture_output=True, check=False)
+    assert done.returncode == 2
+    assert b"HANDLER=app.handlers:http needs DELIVERY_URL" in done.stderr
+    env.update(DELIVERY_URL="http://127.0.0.1:9/x", DELIVERY_SECRET="whsec_c2VjcmV0")
+    done = subprocess.run(args, env=env, cwd=REPO, capture_output=True, check=False)
+    assert done.returncode == 2
+    assert b"DELIVERY_SECRET: a secret must hold at least 16 bytes" in done.stderr
+    assert b"c2VjcmV0" not in done.stderr and b"Traceback" not in done.stderr
