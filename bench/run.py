@@ -62,6 +62,11 @@ def plan(full: bool) -> dict[str, list[Cell]]:
             _cell(scenarios.stream, "ws", 1, 100),
             _cell(scenarios.stream, "ws", 1, 1, 5_000),
         ],
+        # HTTP delivery: to a no-op receiver at W=1,000, and to one taking 0.1 s per request.
+        "delivery": [
+            _cell(scenarios.delivery, w, receiver_s)
+            for w, receiver_s in ((1000, 0), (1000, 0.1), (200, 0.1))
+        ],
         "growth": [
             _cell(scenarios.growth, n)
             for n in ((10_000, 100_000, 1_000_000) if full else (10_000,))

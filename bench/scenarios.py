@@ -18,7 +18,8 @@ from app.workload.client import pace
 from app.workload.generator import longest_chain, lower_bound_s, workload
 from app.workload.report import Attempt, order_violations, read_log
 from bench import peer_runs
-from bench.harness import Bench, api_url_when_up
+from bench.harness import SCRATCH, Bench, api_url_when_up
+from stack.receiver import ReceiverProcess
 from stack.servers import ConnectionKiller
 
 PEER_EVENTS, PEER_ACCOUNTS = 10_000, 1_000
@@ -114,6 +115,63 @@ def noop_drain(b: Bench, slots: int, events: int = 50_000, accounts: int = 5_000
         "drain_s": round(window_s, 3),
         "events_per_s": round(report["acked"] / window_s),
     }
+
+
+def delivery(b: Bench, slots: int, receiver_s: float) -> dict[str, Any]:
+    """HTTP delivery (HANDLER=app.handlers:http, signed) to `stack.receiver` taking
+    `receiver_s` per request, 10,000 bursty events over 1,000 accounts.
+
+    With a no-op receiver: the backlog queued first, then drained by burst consumers;
+    deliveries per second and the consumers' CPU per delivery (less what they cost to start).
+    Otherwise, as `makespan`: pushed into running consumers, the makespan against the bound
+    `receiver_s x max(longest chain, ceil(N / W))`. Order is checked from the receiver's own
+    record as well as from the event log."""
+    b.fresh()
+    record = SCRATCH / "received.jsonl"
+    record.unlink(missing_ok=True)
+    secret = "whsec_" + base64.b64encode(os.urandom(24)).decode()
+    receiver = ReceiverProcess(record, secrets=[secret], delay_s=receiver_s).start()
+    url = receiver.url + "/hooks/{account_id}"
+    http = {"handler": "app.handlers:http", "delivery_url": url, "delivery_secret": secret}
+    cell: dict[str, Any] = {"slots": slots, "receiver_s": receiver_s}
+    try:
+        if receiver_s:
+            procs = b.consumers(slots, **http)
+            b.evq("wait", f"--consumers={procs}", "--timeout=60")
+            b.gen(PEER_EVENTS, PEER_ACCOUNTS, "bursty", slots, process_seconds=receiver_s)
+            b.evq("wait", "--timeout=900")
+            b.stop()
+        else:
+            startup_s = b.drain(slots, **http)
+            b.gen(PEER_EVENTS, PEER_ACCOUNTS, "bursty", slots)
+            consumer_s = b.drain(slots, **http)
+            per = (consumer_s - startup_s) / PEER_EVENTS
+            cell["consumer_cpu_us_per_delivery"] = round(per * 1e6, 1)
+        lines = receiver.lines()
+    finally:
+        receiver.stop()
+    report = b.report()
+    cell["deliveries"] = len(lines)
+    cell["receiver_order_violations"] = _out_of_order(lines)
+    cell |= {key: report[key] for key in ("acked", "order_violations", "lost")}
+    if receiver_s:
+        cell |= {key: report[key] for key in ("makespan_s", "lower_bound_s", "efficiency")}
+    else:
+        window_s = handling_window_s(read_log([b.log]).attempts)
+        cell["deliveries_per_s"] = round(report["acked"] / window_s)
+    return cell
+
+
+def _out_of_order(lines: list[dict[str, Any]]) -> int:
+    """Deliveries the receiver accepted with a seq below one it had accepted for the account."""
+    highest: dict[int, int] = {}
+    late = 0
+    for line in lines:
+        if line["status"] == 200:
+            if line["seq"] < highest.get(line["account"], 0):
+                late += 1
+            highest[line["account"]] = max(line["seq"], highest.get(line["account"], 0))
+    return late
 
 
 def handling_window_s(attempts: list[Attempt]) -> float:

@@ -245,6 +245,7 @@ class ReceiverProcess:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m stack.receiver", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 for a container")
     parser.add_argument("--port", type=int, default=9000)
     parser.add_argument("--record", type=Path, default=Path("var/receiver.jsonl"))
     parser.add_argument("--delay", type=float, default=0.0, help="seconds per request")
@@ -255,7 +256,7 @@ def main() -> None:
         receiver = Receiver(record, [secret_bytes(s) for s in args.secret], args.delay)
         uvicorn.run(
             receiver,
-            host="127.0.0.1",
+            host=args.host,
             port=args.port,
             log_level="warning",
             access_log=False,
