@@ -132,7 +132,8 @@ def delivery(b: Bench, slots: int, receiver_s: float) -> dict[str, Any]:
     secret = "whsec_" + base64.b64encode(os.urandom(24)).decode()
     receiver = ReceiverProcess(record, secrets=[secret], delay_s=receiver_s).start()
     url = receiver.url + "/hooks/{account_id}"
-    http = {"handler": "app.handlers:http", "delivery_url": url, "delivery_secret": secret}
+    http: dict[str, Any] = {"handler": "app.handlers:http", "delivery_url": url}
+    http["delivery_secret"] = secret
     cell: dict[str, Any] = {"slots": slots, "receiver_s": receiver_s}
     try:
         if receiver_s:
