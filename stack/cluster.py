@@ -46,6 +46,7 @@ def up(var: Path, base: int, node_timeout_ms: int = NODE_TIMEOUT_MS) -> None:
                 "--cluster-require-full-coverage", "no",
                 "--cluster-config-file", "nodes.conf", "--dir", str(where),
                 "--appendonly", "yes", "--save", "", "--maxmemory-policy", "noeviction",
+                "--lazyfree-lazy-expire", "yes",
                 "--shutdown-on-sigterm", "now", "--daemonize", "yes",
                 "--pidfile", str(where / "redis.pid"), "--logfile", str(where / "redis.log"),
             ],

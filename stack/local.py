@@ -115,7 +115,7 @@ def _start_redis(stack: Stack) -> None:
     stack.must(
         redis_binary(), "--port", str(stack.redis_port), "--bind", "127.0.0.1",
         "--dir", str(stack.var / "redis"), "--save", "", "--appendonly", "yes",
-        "--maxmemory-policy", "noeviction", "--daemonize", "yes",
+        "--maxmemory-policy", "noeviction", "--lazyfree-lazy-expire", "yes", "--daemonize", "yes",
         "--pidfile", str(stack.var / "run" / "redis.pid"), "--logfile", str(log),
     )  # fmt: skip
     deadline = time.monotonic() + 5

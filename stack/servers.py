@@ -112,7 +112,7 @@ class RedisServer:
         args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
         args += ["--dir", str(self.data_dir), "--appendonly", "yes" if self.appendonly else "no"]
         args += ["--appendfsync", "always"] if self.appendonly else []
-        args += ["--maxmemory-policy", "noeviction", *self.options]
+        args += ["--maxmemory-policy", "noeviction", "--lazyfree-lazy-expire", "yes", *self.options]
         args += ["--requirepass", self.password] if self.password else []
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL)
         try:

@@ -33,13 +33,16 @@ class Guard:
         self._allow_eviction = allow_eviction
         self._memory: dict[Redis, tuple[float, int, int]] = {}  # at, used_memory, maxmemory
 
-    async def check_layout(self, keys: Keys) -> None:
-        """The namespace's number of shards, recorded on first use, must be this process's."""
+    async def check_layout(self, keys: Keys) -> float:
+        """The namespace's number of shards, recorded on first use, must be this process's.
+        Returns since when (unix ms) every event id is kept in the shards' ids hashes: per-
+        account ids of an older version may be alive until DEDUPE_SECONDS x 2 after it (0: a
+        namespace made by this version, which never had them)."""
         node = self._nodes.for_key(keys.layout)
         async with node.pipeline(transaction=False) as pipe:
             pipe.set(keys.layout, keys.shards, nx=True)
             pipe.get(keys.layout)
-            _, recorded = await self._timed(pipe.execute())
+            created, recorded = await self._timed(pipe.execute())
         if int(recorded) != keys.shards:
             raise LayoutMismatch(
                 f"namespace {keys.namespace!r} on this Redis has {int(recorded)} shards"
@@ -47,6 +50,14 @@ class Guard:
                 " use another EVQ_NAMESPACE (to change it, drain the queue and delete the key"
                 f" {keys.layout!r})"
             )
+        marker = self._nodes.for_key(keys.ids_since)
+        async with marker.pipeline(transaction=False) as pipe:
+            pipe.set(
+                keys.ids_since, "new" if created else str(time.time_ns() // 1_000_000), nx=True
+            )
+            pipe.get(keys.ids_since)
+            _, since = await self._timed(pipe.execute())
+        return 0.0 if since == b"new" else float(since)
 
     async def check_eviction(self, warn: bool = True) -> None:
         """Every master must keep what it is given: `maxmemory-policy noeviction` (read from

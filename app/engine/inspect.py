@@ -79,9 +79,11 @@ async def event_state(queue: Queue, account: int, event_id: str) -> dict[str, An
     keys = queue.keys
     shard = keys.shard_of(account)
     bucket = queue.dedupe_bucket()
+    field = f"{account}:{event_id}"
     async with queue.node_of(account).pipeline(transaction=True) as tx:
         for b in (bucket, bucket - 1):
-            tx.hget(keys.dedupe(account, b), event_id)
+            tx.hget(keys.ids(shard, b), field)
+            tx.hget(keys.legacy_ids(account, b), event_id)
         tx.lindex(keys.in_flight(account), 0)
         tx.hmget(keys.attempt(account), "n", "token")
         tx.get(keys.lock(account))
@@ -92,7 +94,9 @@ async def event_state(queue: Queue, account: int, event_id: str) -> dict[str, An
         tx.hget(keys.dead(shard), letter_id(account, event_id))
         (
             seen,
+            seen_legacy,
             seen_before,
+            seen_before_legacy,
             flying,
             (attempt, taker),
             held,
@@ -124,7 +128,8 @@ async def event_state(queue: Queue, account: int, event_id: str) -> dict[str, An
                 "position": position,
                 "replays": event.get("r", 0),
             }
-    return _elsewhere(found, dead, seen or seen_before, last, len(pending) == LOOKUP_DEPTH)
+    seq = seen or seen_legacy or seen_before or seen_before_legacy
+    return _elsewhere(found, dead, seq, last, len(pending) == LOOKUP_DEPTH)
 
 
 def _elsewhere(

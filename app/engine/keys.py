@@ -110,9 +110,21 @@ class Keys:
         """The hash of an account's settled counts: acked, dead, last_acked_seq."""
         return self._account_key("totals", account)
 
-    def dedupe(self, account: int, bucket: int) -> str:
-        """The hash of event ids accepted for an account within one time bucket."""
+    def ids(self, shard: int, bucket: int) -> str:
+        """The hash of the event ids a shard accepted within one time bucket
+        (`<account>:<event_id>` -> seq)."""
+        return f"{self.tag(shard)}:ids:{bucket}"
+
+    def legacy_ids(self, account: int, bucket: int) -> str:
+        """The same for one account, as versions before the shard's hash kept them: read
+        until they have expired (`Guard.check_layout` knows until when)."""
         return f"{self._account_key('dedupe', account)}:{bucket}"
+
+    @property
+    def ids_since(self) -> str:
+        """When (unix ms) the shards' ids hashes took over from the per-account ones, or
+        'new' for a namespace that never had the per-account ones."""
+        return f"{self.layout}:ids_since"
 
     def account(self, account: int) -> list[str]:
         """KEYS of every account script, in the order `lua/_lib.lua` names them."""

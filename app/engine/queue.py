@@ -89,6 +89,7 @@ class Queue:
         self._best_elsewhere = ""
         self._wakeups = Wakeups(nodes, self.keys.wake_channel, self.timed)
         self._opened = False
+        self._legacy_ids_until_ms = 0.0  # per-account ids of an older version may live until
         self.guard = Guard(nodes, self.timed, settings.allow_eviction)
         self._dead_max = settings.dead_letters_max
         self._cap = settings.max_backlog_per_account or 0
@@ -99,7 +100,8 @@ class Queue:
         on first use), and open `connections` connections to every master."""
         await self.nodes.start()
         await self.guard.check_eviction()
-        await self.guard.check_layout(self.keys)
+        ids_since_ms = await self.guard.check_layout(self.keys)
+        self._legacy_ids_until_ms = ids_since_ms + 2 * self._dedupe_ms if ids_since_ms else 0.0
         await dead.move_legacy(self)
         self._opened = True
         with contextlib.suppress(*TRANSIENT):
@@ -175,14 +177,17 @@ class Queue:
 
     def _push_args(
         self, shard: int, events: Sequence[NewEvent], bucket: int
-    ) -> tuple[list[bytes], list[str | int | bytes]]:
+    ) -> tuple[list[bytes | str], list[str | int | bytes]]:
         """KEYS and ARGV of push.lua for one shard's events."""
-        keys = list(self._push_keys[shard])
+        legacy = time.time_ns() // 1_000_000 < self._legacy_ids_until_ms
+        keys: list[bytes | str] = [*self._push_keys[shard]]
+        keys += (self.keys.ids(shard, b) for b in (bucket, bucket - 1))
         args: list[str | int | bytes] = [
             2 * self._dedupe_ms,
             self._order,
             random.randrange(1 << 31),
             self._cap,
+            b"1" if legacy else b"0",
         ]
         numbers: dict[int, int] = {}
         for event in events:
@@ -191,7 +196,8 @@ class Queue:
                 number = numbers[event.account] = len(numbers) + 1
                 own = self._account_keys(event.account)
                 keys += (own[PENDING], own[LOCK], own[SEQ])
-                keys += (self.keys.dedupe(event.account, b).encode() for b in (bucket, bucket - 1))
+                if legacy:
+                    keys += (self.keys.legacy_ids(event.account, b) for b in (bucket, bucket - 1))
             args += (
                 number,
                 event.account,

@@ -94,11 +94,12 @@ async def test_push_writes_the_keys_the_other_scripts_read(make_queue: MakeQueue
     queue = make_queue()
     await push(queue, 42, "a")
     pending, _, _, _, _, seq, ready, stats, active, _, _, _, _ = queue.keys.account(42)
-    found = {key.decode() for key in await all_keys(queue)} - {queue.keys.layout}
-    dedupe = {key for key in found if key.startswith(queue.keys.dedupe(42, 0)[:-1])}
-    assert len(dedupe) == 1
-    assert {key.split("}")[0] for key in found} == {queue.keys.tag(queue.keys.shard_of(42))[:-1]}
-    assert found - dedupe == {pending, seq, ready, stats, active}
+    found = {key.decode() for key in await all_keys(queue)}
+    found -= {queue.keys.layout, queue.keys.ids_since}
+    shard = queue.keys.shard_of(42)
+    assert {key.split("}")[0] for key in found} == {queue.keys.tag(shard)[:-1]}
+    ids = queue.keys.ids(shard, queue.dedupe_bucket())
+    assert found == {pending, seq, ready, stats, active, ids}, "no per-account ids hash"
 
 
 async def test_claim_takes_longest_backlog_first(make_queue: MakeQueue) -> None:
@@ -472,7 +473,11 @@ async def test_expired_account_leaves_nothing_and_its_seqs_and_tokens_still_grow
     assert await queue.ack(first) is Step.DRAINED
     await asyncio.sleep(0.5)
     left = {key.decode() for key in await all_keys(queue)}
-    assert left <= {queue.keys.layout, queue.keys.stats(queue.keys.shard_of(1))}
+    assert left <= {
+        queue.keys.layout,
+        queue.keys.ids_since,
+        queue.keys.stats(queue.keys.shard_of(1)),
+    }
     [again] = await queue.push_many([NewEvent(1, "b")])
     assert again.seq > first.seq
     second = await claim_one(queue)
@@ -488,3 +493,31 @@ async def test_seq_set_back_by_a_failover_still_grows(make_queue: MakeQueue) -> 
     await Routed(queue).set(queue.keys.seq(1), old.seq - 1000)
     [new] = await queue.push_many([NewEvent(1, "b")])
     assert new.seq > old.seq
+
+
+async def test_ids_an_older_version_kept_per_account_stay_duplicates_for_their_window(
+    make_queue: MakeQueue,
+) -> None:
+    """I6 across the upgrade to the shards' ids hashes: an event id that an older version
+    remembered per account is still a duplicate until that layout's hashes have expired
+    (DEDUPE_SECONDS x 2 after the upgrade); a new namespace never reads them."""
+    queue = make_queue(dedupe_seconds=0.5, account_idle_seconds=60)
+    routed = Routed(queue)
+    await routed.set(queue.keys.layout, queue.keys.shards)  # an older version's namespace
+    await routed.hset(queue.keys.legacy_ids(7, queue.dedupe_bucket()), "old", "123")
+    await routed.hset(queue.keys.totals(7), "last_acked_seq", "123")  # it was acked
+    [old, new] = await queue.push_many([NewEvent(7, "old"), NewEvent(7, "new")])
+    assert (old.queued, old.seq) == (False, 123)
+    assert new.queued
+    found = await inspect.event_state(queue, 7, "old")
+    assert found is not None and (found["state"], found["seq"]) == ("acked", 123)
+    await asyncio.sleep(1.1)  # the upgrade is two windows ago: the old hashes are gone
+    await routed.hset(queue.keys.legacy_ids(7, queue.dedupe_bucket()), "older", "124")
+    [older] = await queue.push_many([NewEvent(7, "older")])
+    assert older.queued, "no per-account hash is read once they must have expired"
+    fresh = make_queue()
+    await routed.delete(queue.keys.layout)
+    await routed.delete(queue.keys.ids_since)
+    await routed.hset(fresh.keys.legacy_ids(8, fresh.dedupe_bucket()), "x", "125")
+    [x] = await fresh.push_many([NewEvent(8, "x")])
+    assert x.queued, "a namespace this version made has no per-account hashes to read"

@@ -1,34 +1,50 @@
 -- push: accept a batch of events of one shard, all or none (a script runs whole).
--- KEYS: 1 ready index, 2 stats, 3 active set, 4 paused accounts of the shard, then 5 per
---       account of the batch:
---       pending list, lock, seq, dedupe hash of this time bucket and of the one before
--- ARGV: 1 dedupe bucket TTL ms, 2 claim order, 3 random seed (claim order random), 4 backlog
---       cap per account (0: none), then 4 per event: the account's number among the batch's
---       accounts (1 for the first one's keys), account, event_id, body after its opening brace.
+-- KEYS: 1 ready index, 2 stats, 3 active set, 4 paused accounts of the shard, 5 and 6 the
+--       shard's event ids of this time bucket and of the one before (hash '<account>:<id>' ->
+--       seq), then per account of the batch: pending list, lock, seq, and with ARGV 5 = '1'
+--       also its ids hashes of the layout before the shard's (this bucket, the one before)
+-- ARGV: 1 ids bucket TTL ms, 2 claim order, 3 random seed (claim order random), 4 backlog
+--       cap per account (0: none), 5 '1' while ids of the per-account layout may still be
+--       alive, else '0', then 4 per event: the account's number among the batch's accounts
+--       (1 for the first one's keys), account, event_id, body after its opening brace.
 -- Returns 2 per event: 1 and its seq when queued, 0 and the earlier seq when the event_id was
 -- accepted within the dedupe window (an earlier event of this batch counts), 2 and 0 when the
 -- account's pending list already holds `cap` events (refused: nothing of it is stored).
 -- An account's seqs only grow: each is the account's last seq + 1, or the server clock in
 -- microseconds when that is more (_lib.lua's now_us), so a lost or expired seq key is harmless.
--- Commands go per account, not per event: two HMGETs read every id of the account's events,
--- one HSET, one PEXPIRE, one RPUSH and one SET store what is new.
+-- Commands go per call, not per event or account, except one RPUSH per account: the ids are
+-- read with two HMGETs and written with one HSET, the seqs read with one MGET and written with
+-- one MSET, the locks and the paused flags read once, the ready entries written with one ZADD.
 -- Sent again: every event is answered as a duplicate with its seq; nothing changes.
 ready, stats, active, paused = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local ttl, order, cap = ARGV[1], ARGV[2], tonumber(ARGV[4])
+local ids_now, ids_before = KEYS[5], KEYS[6]
+local ttl, order, cap, legacy = ARGV[1], ARGV[2], tonumber(ARGV[4]), ARGV[5] == '1'
+local per_account = legacy and 5 or 3
 math.randomseed(tonumber(ARGV[3]))
 local now = now_us()
--- `command` on `key` with every value, in calls of at most 1,000 (Lua's unpack has a limit);
--- the last call's reply.
-local function in_chunks(command, key, values)
-  local reply
-  for j = 1, #values, 1000 do
-    reply = redis.call(command, key, unpack(values, j, math.min(j + 999, #values)))
+local CHUNK = 1000  -- values per command: Lua's unpack has a limit
+
+-- `command` (with `key` unless nil, and `option` unless nil) on every value, in calls of at
+-- most CHUNK values (pairs stay whole); table replies joined, else the last reply.
+local function in_chunks(command, key, values, option)
+  local joined = {}
+  for j = 1, #values, CHUNK do
+    local args = {unpack(values, j, math.min(j + CHUNK - 1, #values))}
+    if option then table.insert(args, 1, option) end
+    if key then table.insert(args, 1, key) end
+    local reply = redis.call(command, unpack(args))
+    if type(reply) == 'table' then
+      for _, value in ipairs(reply) do joined[#joined + 1] = value end
+    else
+      joined = reply
+    end
   end
-  return reply
+  return joined
 end
--- The events of each account, in batch order: ARGV positions.
-local accounts, events_of = {}, {}
-for i = 5, #ARGV, 4 do
+
+-- The events of each account, in batch order: ARGV positions; and every event's ids field.
+local accounts, events_of, fields = {}, {}, {}
+for i = 6, #ARGV, 4 do
   local number = tonumber(ARGV[i])
   local events = events_of[number]
   if events then
@@ -37,65 +53,94 @@ for i = 5, #ARGV, 4 do
     events_of[number] = {i}
     accounts[#accounts + 1] = number
   end
+  fields[#fields + 1] = ARGV[i + 1] .. ':' .. ARGV[i + 2]
 end
-local out, accepted, refused = {}, 0, 0
-for _, number in ipairs(accounts) do
-  local at, events = 5 + 5 * (number - 1), events_of[number]
-  local account = ARGV[events[1] + 1]
-  local ids = {}
-  for n, i in ipairs(events) do ids[n] = ARGV[i + 2] end
-  local now_seen, then_seen
-  if #ids <= 1000 then
-    now_seen = redis.call('HMGET', KEYS[at + 3], unpack(ids))
-    then_seen = redis.call('HMGET', KEYS[at + 4], unpack(ids))
-  else
-    now_seen, then_seen = {}, {}
-    for j = 1, #ids, 1000 do
-      local part = {unpack(ids, j, math.min(j + 999, #ids))}
-      for k, seq in ipairs(redis.call('HMGET', KEYS[at + 3], unpack(part))) do
-        now_seen[j + k - 1] = seq
-      end
-      for k, seq in ipairs(redis.call('HMGET', KEYS[at + 4], unpack(part))) do
-        then_seen[j + k - 1] = seq
-      end
-    end
+local function key_of(number, offset)
+  return KEYS[6 + per_account * (number - 1) + offset]
+end
+local seen_now = in_chunks('HMGET', ids_now, fields)
+local seen_before = in_chunks('HMGET', ids_before, fields)
+local seq_keys = {}
+for n, number in ipairs(accounts) do seq_keys[n] = key_of(number, 3) end
+local seqs = in_chunks('MGET', nil, seq_keys)
+
+local out, given, new_ids, new_seqs, grown = {}, {}, {}, {}, {}
+local accepted, refused = 0, 0
+for n, number in ipairs(accounts) do
+  local events = events_of[number]
+  local legacy_now, legacy_before = {}, {}
+  if legacy then
+    local ids = {}
+    for k, i in ipairs(events) do ids[k] = ARGV[i + 2] end
+    legacy_now = in_chunks('HMGET', key_of(number, 4), ids)
+    legacy_before = in_chunks('HMGET', key_of(number, 5), ids)
   end
-  local backlog = cap > 0 and redis.call('LLEN', KEYS[at]) or 0
-  local last, given, new_ids, bodies = nil, {}, {}, {}
-  for n, i in ipairs(events) do
-    local id = ids[n]
-    local seen = now_seen[n] or then_seen[n] or given[id]
-    local slot = (i - 5) / 2  -- this event's two replies: out[slot + 1], out[slot + 2]
+  local backlog = cap > 0 and redis.call('LLEN', key_of(number, 1)) or 0
+  local last, bodies = tonumber(seqs[n]), {}
+  for k, i in ipairs(events) do
+    local at = (i - 6) / 4 + 1  -- this event's place in the batch
+    local field = fields[at]
+    local seen = seen_now[at] or seen_before[at] or legacy_now[k] or legacy_before[k] or given[field]
     if seen then
-      out[slot + 1], out[slot + 2] = 0, tonumber(seen)
+      out[2 * at - 1], out[2 * at] = 0, tonumber(seen)
     elseif cap > 0 and backlog + #bodies >= cap then
-      out[slot + 1], out[slot + 2] = 2, 0
+      out[2 * at - 1], out[2 * at] = 2, 0
       refused = refused + 1
     else
-      last = math.max((last or tonumber(redis.call('GET', KEYS[at + 2])) or 0) + 1, now)
+      last = math.max((last or 0) + 1, now)
       local text = digits(last)
-      given[id] = text
-      new_ids[#new_ids + 1], new_ids[#new_ids + 2] = id, text
+      given[field] = text
+      new_ids[#new_ids + 1], new_ids[#new_ids + 2] = field, text
       bodies[#bodies + 1] = '{"seq":' .. text .. ',' .. ARGV[i + 3]
-      out[slot + 1], out[slot + 2] = 1, last
+      out[2 * at - 1], out[2 * at] = 1, last
     end
   end
   if #bodies > 0 then
-    in_chunks('HSET', KEYS[at + 3], new_ids)
-    redis.call('PEXPIRE', KEYS[at + 3], ttl)
-    local length = in_chunks('RPUSH', KEYS[at], bodies)
-    redis.call('SET', KEYS[at + 2], digits(last))
+    local length = in_chunks('RPUSH', key_of(number, 1), bodies)
+    new_seqs[#new_seqs + 1], new_seqs[#new_seqs + 2] = key_of(number, 3), digits(last)
+    grown[#grown + 1] = {number, ARGV[events[1] + 1], length, #bodies}
     accepted = accepted + #bodies
-    -- Into the active set if its pending list was empty (else it is a member already), and
-    -- ready on its whole new backlog unless an owner holds it or it is paused. _lib.lua's
-    -- make_ready reads these locals: point them at this account.
-    pending, lock = KEYS[at], KEYS[at + 1]
-    if length == #bodies then redis.call('SADD', active, account) end
-    if redis.call('EXISTS', lock) == 0 then
-      make_ready(account, order, tostring(math.random()), length)
-    end
   end
 end
-if accepted > 0 then redis.call('HINCRBY', stats, 'accepted', accepted) end
+if accepted == 0 then
+  if refused > 0 then redis.call('HINCRBY', stats, 'refused', refused) end
+  return out
+end
+in_chunks('HSET', ids_now, new_ids)
+redis.call('PEXPIRE', ids_now, ttl)
+in_chunks('MSET', nil, new_seqs)
+redis.call('HINCRBY', stats, 'accepted', accepted)
 if refused > 0 then redis.call('HINCRBY', stats, 'refused', refused) end
+
+-- Into the active set when its pending list was empty (else it is a member already), and
+-- ready on its whole new backlog unless an owner holds it or it is paused.
+local fresh, locks, names = {}, {}, {}
+for n, account in ipairs(grown) do
+  if account[3] == account[4] then fresh[#fresh + 1] = account[2] end
+  locks[n], names[n] = key_of(account[1], 2), account[2]
+end
+if #fresh > 0 then in_chunks('SADD', active, fresh) end
+local held = in_chunks('MGET', nil, locks)
+local halted = in_chunks('HMGET', paused, names)
+local scores = {}
+for n, account in ipairs(grown) do
+  if not held[n] and not halted[n] then
+    local score
+    if order == 'longest' then
+      score = tostring(-account[3])
+    elseif order == 'oldest' then  -- the head's seq: a seq is when its event was queued
+      score = string.match(redis.call('LINDEX', key_of(account[1], 1), 0), '^{"seq":(%d+)')
+    else
+      score = tostring(math.random())
+    end
+    scores[#scores + 1], scores[#scores + 2] = score, account[2]
+  end
+end
+if #scores > 0 then
+  local was_empty = redis.call('ZCARD', ready) == 0
+  in_chunks('ZADD', ready, scores, order == 'random' and 'NX' or nil)
+  if was_empty then
+    redis.call('PUBLISH', string.match(ready, '^{(.+):%d+}:ready$') .. ':wake', '1')
+  end
+end
 return out
