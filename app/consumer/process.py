@@ -11,9 +11,10 @@ One event's trip, and the function that does each step:
 3. handle: `Slots._handle` runs the handler (`Slots._run_handler`: on the loop, or in the
    thread pool for a sync handler), bounded by HANDLER_TIMEOUT_SECONDS.
 4. settle: `Slots._settling` logs the attempt as settling, then `Queue.ack` or `Queue.nack`
-   goes out, sent again after connection faults by `Slots.retrying`. The wire is
-   `Scripts.call`: every script call made in one loop turn, by any slot, goes out in one
-   pipelined round trip per master (`Scripts.send`). The ack hands back the account's next
+   goes out, sent again after connection faults by `Slots.retrying`. The settles of one loop
+   turn, by any slot, go out as one settle.lua call per shard (`app/engine/settles.py`), and
+   every script call of a loop turn in one pipelined round trip per master (`Scripts.call`,
+   `Scripts.send`). The ack hands back the account's next
    event, so the slot goes back to step 3 without another round trip.
 5. log: `Slots._record` writes the outcome line (`EventLog.write`) once Redis answered; the
    lines of one loop turn go out in one write().

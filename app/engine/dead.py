@@ -39,7 +39,7 @@ class Selection:
 
 
 def letter_id(account: int, event_id: str) -> str:
-    """The field of a dead letter in its shard's hash (as nack.lua writes it)."""
+    """The field of a dead letter in its shard's hash (as _lib.lua's nack writes it)."""
     return f"{account}:{event_id}"
 
 

@@ -95,6 +95,24 @@ class Won:
 
 
 Next = Event | Step
+_STEPS = {s.value.encode(): s for s in Step}
+
+
+def step_of(account: int, token: int, reply: list[Any]) -> Next:
+    """What an account script's reply hands the slot: `{'event', body, attempt}` as an
+    `Event`, anything else as its `Step`."""
+    if reply[0] != b"event":
+        return _STEPS[reply[0]]
+    body = orjson.loads(reply[1])
+    return Event(
+        account=account,
+        seq=body["seq"],
+        event_id=body["id"],
+        payload=body["p"],
+        attempt=int(reply[2]),
+        token=token,
+        replays=body.get("r", 0),
+    )
 
 
 class ClaimInterrupted(RedisError):

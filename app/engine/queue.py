@@ -15,7 +15,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, NamedTuple, TypeVar, cast
 
-import orjson
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError
@@ -28,14 +27,15 @@ from app.engine.events import (
     NewEvent,
     Next,
     PushResult,
-    Step,
     Won,
     body_after_seq,
     dead_entry,
+    step_of,
 )
 from app.engine.guard import Guard
 from app.engine.keys import ACCOUNT_KINDS, Keys
 from app.engine.scripts import Scripts
+from app.engine.settles import Settles
 from app.engine.shards import each_shard, every
 from app.engine.wakeups import Wakeups
 from app.settings import Settings
@@ -45,9 +45,6 @@ Arg = bytes | int | str
 # Positions in Keys.account().
 PENDING, LOCK, FENCE, SEQ = (ACCOUNT_KINDS.index(kind) for kind in ("user", "lock", "fence", "seq"))
 REAP_CHUNK = 500
-
-
-_STEPS = {s.value.encode(): s for s in Step}
 
 
 class _Claimed(NamedTuple):
@@ -81,19 +78,18 @@ class Queue:
             for shard in range(settings.shards)
         ]
         # Encoded once per account: redis-py would encode every key of every call again.
-        self._account_keys: Callable[[int], list[bytes]] = functools.lru_cache(maxsize=1 << 16)(
+        self.account_keys: Callable[[int], list[bytes]] = functools.lru_cache(maxsize=1 << 16)(
             lambda account: [key.encode() for key in self.keys.account(account)]
         )
         # The best ready score in any shard as of this process's latest look ('' for none):
         # ack and nack compare it with the account's own, beside the score of its own shard.
-        self._best_elsewhere = ""
+        self.best_elsewhere = ""
         self._wakeups = Wakeups(nodes, self.keys.wake_channel, self.timed)
         self._opened = False
         self._legacy_ids_until_ms = 0.0  # per-account ids of an older version may live until
         self.guard = Guard(nodes, self.timed, settings.allow_eviction)
-        self._dead_max = settings.dead_letters_max
         self._cap = settings.max_backlog_per_account or 0
-        self._park = b"1" if settings.poison_policy == "park" else b"0"
+        self._settles = Settles(self, settings)
 
     async def open(self, connections: int = 1) -> None:
         """Learn where the shards live, check the namespace's number of shards (recording it
@@ -194,7 +190,7 @@ class Queue:
             number = numbers.get(event.account)
             if number is None:
                 number = numbers[event.account] = len(numbers) + 1
-                own = self._account_keys(event.account)
+                own = self.account_keys(event.account)
                 keys += (own[PENDING], own[LOCK], own[SEQ])
                 if legacy:
                     keys += (self.keys.legacy_ids(event.account, b) for b in (bucket, bucket - 1))
@@ -254,7 +250,7 @@ class Queue:
         def multi(pipe: Pipeline) -> None:
             pipe.execute_command("MULTI")
             for account in accounts:
-                keys = self._account_keys(account)
+                keys = self.account_keys(account)
                 pipe.incr(keys[LOCK])
                 pipe.pexpire(keys[LOCK], self._lease_ms, nx=True)
                 pipe.incr(keys[FENCE])
@@ -274,7 +270,7 @@ class Queue:
             if isinstance(part.taken, Exception):  # NOSCRIPT (new master, restart) or a fault
                 claimed.append(Won(account, part.token))
                 continue
-            step = self._next(account, int(part.taken[-1]), part.taken)
+            step = step_of(account, int(part.taken[-1]), part.taken)
             if isinstance(step, Event):
                 claimed.append(step)
         if any(isinstance(part.taken, NoScriptError) for part in _parts(replies)):
@@ -293,7 +289,7 @@ class Queue:
             for shard, (entries,) in enumerate(tops)
             for member, score in entries
         )
-        self._best_elsewhere = repr(ranked[claiming][0]) if len(ranked) > claiming else ""
+        self.best_elsewhere = repr(ranked[claiming][0]) if len(ranked) > claiming else ""
         return ranked
 
     async def look(self) -> None:
@@ -308,7 +304,7 @@ class Queue:
             [self._script(a, "take", self._argv(a, "resume", claim_id)) for a in accounts]
         )
         found = [
-            self._next(account, int(reply[3]), reply[:3])
+            step_of(account, int(reply[3]), reply[:3])
             for account, reply in zip(accounts, replies, strict=True)
             if reply[0] == b"event"
         ]
@@ -324,15 +320,15 @@ class Queue:
 
     def ack(self, event: Event, want_next: bool = True) -> Awaitable[Next]:
         """Settle a handled event; hands back the account's next event when it should go on."""
-        return self._settle("ack", event, want_next, ())
+        return self._settles.add(b"ack", event, want_next)
 
     def nack(self, event: Event, error: str, dead: bool, want_next: bool = True) -> Awaitable[Next]:
         """Settle a failed event: back to the head for a retry, or into dead letters when `dead`
         (each shard keeps the newest DEAD_LETTERS_MAX); with POISON_POLICY=park a dead letter
         pauses its account."""
-        entry = dead_entry(event, error) if dead else b""
-        extra = (entry, self._dead_max, self._park, event.event_id)
-        return self._settle("nack", event, want_next, extra)
+        return self._settles.add(
+            b"nack", event, want_next, dead_entry(event, error) if dead else b""
+        )
 
     async def pause(self, account: int) -> tuple[str, bool]:
         """Hold `account`: not claimed until resumed; its owner releases it after the current
@@ -364,7 +360,7 @@ class Queue:
             number = numbers.get(account)
             if number is None:
                 number = numbers[account] = len(numbers) + 1
-                own = self._account_keys(account)
+                own = self.account_keys(account)
                 keys += (own[PENDING], own[LOCK])
             args += (number, account, letter, entry, body)
         return int(await self.scripts.call(self.node(shard), "dead", keys, args))
@@ -406,29 +402,13 @@ class Queue:
             if cursor == 0:
                 return total
 
-    def _settle(
-        self, name: str, event: Event, want_next: bool, extra: tuple[Arg, ...]
-    ) -> Awaitable[Next]:
-        """ack and nack: ARGV 5 seq, 6 attempt, 7 want next, 8 switch margin, 9 the best ready
-        score elsewhere, then `extra`."""
-        want = b"1" if want_next else b"0"
-        args: tuple[Arg, ...] = (
-            event.seq,
-            event.attempt,
-            want,
-            self.switch_margin,
-            self._best_elsewhere,
-            *extra,
-        )
-        return self._call(name, event.account, event.token, args)
-
     async def _call(self, name: str, account: int, token: int, args: tuple[Arg, ...]) -> Next:
         reply = await self._script(account, name, self._argv(account, token, *args))
-        return self._next(account, token, reply)
+        return step_of(account, token, reply)
 
     def _script(self, account: int, name: str, args: Sequence[Arg]) -> Awaitable[Any]:
         """One account script on the account's master (auto-pipelined with the others)."""
-        return self.scripts.call(self.node_of(account), name, self._account_keys(account), args)
+        return self.scripts.call(self.node_of(account), name, self.account_keys(account), args)
 
     def _rand(self) -> str:
         """A random ready score for CLAIM_ORDER=random; '0', unused, for the other orders."""
@@ -447,21 +427,6 @@ class Queue:
         except TRANSIENT as exc:
             self.nodes.noticed(exc)
             raise
-
-    @staticmethod
-    def _next(account: int, token: int, reply: list[Any]) -> Next:
-        if reply[0] != b"event":
-            return _STEPS[reply[0]]
-        body = orjson.loads(reply[1])
-        return Event(
-            account=account,
-            seq=body["seq"],
-            event_id=body["id"],
-            payload=body["p"],
-            attempt=int(reply[2]),
-            token=token,
-            replays=body.get("r", 0),
-        )
 
 
 @contextlib.asynccontextmanager

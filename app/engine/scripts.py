@@ -27,8 +27,7 @@ Queued = tuple[Redis, Call, "asyncio.Future[Any]"]
 NAMES = (
     "push",
     "take",
-    "ack",
-    "nack",
+    "settle",
     "renew",
     "release",
     "reap",

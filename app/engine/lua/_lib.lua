@@ -210,3 +210,52 @@ local function forget_old_calls()
   table.sort(tokens, function(a, b) return a[1] < b[1] end)
   for i = 1, #tokens - KEEP_CALLS + 1 do redis.call('HDEL', totals, tokens[i][2]) end
 end
+
+-- ack: the handler succeeded; drop the in-flight event and decide what the slot does next.
+-- `seq` and `attempt` name the acked event; the rest as next_step takes them.
+-- Returns {'event', body, attempt} (the next one, still owned), {'released'}, {'drained'}
+-- or {'lost'} (not acked: the lease is gone, nothing changed). Sent again: the same answer.
+local function ack(account, token, seq, attempt, order, rand, want_next, margin, elsewhere)
+  if not holds(token, seq, attempt) then
+    return replayed(token, seq, attempt, 'ack') or {'lost'}
+  end
+  redis.call('DEL', in_flight, attempt_key)
+  redis.call('HINCRBY', stats, 'acked', 1)
+  redis.call('HINCRBY', totals, 'acked', 1)
+  local reply = next_step(account, token, order, rand, want_next, margin, elsewhere)
+  return remember(token, seq, attempt, 'ack', reply, 'last_acked_seq', seq)
+end
+
+-- nack: the handler failed; retry the event in place, or dead-letter it (`entry`, its JSON;
+-- '' to retry) and go on. The shard keeps `dead_max` dead letters (the oldest go first);
+-- `park` '1' pauses the account with its dead-lettered event (POISON_POLICY=park) until an
+-- operator replays the event or resumes the account.
+-- Returns {'retry'} (back at the head, still owned), a next step as ack does, or {'lost'}.
+-- Sent again: the same answer, nothing changed.
+local function nack(account, token, seq, attempt, order, rand, want_next, margin, elsewhere,
+                    entry, dead_max, park, event_id)
+  if not holds(token, seq, attempt) then
+    return replayed(token, seq, attempt, 'nack') or {'lost'}
+  end
+  redis.call('HINCRBY', stats, 'nacked', 1)
+  local reply
+  if entry == '' then
+    redis.call('LMOVE', in_flight, pending, 'RIGHT', 'LEFT')
+    reply = {'retry'}
+    if want_next ~= '1' then reply = release(account, order, rand) end
+  else
+    local id = account .. ':' .. event_id
+    redis.call('HSET', dead, id, entry)
+    redis.call('ZADD', dead_order, redis.call('HINCRBY', stats, 'dead', 1), id)
+    local over = redis.call('ZCARD', dead_order) - tonumber(dead_max)
+    if over > 0 then
+      local dropped = redis.call('ZPOPMIN', dead_order, over)
+      for i = 1, #dropped, 2 do redis.call('HDEL', dead, dropped[i]) end
+    end
+    redis.call('DEL', in_flight, attempt_key)
+    redis.call('HINCRBY', totals, 'dead', 1)
+    if park == '1' then redis.call('HSET', paused, account, 'parked') end
+    reply = next_step(account, token, order, rand, want_next, margin, elsewhere)
+  end
+  return remember(token, seq, attempt, 'nack', reply)
+end

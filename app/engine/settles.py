@@ -1,0 +1,82 @@
+"""Settles sent together: the acks and nacks a consumer's slots make in one turn of the event
+loop go to Redis as one `settle.lua` call per shard, covering every account settled there
+(and, through `Scripts.call`, one round trip per master). Each slot still gets its own reply.
+"""
+
+import asyncio
+import random
+from typing import TYPE_CHECKING, Any
+
+from app.engine.events import Event, Next, step_of
+from app.settings import Settings
+
+if TYPE_CHECKING:
+    from app.engine.queue import Queue
+
+# Positions in Keys.account() of what settle.lua takes per account, and once per shard.
+ACCOUNT_PART = (0, 1, 2, 3, 4, 5, 10)  # pending, in flight, lock, fence, attempt, seq, totals
+SHARD_PART = (6, 7, 8, 9, 11, 12)  # ready, stats, active, dead, paused, dead letters' order
+Settling = tuple[bytes, Event, bool, bytes, "asyncio.Future[Next]"]
+
+
+class Settles:
+    """Collects one loop turn's settles per shard and sends each shard's in one call."""
+
+    def __init__(self, queue: "Queue", settings: Settings) -> None:
+        self._queue = queue
+        self._order = settings.claim_order.encode()
+        self._dead_max = settings.dead_letters_max
+        self._park = b"1" if settings.poison_policy == "park" else b"0"
+        self._waiting: dict[int, list[Settling]] = {}
+        self._sending: set[asyncio.Task[None]] = set()
+
+    def add(
+        self, op: bytes, event: Event, want_next: bool, entry: bytes = b""
+    ) -> "asyncio.Future[Next]":
+        """Settle `event` (`op` ack or nack; a nack's dead-letter `entry`, or b'' to retry it)
+        with this turn's others of its shard; the future is its own step."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Next] = loop.create_future()
+        if not self._waiting:
+            loop.call_soon(self._send)
+        shard = self._queue.keys.shard_of(event.account)
+        self._waiting.setdefault(shard, []).append((op, event, want_next, entry, future))
+        return future
+
+    def _send(self) -> None:
+        waiting, self._waiting = self._waiting, {}
+        for shard, settling in waiting.items():
+            task = asyncio.ensure_future(self._settle(shard, settling))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _settle(self, shard: int, settling: list[Settling]) -> None:
+        """One shard's settle call; every slot gets its reply, or the call's fault."""
+        queue = self._queue
+        first = queue.account_keys(settling[0][1].account)
+        keys = [first[i] for i in SHARD_PART]
+        args: list[Any] = [
+            self._order,
+            random.randrange(1 << 31),
+            queue.switch_margin,
+            queue.best_elsewhere,
+            self._dead_max,
+            self._park,
+        ]
+        for op, event, want_next, entry, _ in settling:
+            own = queue.account_keys(event.account)
+            keys += (own[i] for i in ACCOUNT_PART)
+            args += (op, event.account, event.token, event.seq, event.attempt)
+            args += (b"1" if want_next else b"0", entry, event.event_id if entry else b"")
+        try:
+            replies = await queue.scripts.call(queue.node(shard), "settle", keys, args)
+        except BaseException as exc:  # a fault is every slot's; a cancel (shutdown) too
+            for *_, future in settling:
+                if not future.done():
+                    future.set_exception(exc) if isinstance(exc, Exception) else future.cancel()
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, event, _, _, future), reply in zip(settling, replies, strict=True):
+            if not future.done():  # the slot was cancelled meanwhile
+                future.set_result(step_of(event.account, event.token, reply))
