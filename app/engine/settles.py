@@ -30,18 +30,16 @@ class Settles:
         self._waiting: dict[int, list[Settling]] = {}
         self._sending: set[asyncio.Task[None]] = set()
 
-    def add(
-        self, op: bytes, event: Event, want_next: bool, entry: bytes = b""
-    ) -> "asyncio.Future[Next]":
+    async def add(self, op: bytes, event: Event, want_next: bool, entry: bytes = b"") -> Next:
         """Settle `event` (`op` ack or nack; a nack's dead-letter `entry`, or b'' to retry it)
-        with this turn's others of its shard; the future is its own step."""
+        with this turn's others of its shard; its own step."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Next] = loop.create_future()
         if not self._waiting:
             loop.call_soon(self._send)
         shard = self._queue.keys.shard_of(event.account)
         self._waiting.setdefault(shard, []).append((op, event, want_next, entry, future))
-        return future
+        return await future
 
     def _send(self) -> None:
         waiting, self._waiting = self._waiting, {}

@@ -291,7 +291,7 @@ async def test_redis_full_is_507_and_pushes_resume_after_a_drain(tmp_path: Path)
     with Retry-After and queues nothing (claims and acks keep the rest to drain with); gen
     stops with a clear message. Consumers drain, and the same batch is then accepted whole:
     nothing lost, nothing queued twice."""
-    server = RedisServer(tmp_path / "redis", options=("--maxmemory", "4mb"))
+    server = RedisServer(tmp_path / "redis", options=("--maxmemory", "8mb"))
     server.start()
     try:
         async with Lifespan(create_app(settings(server.url))) as api:
