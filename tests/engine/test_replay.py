@@ -203,7 +203,7 @@ async def test_claim_keeps_every_account_won_when_one_take_fails(make_queue: Mak
     queue = make_queue()
     await queue.push_many([NewEvent(a, f"e{a}") for a in (1, 2, 3)])
     attempt_key = queue.keys.account(2)[4]
-    await Routed(queue).set(attempt_key, "not a hash")  # the take of account 2 errors
+    await Routed(queue).hset(attempt_key, "n", "x")  # the take of account 2 errors at HINCRBY
     claimed = await queue.claim(3, 0)
     events = sorted(c.account for c in claimed if isinstance(c, Event))
     [won] = [c for c in claimed if isinstance(c, Won)]

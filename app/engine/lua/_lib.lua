@@ -6,7 +6,8 @@
 --   (account -> 'operator' or 'parked'), 13 the dead letters' ids scored by when they died
 -- The attempt hash describes the event at the head or in flight: n (attempts handed out),
 -- and of the in-flight attempt its seq, token (the owner that took it) and claim (the claim
--- that took it, when one did).
+-- that took it, when one did). `token` is there exactly while that event is in flight: every
+-- move of it back to the head deletes the field.
 -- The totals hash keeps, beside the settled counts, the last settling call of each recent
 -- token, field 't:<token>' = '<seq>:<attempt>:<op>:<reply>': a call sent again (a client
 -- retry after a lost reply) is answered from it and changes nothing.
@@ -64,7 +65,12 @@ local function holds(token, seq, attempt)
   if not owns(token) then return false end
   local taken = redis.call('HMGET', attempt_key, 'token', 'n', 'seq')
   return taken[1] == token and taken[2] == attempt and taken[3] == seq
-    and redis.call('LLEN', in_flight) > 0
+end
+
+-- The in-flight event back to the head, first in line; no one holds it now.
+local function back_to_head()
+  redis.call('LMOVE', in_flight, pending, 'RIGHT', 'LEFT')
+  redis.call('HDEL', attempt_key, 'token')
 end
 
 -- Score of this account in the ready index for the claim order; the lowest pops first.
@@ -112,7 +118,7 @@ end
 -- An event left in flight by an owner that died goes back to the head, first in line.
 local function recover()
   if redis.call('LLEN', in_flight) > 0 then
-    redis.call('LMOVE', in_flight, pending, 'RIGHT', 'LEFT')
+    back_to_head()
     redis.call('HINCRBY', stats, 'redelivered', 1)
   end
 end
@@ -122,11 +128,12 @@ end
 local function reready(account, order, rand)
   if redis.call('EXISTS', lock) == 1 or redis.call('ZSCORE', ready, account) then return 0 end
   recover()
-  if redis.call('LLEN', pending) == 0 then
+  local backlog = redis.call('LLEN', pending)
+  if backlog == 0 then
     drained(account)
     return 0
   end
-  return make_ready(account, order, rand) and 1 or 0
+  return make_ready(account, order, rand, backlog) and 1 or 0
 end
 
 -- Move the head in flight for `token` (and, from a claim, record the claim id); nil when
@@ -146,13 +153,15 @@ local function take_head(account, token, claim)
 end
 
 -- Give the account up: back into the ready index while it has work, else out of the active set.
-local function release(account, order, rand)
-  if redis.call('LLEN', in_flight) > 0 then
-    redis.call('LMOVE', in_flight, pending, 'RIGHT', 'LEFT')
+-- `backlog`: the pending list's length when the caller knows that nothing is in flight.
+local function release(account, order, rand, backlog)
+  if not backlog then
+    if redis.call('LLEN', in_flight) > 0 then back_to_head() end
+    backlog = redis.call('LLEN', pending)
   end
   redis.call('DEL', lock)
-  if redis.call('LLEN', pending) > 0 then
-    make_ready(account, order, rand)
+  if backlog > 0 then
+    make_ready(account, order, rand, backlog)
     return {'released'}
   end
   drained(account)
@@ -163,19 +172,21 @@ end
 -- otherwise put it back. The best waiting account, in this shard or in the consumer's latest
 -- view of the others (`elsewhere`, a ready score, or '' for none), must beat this one's score
 -- by `margin`.
+-- Nothing is in flight when it runs.
 local function next_step(account, token, order, rand, want_next, margin, elsewhere)
-  if want_next ~= '1' or redis.call('LLEN', pending) == 0 then
-    return release(account, order, rand)
+  local backlog = redis.call('LLEN', pending)
+  if want_next ~= '1' or backlog == 0 then
+    return release(account, order, rand, backlog)
   end
   if order ~= 'random' then
     local best = tonumber(redis.call('ZRANGE', ready, 0, 0, 'WITHSCORES')[2])
     local other = tonumber(elsewhere)
     if other and (not best or other < best) then best = other end
-    if best and best <= tonumber(ready_score(order, rand)) - tonumber(margin) then
-      return release(account, order, rand)
+    if best and best <= tonumber(ready_score(order, rand, backlog)) - tonumber(margin) then
+      return release(account, order, rand, backlog)
     end
   end
-  return take_head(account, token) or release(account, order, rand)  -- nil: paused
+  return take_head(account, token) or release(account, order, rand, backlog)  -- nil: paused
 end
 
 -- Keep `reply` as the answer to this token's call `op` about (seq, attempt), and return it.
@@ -240,7 +251,7 @@ local function nack(account, token, seq, attempt, order, rand, want_next, margin
   redis.call('HINCRBY', stats, 'nacked', 1)
   local reply
   if entry == '' then
-    redis.call('LMOVE', in_flight, pending, 'RIGHT', 'LEFT')
+    back_to_head()
     reply = {'retry'}
     if want_next ~= '1' then reply = release(account, order, rand) end
   else
