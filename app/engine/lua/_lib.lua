@@ -137,13 +137,18 @@ local function reready(account, order, rand)
 end
 
 -- Move the head in flight for `token` (and, from a claim, record the claim id); nil when
--- there is none, or when the account is paused (the caller releases it).
-local function take_head(account, token, claim)
+-- there is none, or when the account is paused (the caller releases it). `fresh`: the attempt
+-- hash was just deleted with the event before (settled), so this is attempt 1.
+local function take_head(account, token, claim, fresh)
   if is_paused(account) then return nil end
   local body = redis.call('LMOVE', pending, in_flight, 'LEFT', 'RIGHT')
   if not body then return nil end
-  local attempt = redis.call('HINCRBY', attempt_key, 'n', 1)
   local seq = string.match(body, '^{"seq":(%d+)')
+  if fresh then
+    redis.call('HSET', attempt_key, 'n', 1, 'token', token, 'seq', seq)
+    return {'event', body, 1}
+  end
+  local attempt = redis.call('HINCRBY', attempt_key, 'n', 1)
   if claim then
     redis.call('HSET', attempt_key, 'token', token, 'seq', seq, 'claim', claim)
   else
@@ -172,7 +177,7 @@ end
 -- otherwise put it back. The best waiting account, in this shard or in the consumer's latest
 -- view of the others (`elsewhere`, a ready score, or '' for none), must beat this one's score
 -- by `margin`.
--- Nothing is in flight when it runs.
+-- It runs once the event before is settled: nothing is in flight, the attempt hash is gone.
 local function next_step(account, token, order, rand, want_next, margin, elsewhere)
   local backlog = redis.call('LLEN', pending)
   if want_next ~= '1' or backlog == 0 then
@@ -186,7 +191,7 @@ local function next_step(account, token, order, rand, want_next, margin, elsewhe
       return release(account, order, rand, backlog)
     end
   end
-  return take_head(account, token) or release(account, order, rand, backlog)  -- nil: paused
+  return take_head(account, token, nil, true) or release(account, order, rand, backlog)
 end
 
 -- Keep `reply` as the answer to this token's call `op` about (seq, attempt), and return it.
@@ -225,30 +230,30 @@ end
 -- ack: the handler succeeded; drop the in-flight event and decide what the slot does next.
 -- `seq` and `attempt` name the acked event; the rest as next_step takes them.
 -- Returns {'event', body, attempt} (the next one, still owned), {'released'}, {'drained'}
--- or {'lost'} (not acked: the lease is gone, nothing changed). Sent again: the same answer.
+-- or {'lost'} (not acked: the lease is gone, nothing changed), and whether it acked now (the
+-- caller adds it to the shard's count). Sent again: the same answer, not acked again.
 local function ack(account, token, seq, attempt, order, rand, want_next, margin, elsewhere)
   if not holds(token, seq, attempt) then
-    return replayed(token, seq, attempt, 'ack') or {'lost'}
+    return replayed(token, seq, attempt, 'ack') or {'lost'}, false
   end
   redis.call('DEL', in_flight, attempt_key)
-  redis.call('HINCRBY', stats, 'acked', 1)
   redis.call('HINCRBY', totals, 'acked', 1)
   local reply = next_step(account, token, order, rand, want_next, margin, elsewhere)
-  return remember(token, seq, attempt, 'ack', reply, 'last_acked_seq', seq)
+  return remember(token, seq, attempt, 'ack', reply, 'last_acked_seq', seq), true
 end
 
 -- nack: the handler failed; retry the event in place, or dead-letter it (`entry`, its JSON;
 -- '' to retry) and go on. The shard keeps `dead_max` dead letters (the oldest go first);
 -- `park` '1' pauses the account with its dead-lettered event (POISON_POLICY=park) until an
 -- operator replays the event or resumes the account.
--- Returns {'retry'} (back at the head, still owned), a next step as ack does, or {'lost'}.
--- Sent again: the same answer, nothing changed.
+-- Returns {'retry'} (back at the head, still owned), a next step as ack does, or {'lost'},
+-- and whether it settled now (the caller adds it to the shard's nacked count). Sent again: the
+-- same answer, nothing changed.
 local function nack(account, token, seq, attempt, order, rand, want_next, margin, elsewhere,
                     entry, dead_max, park, event_id)
   if not holds(token, seq, attempt) then
-    return replayed(token, seq, attempt, 'nack') or {'lost'}
+    return replayed(token, seq, attempt, 'nack') or {'lost'}, false
   end
-  redis.call('HINCRBY', stats, 'nacked', 1)
   local reply
   if entry == '' then
     back_to_head()
@@ -268,5 +273,5 @@ local function nack(account, token, seq, attempt, order, rand, want_next, margin
     if park == '1' then redis.call('HSET', paused, account, 'parked') end
     reply = next_step(account, token, order, rand, want_next, margin, elsewhere)
   end
-  return remember(token, seq, attempt, 'nack', reply)
+  return remember(token, seq, attempt, 'nack', reply), true
 end
