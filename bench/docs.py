@@ -218,15 +218,21 @@ def _faults(cells: list[dict[str, Any]]) -> str:
 
 def _peers(cells: list[dict[str, Any]]) -> str:
     rows = [
-        "| system | no-op jobs/s | no-op violations | makespan s (bound) | efficiency "
+        "| system | no-op jobs/s | no-op violations | Redis per job, push: commands, CPU "
+        "| Redis per job, drain: commands, CPU | makespan s (bound) | efficiency "
         "| violations | lost | settings |",
-        "| --- " * 8 + "|",
+        "| --- " * 10 + "|",
     ]
     for c in cells:
+        push = drain = "not measured"
+        if "push_commands_per_job" in c:
+            push = f"{c['push_commands_per_job']:.1f}, {c['push_cpu_us_per_job']:.1f} us"
+            drain = f"{c['drain_commands_per_job']:.1f}, {c['drain_cpu_us_per_job']:.1f} us"
         rows.append(
-            f"| {c['system']} | {c['noop_jobs_per_s']:,} | {c['noop_violations']:,} | "
-            f"{c['makespan_s']:.2f} ({c['lower_bound_s']:.1f}) | {c['efficiency']:.3f} | "
-            f"{c['violations']:,} | {c['lost'] + c['noop_lost']:,} | `{c['settings']}` |"
+            f"| {c['system']} | {c['noop_jobs_per_s']:,} | {c['noop_violations']:,} | {push} "
+            f"| {drain} | {c['makespan_s']:.2f} ({c['lower_bound_s']:.1f}) "
+            f"| {c['efficiency']:.3f} | {c['violations']:,} | {c['lost'] + c['noop_lost']:,} "
+            f"| `{c['settings']}` |"
         )
     return "\n".join(rows)
 

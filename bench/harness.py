@@ -140,12 +140,60 @@ class Bench:
         client.close()
         return used
 
+    def work(self, items: int) -> "RedisWork":
+        """What Redis does for `items` events or jobs between `start` and `stop`."""
+        return RedisWork(self, items)
+
     def account_keys(self) -> int:
         """How many keys of accounts (`{<ns>:<shard>}:<kind>:<account>...`) the server holds."""
         client = sync_redis.Redis.from_url(self.server.url)
         count = sum(1 for _ in client.scan_iter(match="{*}:*:*", count=1000))
         client.close()
         return count
+
+
+class RedisWork:
+    """Redis commands (INFO commandstats, scripts' own calls included) and CPU microseconds
+    (INFO cpu) of each master per item, from `start` to `stop`; a context manager too.
+    Unlike rates, they hold still on a noisy machine."""
+
+    def __init__(self, running: Bench, items: int) -> None:
+        self._bench = running
+        self._items = items
+        self._masters: list[sync_redis.Redis] = []
+        self._before: list[float] = []
+        self.commands_per_item = 0.0
+        self.cpu_us_per_item_per_master: list[float] = []
+
+    def start(self) -> "RedisWork":
+        self._masters = self._bench.masters()
+        for client in self._masters:
+            client.config_resetstat()
+        self._before = [_cpu_s(client) for client in self._masters]
+        return self
+
+    def stop(self) -> None:
+        used = [_cpu_s(c) - start for c, start in zip(self._masters, self._before, strict=True)]
+        calls = sum(
+            stat["calls"]
+            for client in self._masters
+            for stat in client.info("commandstats").values()
+        )
+        self.commands_per_item = round(calls / self._items, 2)
+        self.cpu_us_per_item_per_master = [round(u / self._items * 1e6, 1) for u in used]
+        for client in self._masters:
+            client.close()
+
+    def __enter__(self) -> "RedisWork":
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+
+def _cpu_s(client: sync_redis.Redis) -> float:
+    cpu = client.info("cpu")
+    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
 
 
 @contextlib.contextmanager

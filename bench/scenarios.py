@@ -73,36 +73,23 @@ def redis_work(
         "events_per_account": events // accounts,
     }
     for phase in ("push", "drain"):
-        masters = b.masters()
-        for client in masters:
-            client.config_resetstat()
-        before = [_cpu_s(client) for client in masters]
-        if phase == "push":
-            b.gen(events, accounts, "uniform", slots, shards=shards)
-        else:
-            consumer_s = b.drain(slots, process_seconds=0, shards=shards)
+        with b.work(events) as work:
+            if phase == "push":
+                b.gen(events, accounts, "uniform", slots, shards=shards)
+            else:
+                consumer_s = b.drain(slots, process_seconds=0, shards=shards)
+        if phase == "drain":
             cell["consumer_cpu_us_per_event"] = round((consumer_s - startup_s) / events * 1e6, 1)
-        used = [_cpu_s(client) - start for client, start in zip(masters, before, strict=True)]
-        calls = sum(
-            stat["calls"] for client in masters for stat in client.info("commandstats").values()
-        )
-        cell[f"{phase}_commands_per_event"] = round(calls / events, 2)
-        cell[f"{phase}_cpu_us_per_event_per_master"] = [round(u / events * 1e6, 1) for u in used]
-        for client in masters:
-            client.close()
+        cell[f"{phase}_commands_per_event"] = work.commands_per_item
+        cell[f"{phase}_cpu_us_per_event_per_master"] = work.cpu_us_per_item_per_master
     report = b.report()
     cell |= {"acked": report["acked"], "order_violations": report["order_violations"]}
     return cell
 
 
-def _cpu_s(client: Any) -> float:
-    cpu = client.info("cpu")
-    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
-
-
 def noop_drain(b: Bench, slots: int, events: int = 50_000, accounts: int = 5_000) -> dict[str, Any]:
     """A backlog drained by burst consumers whose handler returns at once; events per second."""
-    attempts = _evq_drained(b, "uniform", events, accounts, slots, 0)
+    attempts, _ = _evq_drained(b, "uniform", events, accounts, slots, 0)
     report = b.report()
     window_s = handling_window_s(attempts)
     return {
@@ -182,19 +169,20 @@ def handling_window_s(attempts: list[Attempt]) -> float:
 
 def peers(b: Bench, system: str, slots: int = 100, sleep_s: float = 0.1) -> dict[str, Any]:
     """evq or a peer on the bursty 10,000-event workload, queued first and then drained: no-op
-    jobs per second at stock 2-core settings, and the makespan of `sleep_s` jobs at W=`slots`
-    (first start to last finish) against the bound; order violations counted in both."""
+    jobs per second at stock 2-core settings with what Redis did per job for the push and the
+    drain, and the makespan of `sleep_s` jobs at W=`slots` (first start to last finish)
+    against the bound; order violations counted in both."""
     accounts = workload("bursty", PEER_EVENTS, PEER_ACCOUNTS, seed=1)
     bound = lower_bound_s(len(accounts), longest_chain(accounts), slots, sleep_s)
     if system == "evq":
-        noop = _evq_drained(b, "bursty", PEER_EVENTS, PEER_ACCOUNTS, 1_000, 0)
-        sleeping = _evq_drained(b, "bursty", PEER_EVENTS, PEER_ACCOUNTS, slots, sleep_s)
+        noop, cost = _evq_drained(b, "bursty", PEER_EVENTS, PEER_ACCOUNTS, 1_000, 0)
+        sleeping, _ = _evq_drained(b, "bursty", PEER_EVENTS, PEER_ACCOUNTS, slots, sleep_s)
         settings = f"no-op: evq consume x 2, CONCURRENCY=500; W={slots}: x 1, CONCURRENCY={slots}"
     else:
         peer = next(p for p in peer_runs.PEERS if p.name == system)
         peer.install()
-        noop = peer_runs.run(b, peer, accounts, "noop", slots, 0)
-        sleeping = peer_runs.run(b, peer, accounts, "sleeping", slots, sleep_s)
+        noop, cost = peer_runs.run(b, peer, accounts, "noop", slots, 0)
+        sleeping, _ = peer_runs.run(b, peer, accounts, "sleeping", slots, sleep_s)
         settings = peer.settings(slots)
     makespan_s = handling_window_s(sleeping) if sleeping else 0.0
     return {
@@ -203,6 +191,7 @@ def peers(b: Bench, system: str, slots: int = 100, sleep_s: float = 0.1) -> dict
         "noop_jobs_per_s": round(_done(noop) / handling_window_s(noop)) if noop else 0,
         "noop_violations": len(order_violations(noop)),
         "noop_lost": len(accounts) - _done(noop),
+        **cost,
         "makespan_s": round(makespan_s, 2),
         "lower_bound_s": bound,
         "efficiency": round(bound / makespan_s, 3) if makespan_s else 0.0,
@@ -213,12 +202,15 @@ def peers(b: Bench, system: str, slots: int = 100, sleep_s: float = 0.1) -> dict
 
 def _evq_drained(
     b: Bench, pattern: str, events: int, accounts: int, slots: int, sleep_s: float
-) -> list[Attempt]:
-    """A backlog queued by `gen`, then drained by burst consumers; the attempts they logged."""
+) -> tuple[list[Attempt], dict[str, float]]:
+    """A backlog queued by `gen`, then drained by burst consumers; the attempts they logged,
+    and Redis commands and CPU us per event of the push and of the drain (`Bench.work`)."""
     b.fresh()
-    b.gen(events, accounts, pattern, slots, process_seconds=sleep_s)
-    b.drain(slots, process_seconds=sleep_s)
-    return read_log([b.log], latest_run=True).attempts
+    with b.work(events) as push:
+        b.gen(events, accounts, pattern, slots, process_seconds=sleep_s)
+    with b.work(events) as drain:
+        b.drain(slots, process_seconds=sleep_s)
+    return read_log([b.log], latest_run=True).attempts, peer_runs.costs(push, drain)
 
 
 def _done(attempts: list[Attempt]) -> int:
