@@ -241,3 +241,14 @@ async def test_a_settle_whose_outcome_line_is_missing_is_resolved_from_redis(
     found = summarize(run, waiting=1)
     assert (found.acked, found.resolved, found.lost, found.order_violations) == (2, 1, 0, 0)
     assert "resolved          1" in render(found)
+
+
+def test_an_efficiency_above_one_says_why(tmp_path: Path) -> None:
+    """Attempts faster than PROCESS_SECONDS (a handler other than the reference one) beat the
+    bound, and the report says that the bound assumed PROCESS_SECONDS."""
+    log = write_log(tmp_path, [attempt(1, 1, 0, 0.1), attempt(1, 2, 0.1, 0.2)], accepted=2)
+    report = report_of(log)
+    assert report.efficiency == pytest.approx(10.0)
+    assert "above 1: the attempts took less than PROCESS_SECONDS=1 s" in render(report)
+    calm = write_log(tmp_path, [attempt(1, 1, 0, 1), attempt(1, 2, 1, 2)], accepted=2)
+    assert "above 1" not in render(report_of(calm))
