@@ -7,6 +7,7 @@ spans shards.
 """
 
 import asyncio
+import collections
 import contextlib
 import functools
 import os
@@ -279,18 +280,45 @@ class Queue:
         return claimed
 
     async def _tops(self, n: int, claiming: int) -> list[tuple[float, int, int]]:
-        """(score, shard, account) of the best `n` ready accounts of every shard, best first;
-        remembers the best that `claiming` claims would leave waiting."""
-        tops = await each_shard(
-            self, lambda pipe, shard: pipe.zrange(self.keys.ready(shard), 0, n - 1, withscores=True)
-        )
-        ranked = sorted(
-            (score, shard, int(member))
-            for shard, (entries,) in enumerate(tops)
-            for member, score in entries
-        )
+        """(score, shard, account) of the best ready accounts of every shard, best first:
+        exact for the best `n` and for the best that `claiming` claims would leave waiting
+        (remembered). A shard is read for twice its share of those; one whose last entry
+        read still ranks above the last of them may hold more, and is read again for all."""
+        need = max(n, claiming + 1)
+        share = min(need, max(2, -(-2 * need // self.keys.shards)))
+        tops = await self._ready_tops(share)
+        ranked = sorted(tops)
+        if share < need:
+            cutoff = ranked[need - 1][0] if len(ranked) >= need else float("inf")
+            last = {shard: score for score, shard, _ in ranked}  # ranked: a shard's worst last
+            count = collections.Counter(shard for _, shard, _ in ranked)
+            # Unread entries of a shard rank after its last one read: only a shard whose last
+            # one beats the cutoff may hold better ones (ties with it are as good).
+            short = [s for s, c in count.items() if c == share and last[s] < cutoff]
+            if short:
+                again = set(short)
+                ranked = sorted(
+                    [entry for entry in ranked if entry[1] not in again]
+                    + await self._ready_tops(need, short)
+                )
         self.best_elsewhere = repr(ranked[claiming][0]) if len(ranked) > claiming else ""
         return ranked
+
+    async def _ready_tops(
+        self, count: int, shards: Sequence[int] | None = None
+    ) -> list[tuple[float, int, int]]:
+        """(score, shard, account) of the best `count` ready accounts of each shard."""
+        tops = await each_shard(
+            self,
+            lambda pipe, shard: pipe.zrange(self.keys.ready(shard), 0, count - 1, withscores=True),
+            shards,
+        )
+        wanted = range(self.keys.shards) if shards is None else shards
+        return [
+            (score, shard, int(member))
+            for shard, (entries,) in zip(wanted, tops, strict=True)
+            for member, score in entries
+        ]
 
     async def look(self) -> None:
         """Update this process's view of the best waiting account (for the ack's decision)

@@ -112,6 +112,24 @@ async def test_claim_takes_longest_backlog_first(make_queue: MakeQueue) -> None:
     assert await Routed(queue).lrange(queue.keys.in_flight(2), 0, -1) != []
 
 
+async def test_claim_takes_the_longest_backlogs_even_when_one_shard_holds_them_all(
+    make_queue: MakeQueue,
+) -> None:
+    """A claim reads each shard for about twice its share first; a shard that holds more of
+    the best is read again, so the accounts claimed are still the longest over all shards."""
+    queue = make_queue()
+    shard = queue.keys.shard_of(1)
+    crowded = [a for a in range(1, 2000) if queue.keys.shard_of(a) == shard][:12]
+    elsewhere = [a for a in range(1, 200) if queue.keys.shard_of(a) != shard][:20]
+    for rank, account in enumerate(crowded):
+        await queue.push_many([NewEvent(account, f"c{i}") for i in range(40 - rank)])
+    for account in elsewhere:
+        await queue.push_many([NewEvent(account, f"e{i}") for i in range(5)])
+    claimed = await queue.claim(10, 0.01)
+    assert sorted(e.account for e in claimed) == sorted(crowded[:10])
+    assert queue.best_elsewhere == repr(-float(40 - 10))  # crowded[10]: 30 events waiting
+
+
 async def test_claim_loser_skips_locked_account(make_queue: MakeQueue) -> None:
     """An account that is ready but locked by another owner is skipped by the MULTI loser."""
     queue = make_queue()
