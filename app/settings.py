@@ -163,7 +163,7 @@ class Settings(BaseSettings):
     def _whsec_secrets(cls, secret: SecretStr | None) -> SecretStr | None:
         if secret is not None:
             for each in secret.get_secret_value().split():
-                _webhook_key(each)
+                webhook_key(each)
         return secret
 
     @property
@@ -176,7 +176,7 @@ class Settings(BaseSettings):
         """The keys of DELIVERY_SECRET's secrets, each delivery signed with every one."""
         if self.delivery_secret is None:
             return []
-        return [_webhook_key(each) for each in self.delivery_secret.get_secret_value().split()]
+        return [webhook_key(each) for each in self.delivery_secret.get_secret_value().split()]
 
     @field_validator("api_token", mode="after")
     @classmethod
@@ -266,7 +266,7 @@ class Settings(BaseSettings):
         )
 
 
-def _webhook_key(secret: str) -> bytes:
+def webhook_key(secret: str) -> bytes:
     """The key of a Standard Webhooks secret: `whsec_` and base64 (at least 16 bytes)."""
     if not secret.startswith("whsec_"):
         raise ValueError("each secret takes the form whsec_<base64>")

@@ -69,7 +69,7 @@ class Peer:
 
     @property
     def venv(self) -> Path:
-        return VENVS / ("node" if self.node else self.name)
+        return NODE_DIR if self.node else VENVS / self.name
 
     def install(self) -> None:
         """Create the venv from bench/peers/<name>.txt (or node_modules from

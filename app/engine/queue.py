@@ -87,7 +87,8 @@ class Queue:
         self.best_elsewhere = ""
         self._wakeups = Wakeups(nodes, self.keys.wake_channel, self.timed)
         self._opened = False
-        self._legacy_ids_until_ms = 0.0  # per-account ids of an older version may live until
+        # Until when (unix ms) per-account ids of an older version may be alive (0: never).
+        self._legacy_ids_until_ms = 0.0
         self.guard = Guard(nodes, self.timed, settings.allow_eviction)
         self._cap = settings.max_backlog_per_account or 0
         self._settles = Settles(self, settings)
@@ -294,12 +295,11 @@ class Queue:
             count = collections.Counter(shard for _, shard, _ in ranked)
             # Unread entries of a shard rank after its last one read: only a shard whose last
             # one beats the cutoff may hold better ones (ties with it are as good).
-            short = [s for s, c in count.items() if c == share and last[s] < cutoff]
+            short = {s for s, c in count.items() if c == share and last[s] < cutoff}
             if short:
-                again = set(short)
                 ranked = sorted(
-                    [entry for entry in ranked if entry[1] not in again]
-                    + await self._ready_tops(need, short)
+                    [entry for entry in ranked if entry[1] not in short]
+                    + await self._ready_tops(need, sorted(short))
                 )
         self.best_elsewhere = repr(ranked[claiming][0]) if len(ranked) > claiming else ""
         return ranked

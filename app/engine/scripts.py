@@ -79,12 +79,19 @@ class Scripts:
     async def call(self, client: Redis, name: str, keys: Sequence[str | bytes], args: Args) -> Any:
         """Run one script on `client`'s master (in the same round trip as the other calls to
         that master of this loop turn)."""
+        return await self.submit(client, name, keys, args)
+
+    def submit(
+        self, client: Redis, name: str, keys: Sequence[str | bytes], args: Args
+    ) -> "asyncio.Future[Any]":
+        """`call` without the coroutine: the call is queued now, the future gets its reply
+        (or the fault)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._queued.append((client, (name, keys, args), future))
         if len(self._queued) == 1:
             loop.call_soon(self._send_queued)
-        return await future
+        return future
 
     def _send_queued(self) -> None:
         queued, self._queued = self._queued, []

@@ -1,9 +1,10 @@
 """Settles sent together: the acks and nacks a consumer's slots make in one turn of the event
 loop go to Redis as one `settle.lua` call per shard, covering every account settled there
-(and, through `Scripts.call`, one round trip per master). Each slot still gets its own reply.
+(and, through `Scripts.submit`, one round trip per master). Each slot still gets its own reply.
 """
 
 import asyncio
+import functools
 import random
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +29,6 @@ class Settles:
         self._dead_max = settings.dead_letters_max
         self._park = b"1" if settings.poison_policy == "park" else b"0"
         self._waiting: dict[int, list[Settling]] = {}
-        self._sending: set[asyncio.Task[None]] = set()
 
     async def add(self, op: bytes, event: Event, want_next: bool, entry: bytes = b"") -> Next:
         """Settle `event` (`op` ack or nack; a nack's dead-letter `entry`, or b'' to retry it)
@@ -44,12 +44,15 @@ class Settles:
     def _send(self) -> None:
         waiting, self._waiting = self._waiting, {}
         for shard, settling in waiting.items():
-            task = asyncio.ensure_future(self._settle(shard, settling))
-            self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
+            try:
+                sent = self._submit(shard, settling)
+            except Exception as exc:  # the shard's master is not known (a cluster map fault)
+                _fail(settling, exc)
+                continue
+            sent.add_done_callback(functools.partial(_answer, settling))
 
-    async def _settle(self, shard: int, settling: list[Settling]) -> None:
-        """One shard's settle call; every slot gets its reply, or the call's fault."""
+    def _submit(self, shard: int, settling: list[Settling]) -> "asyncio.Future[Any]":
+        """One shard's settle call, queued for this loop turn's round trip to its master."""
         queue = self._queue
         first = queue.account_keys(settling[0][1].account)
         keys = [first[i] for i in SHARD_PART]
@@ -66,15 +69,25 @@ class Settles:
             keys += (own[i] for i in ACCOUNT_PART)
             args += (op, event.account, event.token, event.seq, event.attempt)
             args += (b"1" if want_next else b"0", entry, event.event_id if entry else b"")
-        try:
-            replies = await queue.scripts.call(queue.node(shard), "settle", keys, args)
-        except BaseException as exc:  # a fault is every slot's; a cancel (shutdown) too
-            for *_, future in settling:
-                if not future.done():
-                    future.set_exception(exc) if isinstance(exc, Exception) else future.cancel()
-            if not isinstance(exc, Exception):
-                raise
-            return
-        for (_, event, _, _, future), reply in zip(settling, replies, strict=True):
-            if not future.done():  # the slot was cancelled meanwhile
-                future.set_result(step_of(event.account, event.token, reply))
+        return queue.scripts.submit(queue.node(shard), "settle", keys, args)
+
+
+def _answer(settling: list[Settling], sent: "asyncio.Future[Any]") -> None:
+    """Every slot of the call gets its own step, or the call's fault."""
+    if sent.cancelled():  # the loop is closing
+        for *_, future in settling:
+            future.cancel()
+        return
+    fault = sent.exception()
+    if fault is not None:
+        _fail(settling, fault)
+        return
+    for (_, event, _, _, future), reply in zip(settling, sent.result(), strict=True):
+        if not future.done():  # the slot was cancelled meanwhile
+            future.set_result(step_of(event.account, event.token, reply))
+
+
+def _fail(settling: list[Settling], fault: BaseException) -> None:
+    for *_, future in settling:
+        if not future.done():
+            future.set_exception(fault)

@@ -83,16 +83,15 @@ class HttpDelivery:
                 f"timeout: no answer within {self._timeout_s:g} s (DELIVERY_TIMEOUT_SECONDS)",
                 delivery=delivery,
             ) from None
-        except aiohttp.ClientConnectorError as exc:
-            delivery = Delivery("connection", time.perf_counter() - started)
+        except aiohttp.ClientError as exc:
+            up = None  # refused: nothing reached the receiver, wait until it accepts again
+            if isinstance(exc, aiohttp.ClientConnectorError):
+                up = self._down(exc.host, exc.port or 0).wait
             raise Failed(
                 f"connection: {type(exc).__name__}: {exc}",
-                retry_when=self._down(exc.host, exc.port or 0).wait,
-                delivery=delivery,
+                retry_when=up,
+                delivery=Delivery("connection", time.perf_counter() - started),
             ) from None
-        except aiohttp.ClientError as exc:
-            delivery = Delivery("connection", time.perf_counter() - started)
-            raise Failed(f"connection: {type(exc).__name__}: {exc}", delivery=delivery) from None
         text = head.decode(errors="replace")
         delivery = Delivery(f"{status // 100}xx", time.perf_counter() - started, status, text)
         if 200 <= status < 300:

@@ -1,31 +1,18 @@
 """An evq delivery receiver with no framework (the standard library only): verify the
 Standard Webhooks signature, refuse a stale owner by its fencing token, handle the event.
 
-Run: DELIVERY_SECRET=whsec_... python plain_receiver.py   (listens on 127.0.0.1:9000)
+Run beside evq_signature.py: DELIVERY_SECRET=whsec_... python plain_receiver.py
+(listens on 127.0.0.1:9000)
 """
 
-import base64
-import hashlib
-import hmac
 import json
-import os
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from threading import Lock
 
-KEY = base64.b64decode(os.environ["DELIVERY_SECRET"].removeprefix("whsec_"))
+from evq_signature import signed_by_evq
+
 highest_token: dict[int, int] = {}  # keep it beside your data, updated in the same transaction
 lock = Lock()
-
-
-def signed_by_evq(headers: dict[str, str], body: bytes) -> bool:
-    sent_at = int(headers.get("webhook-timestamp", "0"))
-    if abs(time.time() - sent_at) > 300:  # a replay of an old request
-        return False
-    signed = f"{headers.get('webhook-id')}.{sent_at}.".encode() + body
-    expected = base64.b64encode(hmac.new(KEY, signed, hashlib.sha256).digest()).decode()
-    given = headers.get("webhook-signature", "").split()
-    return any(hmac.compare_digest(f"v1,{expected}", signature) for signature in given)
 
 
 class Hooks(BaseHTTPRequestHandler):

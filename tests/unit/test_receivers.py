@@ -3,6 +3,7 @@ body, an old timestamp, a wrong secret and a stale owner's token."""
 
 import base64
 import importlib.util
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from http.server import ThreadingHTTPServer
@@ -19,13 +20,17 @@ from stack import REPO
 from stack.servers import free_port, wait_for
 from tests.support import settings
 
+RECEIVERS = REPO / "docs" / "receivers"
 SECRET = "whsec_" + base64.b64encode(b"a receiver's secret of 32 bytes.").decode()
 Post = Callable[[bytes, dict[str, str]], int]
 
 
 def example(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """An example receiver, loaded as its README runs it: beside evq_signature.py."""
     monkeypatch.setenv("DELIVERY_SECRET", SECRET)
-    spec = importlib.util.spec_from_file_location(name, REPO / "docs" / "receivers" / f"{name}.py")
+    monkeypatch.syspath_prepend(str(RECEIVERS))
+    monkeypatch.delitem(sys.modules, "evq_signature", raising=False)
+    spec = importlib.util.spec_from_file_location(name, RECEIVERS / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

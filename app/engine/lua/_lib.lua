@@ -89,20 +89,41 @@ local function is_paused(account)
   return redis.call('HEXISTS', paused, account) == 1
 end
 
--- Into the shard's ready index, unless paused. When the index was empty, idle claimers are
--- told on the namespace's wake channel (they wait for it instead of polling every shard).
--- Returns whether it went in.
-local function make_ready(account, order, rand, backlog)
-  if is_paused(account) then return false end
-  local was_empty = redis.call('ZCARD', ready) == 0
-  if order == 'random' then
-    redis.call('ZADD', ready, 'NX', ready_score(order, rand), account)
-  else
-    redis.call('ZADD', ready, ready_score(order, rand, backlog), account)
+-- `command` (with `key` unless nil, and `option` unless nil) on every value, in calls of at
+-- most CHUNK values (pairs stay whole: Lua's unpack has a limit); table replies joined, else
+-- the last reply.
+local CHUNK = 1000
+local function in_chunks(command, key, values, option)
+  local joined = {}
+  for j = 1, #values, CHUNK do
+    local args = {unpack(values, j, math.min(j + CHUNK - 1, #values))}
+    if option then table.insert(args, 1, option) end
+    if key then table.insert(args, 1, key) end
+    local reply = redis.call(command, unpack(args))
+    if type(reply) == 'table' then
+      for _, value in ipairs(reply) do joined[#joined + 1] = value end
+    else
+      joined = reply
+    end
   end
+  return joined
+end
+
+-- Score/member pairs into the shard's ready index (for the random order, an account already
+-- there keeps its score). When the index was empty, idle claimers are told on the
+-- namespace's wake channel (they wait for it instead of polling every shard).
+local function add_ready(pairs, order)
+  local was_empty = redis.call('ZCARD', ready) == 0
+  in_chunks('ZADD', ready, pairs, order == 'random' and 'NX' or nil)
   if was_empty then
     redis.call('PUBLISH', string.match(ready, '^{(.+):%d+}:ready$') .. ':wake', '1')
   end
+end
+
+-- Into the shard's ready index, unless paused (add_ready). Returns whether it went in.
+local function make_ready(account, order, rand, backlog)
+  if is_paused(account) then return false end
+  add_ready({ready_score(order, rand, backlog), account}, order)
   return true
 end
 

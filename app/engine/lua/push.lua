@@ -22,25 +22,6 @@ local ttl, order, cap, legacy = ARGV[1], ARGV[2], tonumber(ARGV[4]), ARGV[5] == 
 local per_account = legacy and 5 or 3
 math.randomseed(tonumber(ARGV[3]))
 local now = now_us()
-local CHUNK = 1000  -- values per command: Lua's unpack has a limit
-
--- `command` (with `key` unless nil, and `option` unless nil) on every value, in calls of at
--- most CHUNK values (pairs stay whole); table replies joined, else the last reply.
-local function in_chunks(command, key, values, option)
-  local joined = {}
-  for j = 1, #values, CHUNK do
-    local args = {unpack(values, j, math.min(j + CHUNK - 1, #values))}
-    if option then table.insert(args, 1, option) end
-    if key then table.insert(args, 1, key) end
-    local reply = redis.call(command, unpack(args))
-    if type(reply) == 'table' then
-      for _, value in ipairs(reply) do joined[#joined + 1] = value end
-    else
-      joined = reply
-    end
-  end
-  return joined
-end
 
 -- The events of each account, in batch order: ARGV positions; and every event's ids field.
 local accounts, events_of, fields = {}, {}, {}
@@ -65,10 +46,10 @@ for n, number in ipairs(accounts) do seq_keys[n] = key_of(number, 3) end
 local seqs = in_chunks('MGET', nil, seq_keys)
 
 local out, given, new_ids, new_seqs, grown = {}, {}, {}, {}, {}
-local accepted, refused = 0, 0
+local accepted, refused, none = 0, 0, {}
 for n, number in ipairs(accounts) do
   local events = events_of[number]
-  local legacy_now, legacy_before = {}, {}
+  local legacy_now, legacy_before = none, none
   if legacy then
     local ids = {}
     for k, i in ipairs(events) do ids[k] = ARGV[i + 2] end
@@ -80,7 +61,8 @@ for n, number in ipairs(accounts) do
   for k, i in ipairs(events) do
     local at = (i - 6) / 4 + 1  -- this event's place in the batch
     local field = fields[at]
-    local seen = seen_now[at] or seen_before[at] or legacy_now[k] or legacy_before[k] or given[field]
+    local seen = seen_now[at] or seen_before[at] or legacy_now[k] or legacy_before[k]
+      or given[field]
     if seen then
       out[2 * at - 1], out[2 * at] = 0, tonumber(seen)
     elseif cap > 0 and backlog + #bodies >= cap then
@@ -125,22 +107,10 @@ local halted = in_chunks('HMGET', paused, names)
 local scores = {}
 for n, account in ipairs(grown) do
   if not held[n] and not halted[n] then
-    local score
-    if order == 'longest' then
-      score = tostring(-account[3])
-    elseif order == 'oldest' then  -- the head's seq: a seq is when its event was queued
-      score = string.match(redis.call('LINDEX', key_of(account[1], 1), 0), '^{"seq":(%d+)')
-    else
-      score = tostring(math.random())
-    end
-    scores[#scores + 1], scores[#scores + 2] = score, account[2]
+    pending = key_of(account[1], 1)  -- ready_score reads the account's list by this local
+    local rand = order == 'random' and tostring(math.random()) or '0'
+    scores[#scores + 1], scores[#scores + 2] = ready_score(order, rand, account[3]), account[2]
   end
 end
-if #scores > 0 then
-  local was_empty = redis.call('ZCARD', ready) == 0
-  in_chunks('ZADD', ready, scores, order == 'random' and 'NX' or nil)
-  if was_empty then
-    redis.call('PUBLISH', string.match(ready, '^{(.+):%d+}:ready$') .. ':wake', '1')
-  end
-end
+if #scores > 0 then add_ready(scores, order) end
 return out

@@ -5,13 +5,14 @@
 --       attempt hash, seq, totals
 -- ARGV: 1 claim order, 2 random seed (claim order random), 3 switch margin, 4 best ready
 --       score elsewhere, 5 dead letters the shard keeps, 6 '1' to park an account with a
---       dead-lettered event, then 8 per account: 'ack' or 'nack', account, fencing token, seq and attempt of the
---       settled event, want next ('1' or '0'), and for a nack the dead-letter entry ('' to
---       retry) and the event id ('' for an ack)
+--       dead-lettered event, then 8 per account: 'ack' or 'nack', account, fencing token,
+--       seq and attempt of the settled event, want next ('1' or '0'), and for a nack the
+--       dead-letter entry ('' to retry) and the event id ('' for an ack)
 -- Returns one reply per account, in order, as `ack` and `nack` answer; the shard's acked and
 -- nacked counts grow once per call. Sent again: the same replies, nothing changed (each settle
 -- is answered from its call record).
-ready, stats, active, dead, paused, dead_order = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+ready, stats, active, dead = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+paused, dead_order = KEYS[5], KEYS[6]
 local order, margin, elsewhere, dead_max, park = ARGV[1], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 math.randomseed(tonumber(ARGV[2]))
 local replies, counts = {}, {ack = 0, nack = 0}
