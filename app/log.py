@@ -10,6 +10,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
@@ -170,18 +171,19 @@ class EventLog:
         stamp = f"{self._day}.{int((now - second) * 1_000_000):06d}Z"
         return orjson.dumps({**self._head, **fields, "event": name, "timestamp": stamp}) + b"\n"
 
-    async def write(self, name: str, **fields: Any) -> None:
-        """Append the line `name` with `fields`, with the other lines of this loop turn."""
-        line = self.line(name, fields)
+    async def write(self, lines: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        """Append the lines (name, fields), in order, with the other lines of this loop turn."""
+        made = [self.line(name, fields) for name, fields in lines]
         if self._written is None:
             self._written = asyncio.get_running_loop().create_future()
             asyncio.get_running_loop().call_soon(self._flush)
         at, written = len(self._turn), self._written
-        self._turn.append(line)
+        self._turn += made
         # Not shielded: every slot awaits the one future, and only a forced stop cancels them.
         landed, error = await written
-        if landed <= at:  # the write stopped short of this line
-            await self._write_again(line, fields, error or OSError("the write stopped short"))
+        for n, (line, (_, fields)) in enumerate(zip(made, lines, strict=True)):
+            if landed <= at + n:  # the write stopped short of this line
+                await self._write_again(line, fields, error or OSError("the write stopped short"))
 
     def _flush(self) -> None:
         """Write this turn's lines in one write(); tell each waiter how many lines landed."""

@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     event_log_keep: int = Field(8, ge=1)
     claim_order: ClaimOrder = "longest"
     switch_margin: int = Field(3, ge=1)
+    batch_max: int = Field(50, ge=1, le=1000)
     dedupe_seconds: float = Field(86_400.0, gt=0)
     account_idle_seconds: float = Field(3 * 86_400.0, gt=0)
     reaper_seconds: float = Field(5.0, gt=0)

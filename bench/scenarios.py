@@ -62,6 +62,8 @@ def redis_work(
     """What Redis does per event with SHARDS=`shards`, for the push (`gen`) and the no-op
     drain apart: commands (INFO commandstats) and CPU microseconds of each master (INFO cpu),
     and the consumers' own CPU per event drained (less what they cost to start and stop).
+    The drain twice: with batches as the consumer sizes them (`drain`), and one event at a
+    time, as a slow handler gets them (`drain_k1`, BATCH_MAX=1), pushed again in between.
     Stable on a noisy machine, unlike rates: it decides how far a cluster scales."""
     b.fresh()
     # What consumers cost to start and stop, drained from an empty Redis: not per event.
@@ -72,19 +74,24 @@ def redis_work(
         "events": events,
         "events_per_account": events // accounts,
     }
-    for phase in ("push", "drain"):
+    acked = violations = 0
+    for phase, batch_max in (("drain", None), ("drain_k1", 1)):
         with b.work(events) as work:
-            if phase == "push":
-                b.gen(events, accounts, "uniform", slots, shards=shards)
-            else:
-                consumer_s = b.drain(slots, process_seconds=0, shards=shards)
+            b.gen(events, accounts, "uniform", slots, shards=shards)
         if phase == "drain":
-            cell["consumer_cpu_us_per_event"] = round((consumer_s - startup_s) / events * 1e6, 1)
+            cell["push_commands_per_event"] = work.commands_per_item
+            cell["push_cpu_us_per_event_per_master"] = work.cpu_us_per_item_per_master
+        limit = {} if batch_max is None else {"batch_max": batch_max}
+        with b.work(events) as work:
+            consumer_s = b.drain(slots, process_seconds=0, shards=shards, **limit)
         cell[f"{phase}_commands_per_event"] = work.commands_per_item
         cell[f"{phase}_cpu_us_per_event_per_master"] = work.cpu_us_per_item_per_master
-    report = b.report()
-    cell |= {"acked": report["acked"], "order_violations": report["order_violations"]}
-    return cell
+        consumer_us = round((consumer_s - startup_s) / events * 1e6, 1)
+        cell["consumer_cpu_us_per_event" + phase.removeprefix("drain")] = consumer_us
+        report = b.report()
+        acked, violations = acked + report["acked"], violations + report["order_violations"]
+        b.log.unlink(missing_ok=True)
+    return cell | {"acked": acked, "order_violations": violations}
 
 
 def noop_drain(b: Bench, slots: int, events: int = 50_000, accounts: int = 5_000) -> dict[str, Any]:

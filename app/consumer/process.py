@@ -53,7 +53,7 @@ from app.engine import (
 )
 from app.engine.connection import LONGEST_PAUSE_S, backoff
 from app.engine.registry import HEARTBEAT_S
-from app.handlers import Handler, close
+from app.handlers import BatchHandler, Handler, close
 from app.settings import Settings
 
 HELD_SHOWN = 50  # accounts listed in the SIGUSR1 line (it stays well under 4 KiB)
@@ -63,6 +63,7 @@ CLAIM_RETRY_S = 1.0  # pause of the claimer after an unexpected error
 LOOK_EVERY_S = 0.25  # how often a busy consumer reads the best waiting backlog of the shards
 GUARD_EVERY_S = 30.0  # how often a running consumer checks that Redis still evicts nothing
 MAX_SWITCH_MARGIN = 1000  # events of backlog: beyond this a switch always pays
+SWITCH_BATCHES = 2  # a switch must gain at least this many batches of backlog
 
 
 class Consumer:
@@ -207,14 +208,15 @@ class Consumer:
 
     def _adapt_margin(self) -> None:
         """With CLAIM_ORDER=longest, a slot gives its account up for one with a longer backlog
-        only when the difference is worth the claim it costs: SWITCH_MARGIN events, or as many
-        handler runs as one claim takes, whichever is more (a no-op handler would otherwise
-        switch after almost every event, paying a claim each time for nothing)."""
+        only when the difference is worth the claim it costs: SWITCH_MARGIN events, as many
+        handler runs as one claim takes, or SWITCH_BATCHES batches, whichever is more (a no-op
+        handler would otherwise switch after almost every batch, paying a claim each time for
+        nothing)."""
         if self._settings.claim_order != "longest" or not self._slots.handler_s:
             return  # nothing measured yet: SWITCH_MARGIN as set
         runs = self._claim_s / self._slots.handler_s
-        worth = min(MAX_SWITCH_MARGIN, math.ceil(runs))
-        self._queue.switch_margin = max(self._settings.switch_margin, worth)
+        worth = max(math.ceil(runs), SWITCH_BATCHES * self._queue.batch_size)
+        self._queue.switch_margin = max(self._settings.switch_margin, min(MAX_SWITCH_MARGIN, worth))
 
     async def _all_done(self) -> bool:
         return self._idle == self._settings.concurrency and await inspect.drained(self._queue)
@@ -366,7 +368,7 @@ class Consumer:
 
 
 async def consume(
-    queue: Queue, handler: Handler, settings: Settings, burst: bool = False
+    queue: Queue, handler: Handler | BatchHandler, settings: Settings, burst: bool = False
 ) -> Consumer:
     """Run a consumer with `handler` on an open `queue` until it is stopped (or, in `burst`
     mode, until no account has work left); returns it, to tell how it ended. Its event lines

@@ -10,18 +10,19 @@ Redis holds.
 import asyncio
 import contextlib
 import inspect
+import math
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar, overload
+from typing import Any, TypeVar, overload
 
 from structlog.typing import FilteringBoundLogger
 
 from app.consumer.tally import Tally
 from app.engine import TRANSIENT, Event, Next, Queue, Step, Won
 from app.engine.connection import backoff
-from app.handlers import Delivery, Failed, Handler
+from app.handlers import BatchHandler, Delivery, Failed, Handler
 from app.log import EventLog
 from app.settings import Settings
 
@@ -33,6 +34,7 @@ OUTCOME_EVENTS = {
     "lost_lease": "event_lease_lost",
 }
 LEASE_MARGIN = 0.1  # share of the lease a slot keeps in hand when it judges its own lease
+BATCH_TARGET_S = 0.02  # handler time a batch should cover: about a settle round trip under load
 EWMA_WEIGHT = 0.05  # of the newest run in the moving average of handler time
 
 
@@ -43,7 +45,7 @@ class HandlerTimeout(Exception):
 @dataclass(eq=False, slots=True)
 class Holding:
     """What a slot holds: an account, its token, the lease by this process's clock (monotonic
-    seconds), and the event in flight with whether it reached the handler."""
+    seconds), and the batch in flight (its first event) with whether it reached the handler."""
 
     account: int
     token: int
@@ -62,7 +64,7 @@ class Slots:
     def __init__(
         self,
         queue: Queue,
-        handler: Handler,
+        handler: Handler | BatchHandler,
         settings: Settings,
         log: FilteringBoundLogger,
         events: EventLog,
@@ -76,10 +78,11 @@ class Slots:
         self._margin_s = settings.lease_seconds * LEASE_MARGIN
         self.stopping = asyncio.Event()
         self.tally = Tally()
-        self.handler_s = 0.0  # moving average of one handler run
+        self.handler_s = 0.0  # moving average of one event's handler time (0: none measured)
+        self._takes_batch = bool(getattr(handler, "takes_batch", False))
 
     async def drain(self, slot: int, holding: Holding, first: Event | Won) -> None:
-        """Handle the held account's events until it is released, drained or lost."""
+        """Handle the held account's batches until it is released, drained or lost."""
         step = first if isinstance(first, Event) else await self._release(holding)
         while isinstance(step, Event):
             holding.event, holding.ran = step, False
@@ -89,41 +92,102 @@ class Slots:
         """Whether a lease ending `lease_until` (monotonic) still holds, with a margin."""
         return time.monotonic() < lease_until - self._margin_s
 
-    async def _handle(self, slot: int, holding: Holding, event: Event) -> Next | None:
-        """Run the handler, settle the event, and return what the slot does next (None: the
-        lease ran out while Redis did not answer)."""
-        started = time.time_ns()
-        holding.ran = True
-        error, delivery = await self._run_handler(event)
-        finished = time.time_ns()
-        self.handler_s += (max(0, finished - started) / 1e9 - self.handler_s) * EWMA_WEIGHT
-        extra = {} if delivery is None else delivery.fields()
-        if delivery is not None:
-            self.tally.delivered(delivery)
+    async def _handle(self, slot: int, holding: Holding, first: Event) -> Next | None:
+        """Run the handler on the batch `first` opens, settle what it did in one call, and
+        return what the slot does next (None: the lease ran out while Redis did not answer)."""
+        if self._takes_batch:
+            runs, error = await self._run_batch(holding, first)
+        else:
+            runs, error = await self._run_each(holding, first)
+        for run in runs:
+            if run.delivery is not None:
+                self.tally.delivered(run.delivery)
+        handled = len(runs) - (error is not None)
         want_next = not self.stopping.is_set()
         if error is None:
-            await self._settling(slot, event, "ack", started, finished)
-            step = await self.retrying(lambda: self._queue.ack(event, want_next))
+            want_all = want_next and handled == len(first.batch)
+            await self._write(slot, runs, "event_settling", "ack")
+            step = await self.retrying(lambda: self._queue.ack(first, want_all, handled))
             _now_holds(holding, step)
-            outcome = "lost_lease" if step is Step.LOST else "ack"
-            await self._record(slot, event, outcome, started, finished, **extra)
+            await self._write(slot, runs, "", "lost_lease" if step is Step.LOST else "ack")
             return step
+        failed_event = runs[-1].event
         failed = error if isinstance(error, Failed) else None
-        dead = event.attempt >= self._settings.max_attempts or bool(failed and failed.permanent)
+        dead = failed_event.attempt >= self._settings.max_attempts or bool(
+            failed and failed.permanent
+        )
         text = _reason(error)
-        await self._settling(slot, event, "dead" if dead else "nack", started, finished)
-        step = await self.retrying(lambda: self._queue.nack(event, text, dead, want_next))
+        last = "dead" if dead else "nack"
+        await self._write(slot, runs, "event_settling", "ack", last)
+        step = await self.retrying(lambda: self._queue.nack(first, text, dead, want_next, handled))
         _now_holds(holding, step)
-        outcome = "lost_lease" if step is Step.LOST else "dead" if dead else "nack"
-        await self._record(slot, event, outcome, started, finished, error=text[:500], **extra)
+        if step is Step.LOST:
+            last = "lost_lease"
+        await self._write(slot, runs, "", "ack", last, error=text[:500])
         if step is not Step.RETRY:
             return step
-        await sleep_unless(self.stopping, self._retry_in_s(event, failed))
+        await sleep_unless(self.stopping, self._retry_in_s(failed_event, failed))
         if failed is not None and failed.retry_when is not None:
             await wait_unless(self.stopping, failed.retry_when())
         if self.stopping.is_set():
             return await self._release(holding)
         return await self._take(holding)
+
+    async def _run_each(
+        self, holding: Holding, first: Event
+    ) -> tuple[list["Run"], BaseException | None]:
+        """The handler on each event of the batch in turn, up to the first failure; before
+        each after the first, the slot stops early when it is stopping or its lease, by its
+        own clock, is running out (the rest go back uncounted)."""
+        runs: list[Run] = []
+        for event in first.batch:
+            if runs and (self.stopping.is_set() or not self.lease_good(holding.lease_until)):
+                break
+            started = time.time_ns()
+            holding.ran = True
+            error, delivery = await self._run_handler(event, event)
+            runs.append(Run(event, started, time.time_ns(), delivery))
+            self._measured(runs[-1].finished - started, 1)
+            if error is not None:
+                return runs, error
+        return runs, None
+
+    async def _run_batch(
+        self, holding: Holding, first: Event
+    ) -> tuple[list["Run"], BaseException | None]:
+        """A batch handler on the whole batch: all handled, or (`Failed.handled`) the events
+        before the one that failed; any other error fails the first."""
+        events = list(first.batch)
+        started = time.time_ns()
+        holding.ran = True
+        error, delivery = await self._run_handler(events, first, len(events))
+        finished = time.time_ns()
+        self._measured(finished - started, len(events))
+        handled = len(events)
+        if error is not None:
+            handled = min(error.handled, len(events) - 1) if isinstance(error, Failed) else 0
+        ran = events[: handled + (error is not None)]
+        runs = [Run(event, started, finished) for event in ran]
+        runs[-1].delivery = delivery
+        return runs, error
+
+    def _measured(self, elapsed_ns: int, events: int) -> None:
+        """Fold one handler run over `events` into the moving average of one event's handler
+        time, and size the batches the queue hands out from it."""
+        per_event = max(0, elapsed_ns) / 1e9 / events
+        if self.handler_s:
+            self.handler_s += (per_event - self.handler_s) * EWMA_WEIGHT
+        else:
+            self.handler_s = per_event
+        self._queue.batch_size = self.batch_size()
+
+    def batch_size(self) -> int:
+        """Events per batch: enough handler runs to cover BATCH_TARGET_S, so a fast handler
+        does not wait on a Redis round trip after every event, and at most BATCH_MAX. A 1 s
+        handler gets 1; a batch's handler time stays near BATCH_TARGET_S, well inside any
+        lease (LEASE_SECONDS is at least 1)."""
+        per_event = max(self.handler_s, 1e-6)
+        return max(1, min(self._settings.batch_max, math.ceil(BATCH_TARGET_S / per_event)))
 
     def _retry_in_s(self, event: Event, failed: Failed | None) -> float:
         """The backoff after a failed attempt, or longer when the handler asked for it (at
@@ -133,30 +197,33 @@ class Slots:
             return backoff
         return max(backoff, min(failed.retry_after_s, self._settings.retry_backoff_max_seconds))
 
-    async def _run_handler(self, event: Event) -> tuple[BaseException | None, Delivery | None]:
-        """What the handler raised (None when it returned), whatever its type: a handler's
-        failure is its event's, never the slot's; and the `Delivery` it reported. Past
-        HANDLER_TIMEOUT_SECONDS the attempt fails as a `HandlerTimeout`: an async handler is
-        cancelled, a sync one left running in its thread (a thread cannot be killed)."""
+    async def _run_handler(
+        self, arg: Event | list[Event], first: Event, events: int = 1
+    ) -> tuple[BaseException | None, Delivery | None]:
+        """What the handler raised when called with `arg` (None when it returned), whatever
+        its type: a handler's failure is its event's, never the slot's; and the `Delivery` it
+        reported. Past HANDLER_TIMEOUT_SECONDS per event the attempt fails as a
+        `HandlerTimeout`: an async handler is cancelled, a sync one left running in its thread
+        (a thread cannot be killed)."""
         if self._handler_timeout_s is None:
-            return await self._guarded(self._call(event))
-        deadline = asyncio.timeout(self._handler_timeout_s)
+            return await self._guarded(self._call(arg))
+        limit_s = self._handler_timeout_s * events
+        deadline = asyncio.timeout(limit_s)
         try:
             async with deadline:
-                return await self._guarded(self._call(event))
+                return await self._guarded(self._call(arg))
         except TimeoutError:
             if not deadline.expired():
                 raise
         self._log.warning(
             "handler_timed_out",
-            account=event.account,
-            seq=event.seq,
-            attempt=event.attempt,
-            timeout_s=self._handler_timeout_s,
+            account=first.account,
+            seq=first.seq,
+            attempt=first.attempt,
+            timeout_s=limit_s,
         )
         timeout = HandlerTimeout(
-            f"timeout: the handler ran longer than {self._handler_timeout_s:g} s"
-            " (HANDLER_TIMEOUT_SECONDS)"
+            f"timeout: the handler ran longer than {limit_s:g} s (HANDLER_TIMEOUT_SECONDS)"
         )
         return timeout, None
 
@@ -225,27 +292,43 @@ class Slots:
                 self.tally.faults += 1
         return None
 
-    def _settling(
-        self, slot: int, event: Event, settle: str, started: int, finished: int
+    def _write(
+        self,
+        slot: int,
+        runs: list["Run"],
+        settling: str,
+        outcome: str,
+        last: str = "",
+        **failure: object,
     ) -> Awaitable[None]:
-        """The line written before a settle is sent (`settling`: ack, nack or dead). Should the
-        process die after Redis took the settle but before its outcome line, `evq report`
-        resolves the attempt from this line and Redis, so no settled event goes unlogged."""
-        fields = _fields(slot, event, started, finished)
-        return self._events.write("event_settling", settling=settle, **fields)
+        """The batch's lines in one write: each handled run's `outcome`, and the failed run's
+        `last` (with the `failure` fields). `settling` names the lines written before a settle
+        is sent (`event_settling`): should the process die after Redis took the settle but
+        before its outcome lines, `evq report` resolves each attempt from its settling line and
+        Redis, so no settled event goes unlogged. Without it, the outcome lines, counted."""
+        lines = []
+        for n, run in enumerate(runs):
+            failing = last and n == len(runs) - 1
+            this = last if failing else outcome
+            fields = _fields(slot, run)
+            if settling:
+                lines.append((settling, {"settling": this, **fields}))
+                continue
+            self._count(run, this)
+            extra = {} if run.delivery is None else run.delivery.fields()
+            if failing:
+                extra.update(failure)
+            lines.append((OUTCOME_EVENTS[this], {"outcome": this, **fields, **extra}))
+        return self._events.write(lines)
 
-    def _record(
-        self, slot: int, event: Event, outcome: str, started: int, finished: int, **extra: object
-    ) -> Awaitable[None]:
+    def _count(self, run: "Run", outcome: str) -> None:
         if outcome == "lost_lease":
             self.tally.lease_lost()
         else:
             self.tally.settled += 1
         if outcome == "ack":
-            self.tally.observe("processing", (finished - started) / 1e9)
-            self.tally.observe("wait", (time.time_ns() - event.enqueued_ns) / 1e9)
-        fields = _fields(slot, event, started, finished)
-        return self._events.write(OUTCOME_EVENTS[outcome], outcome=outcome, **fields, **extra)
+            self.tally.observe("processing", (run.finished - run.started) / 1e9)
+            self.tally.observe("wait", (time.time_ns() - run.event.enqueued_ns) / 1e9)
 
     async def give_up(self, holding: Holding) -> None:
         """After a slot failed: release its account (the event in flight back at the head), or
@@ -256,8 +339,20 @@ class Slots:
             self._log.exception("release_failed", account=holding.account)
 
 
-def _fields(slot: int, event: Event, started: int, finished: int) -> dict[str, object]:
+@dataclass(slots=True)
+class Run:
+    """One event's run of the handler: when it started and finished (unix ns), and the
+    `Delivery` it reported."""
+
+    event: Event
+    started: int
+    finished: int
+    delivery: Delivery | None = None
+
+
+def _fields(slot: int, run: Run) -> dict[str, object]:
     """What every line of an attempt says of it."""
+    event, started, finished = run.event, run.started, run.finished
     fields: dict[str, object] = {
         "account": event.account,
         "seq": event.seq,
@@ -289,7 +384,9 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def _as_async(handler: Handler, threads: int) -> Callable[[Event], Awaitable[Delivery | None]]:
+def _as_async(
+    handler: Handler | BatchHandler, threads: int
+) -> Callable[[Any], Awaitable[Delivery | None]]:
     """Async handlers run on the loop; sync ones in a thread pool sized to the slots."""
     if inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
         getattr(handler, "__call__", None)  # noqa: B004
@@ -297,8 +394,8 @@ def _as_async(handler: Handler, threads: int) -> Callable[[Event], Awaitable[Del
         return handler  # type: ignore[return-value]
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="evq-handler")
 
-    async def call(event: Event) -> Delivery | None:
-        return await asyncio.get_running_loop().run_in_executor(pool, handler, event)  # type: ignore[arg-type]
+    async def call(arg: Any) -> Delivery | None:
+        return await asyncio.get_running_loop().run_in_executor(pool, handler, arg)  # type: ignore[arg-type]
 
     return call
 

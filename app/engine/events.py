@@ -35,7 +35,11 @@ def enqueued_ns(seq: int) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """One delivery of an event to a handler, with its attempt number and fencing token."""
+    """One delivery of an event to a handler, with its attempt number and fencing token.
+
+    A take hands out a batch: its first event, which carries the account's next events of the
+    same batch in `rest` (each at its first attempt). The batch is settled as one, through
+    its first event."""
 
     account: int
     seq: int
@@ -44,10 +48,16 @@ class Event:
     attempt: int
     token: int
     replays: int = 0  # how many times an operator replayed it from the dead letters
+    rest: tuple["Event", ...] = ()
 
     @property
     def enqueued_ns(self) -> int:
         return enqueued_ns(self.seq)
+
+    @property
+    def batch(self) -> tuple["Event", ...]:
+        """The events handed out together, this one first, in seq order."""
+        return (self, *self.rest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,19 +109,28 @@ _STEPS = {s.value.encode(): s for s in Step}
 
 
 def step_of(account: int, token: int, reply: list[Any]) -> Next:
-    """What an account script's reply hands the slot: `{'event', body, attempt}` as an
-    `Event`, anything else as its `Step`."""
+    """What an account script's reply hands the slot: `{'event', body, attempt, more
+    bodies...}` as an `Event` (the batch's first, the others in its `rest`), anything else as
+    its `Step`."""
     if reply[0] != b"event":
         return _STEPS[reply[0]]
-    body = orjson.loads(reply[1])
+    rest = tuple(_event(account, token, body, 1) for body in reply[3:])
+    return _event(account, token, reply[1], int(reply[2]), rest)
+
+
+def _event(
+    account: int, token: int, stored: bytes, attempt: int, rest: tuple[Event, ...] = ()
+) -> Event:
+    body = orjson.loads(stored)
     return Event(
         account=account,
         seq=body["seq"],
         event_id=body["id"],
         payload=body["p"],
-        attempt=int(reply[2]),
+        attempt=attempt,
         token=token,
         replays=body.get("r", 0),
+        rest=rest,
     )
 
 

@@ -14,7 +14,7 @@ import os
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, NamedTuple, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
@@ -48,15 +48,6 @@ PENDING, LOCK, FENCE, SEQ = (ACCOUNT_KINDS.index(kind) for kind in ("user", "loc
 REAP_CHUNK = 500
 
 
-class _Claimed(NamedTuple):
-    """The replies of one account's part of the claim MULTI."""
-
-    lock: Any
-    expire: Any
-    token: Any
-    taken: Any
-
-
 class Queue:
     """Per-account ordered queue over the shards; every multi-key step is one Lua script."""
 
@@ -72,6 +63,9 @@ class Queue:
         # Score difference that makes a slot switch accounts: events of backlog for `longest`
         # (a consumer raises it for handlers much faster than a claim).
         self.switch_margin = settings.switch_margin if self._order == "longest" else 1
+        # The most events a claim, take or settle hands out to one slot at once (a consumer
+        # sets it from its handler's pace, up to BATCH_MAX).
+        self.batch_size = 1
         self._dedupe_ms = max(1, round(settings.dedupe_seconds * 1000))
         self._hash_slot = [self.keys.hash_slot(shard) for shard in range(settings.shards)]
         self._push_keys = [
@@ -205,7 +199,8 @@ class Queue:
         return keys, args
 
     async def claim(self, n: int, block_s: float) -> list[Event | Won]:
-        """Claim up to `n` accounts, best first over all shards, and take the head event of each.
+        """Claim up to `n` accounts, best first over all shards, and take a batch of each (up
+        to `batch_size` events from the head).
 
         Reads the tops of every shard's ready index (one pipelined round trip per master).
         When all are empty it waits up to `block_s` for a shard to announce work (pub/sub, no
@@ -256,7 +251,7 @@ class Queue:
                 pipe.incr(keys[LOCK])
                 pipe.pexpire(keys[LOCK], self._lease_ms, nx=True)
                 pipe.incr(keys[FENCE])
-                argv = self._argv(account, "claim", claim_id)
+                argv = self._argv(account, "claim", claim_id, self.batch_size)
                 pipe.evalsha(self.scripts.shas["take"], len(keys), *keys, *argv)
             pipe.execute_command("EXEC")
 
@@ -266,16 +261,18 @@ class Queue:
         if isinstance(replies, Exception):  # EXECABORT: a command was refused, nothing ran
             raise replies
         claimed: list[Event | Won] = []
-        for account, part in zip(accounts, _parts(replies), strict=True):
-            if part.lock != 1:
+        # Four replies per account: INCR of the lock, PEXPIRE, INCR of the fence, the take.
+        parts = [replies[i : i + 4] for i in range(0, len(replies), 4)]
+        for account, (lock, _, token, taken) in zip(accounts, parts, strict=True):
+            if lock != 1:
                 continue
-            if isinstance(part.taken, Exception):  # NOSCRIPT (new master, restart) or a fault
-                claimed.append(Won(account, part.token))
+            if isinstance(taken, Exception):  # NOSCRIPT (new master, restart) or a fault
+                claimed.append(Won(account, token))
                 continue
-            step = step_of(account, int(part.taken[-1]), part.taken)
+            step = step_of(account, int(taken[-1]), taken[:-1])
             if isinstance(step, Event):
                 claimed.append(step)
-        if any(isinstance(part.taken, NoScriptError) for part in _parts(replies)):
+        if any(isinstance(part[3], NoScriptError) for part in parts):
             with contextlib.suppress(*TRANSIENT):
                 await self.scripts.load(node)
         return claimed
@@ -329,34 +326,39 @@ class Queue:
         """The events a claim whose reply was lost took; the accounts it did not win and no
         one holds go back into the ready index. Safe to call again."""
         replies = await every(
-            [self._script(a, "take", self._argv(a, "resume", claim_id)) for a in accounts]
+            [self._script(a, "take", self._argv(a, "resume", claim_id, 1)) for a in accounts]
         )
         found = [
-            step_of(account, int(reply[3]), reply[:3])
+            step_of(account, int(reply[-1]), reply[:-1])
             for account, reply in zip(accounts, replies, strict=True)
             if reply[0] == b"event"
         ]
         return [event for event in found if isinstance(event, Event)]
 
     async def take(self, account: int, token: int) -> Next:
-        """Take the head event of an owned account (after a retry backoff); sent again, the
-        same event and attempt."""
-        return await self._call("take", account, token, ())
+        """Take a batch from the head of an owned account (after a retry backoff); sent again,
+        the same batch and attempt."""
+        return await self._call("take", account, token, (b"", self.batch_size))
 
     # ack and nack hand back the script call's coroutine rather than awaiting it: every frame
     # between a slot and its reply is resumed once per event, so the per-event path keeps few.
 
-    def ack(self, event: Event, want_next: bool = True) -> Awaitable[Next]:
-        """Settle a handled event; hands back the account's next event when it should go on."""
-        return self._settles.add(b"ack", event, want_next)
+    def ack(self, event: Event, want_next: bool = True, count: int = 0) -> Awaitable[Next]:
+        """Settle the batch of `event` (its first) as handled: all of it, or its first `count`
+        events (the others go back to the head uncounted). Hands back the account's next batch
+        when it should go on."""
+        return self._settles.add(b"ack", event, want_next, count or len(event.batch))
 
-    def nack(self, event: Event, error: str, dead: bool, want_next: bool = True) -> Awaitable[Next]:
-        """Settle a failed event: back to the head for a retry, or into dead letters when `dead`
-        (each shard keeps the newest DEAD_LETTERS_MAX); with POISON_POLICY=park a dead letter
-        pauses its account."""
-        return self._settles.add(
-            b"nack", event, want_next, dead_entry(event, error) if dead else b""
-        )
+    def nack(
+        self, event: Event, error: str, dead: bool, want_next: bool = True, handled: int = 0
+    ) -> Awaitable[Next]:
+        """Settle the batch of `event` (its first): its first `handled` events as handled, the
+        next one as failed, back to the head for a retry or into dead letters when `dead` (each
+        shard keeps the newest DEAD_LETTERS_MAX; with POISON_POLICY=park a dead letter pauses
+        its account); the events after it go back to the head uncounted."""
+        failed = event.batch[handled]
+        entry = dead_entry(failed, error) if dead else b""
+        return self._settles.add(b"nack", event, want_next, handled, entry)
 
     async def pause(self, account: int) -> tuple[str, bool]:
         """Hold `account`: not claimed until resumed; its owner releases it after the current
@@ -491,8 +493,3 @@ async def _each(calls: Sequence[Awaitable[T]]) -> list[T | Exception]:
         if isinstance(result, BaseException) and not isinstance(result, TRANSIENT):
             raise result
     return cast(list[T | Exception], results)
-
-
-def _parts(replies: Sequence[Any]) -> list[_Claimed]:
-    """The claim MULTI's replies, four per account."""
-    return [_Claimed(*replies[i : i + 4]) for i in range(0, len(replies), 4)]

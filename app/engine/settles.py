@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 # Positions in Keys.account() of what settle.lua takes per account, and once per shard.
 ACCOUNT_PART = (0, 1, 2, 3, 4, 5, 10)  # pending, in flight, lock, fence, attempt, seq, totals
 SHARD_PART = (6, 7, 8, 9, 11, 12)  # ready, stats, active, dead, paused, dead letters' order
-Settling = tuple[bytes, Event, bool, bytes, "asyncio.Future[Next]"]
+Settling = tuple[bytes, Event, bool, int, bytes, "asyncio.Future[Next]"]
 
 
 class Settles:
@@ -30,15 +30,18 @@ class Settles:
         self._park = b"1" if settings.poison_policy == "park" else b"0"
         self._waiting: dict[int, list[Settling]] = {}
 
-    async def add(self, op: bytes, event: Event, want_next: bool, entry: bytes = b"") -> Next:
-        """Settle `event` (`op` ack or nack; a nack's dead-letter `entry`, or b'' to retry it)
-        with this turn's others of its shard; its own step."""
+    async def add(
+        self, op: bytes, event: Event, want_next: bool, count: int, entry: bytes = b""
+    ) -> Next:
+        """Settle the batch of `event` (`op` ack or nack, `count` of its events handled; a
+        nack's dead-letter `entry`, or b'' to retry) with this turn's others of its shard; its
+        own step."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Next] = loop.create_future()
         if not self._waiting:
             loop.call_soon(self._send)
         shard = self._queue.keys.shard_of(event.account)
-        self._waiting.setdefault(shard, []).append((op, event, want_next, entry, future))
+        self._waiting.setdefault(shard, []).append((op, event, want_next, count, entry, future))
         return await future
 
     def _send(self) -> None:
@@ -63,12 +66,16 @@ class Settles:
             queue.best_elsewhere,
             self._dead_max,
             self._park,
+            queue.batch_size,
         ]
-        for op, event, want_next, entry, _ in settling:
+        for op, event, want_next, count, entry, _ in settling:
             own = queue.account_keys(event.account)
             keys += (own[i] for i in ACCOUNT_PART)
-            args += (op, event.account, event.token, event.seq, event.attempt)
-            args += (b"1" if want_next else b"0", entry, event.event_id if entry else b"")
+            batch = event.batch
+            last_seq = batch[count - 1].seq if count else 0
+            args += (op, event.account, event.token, event.seq, event.attempt, len(batch))
+            args += (count, last_seq, b"1" if want_next else b"0", entry)
+            args.append(batch[count].event_id if entry else b"")
         return queue.scripts.submit(queue.node(shard), "settle", keys, args)
 
 
@@ -82,7 +89,7 @@ def _answer(settling: list[Settling], sent: "asyncio.Future[Any]") -> None:
     if fault is not None:
         _fail(settling, fault)
         return
-    for (_, event, _, _, future), reply in zip(settling, sent.result(), strict=True):
+    for (_, event, *_, future), reply in zip(settling, sent.result(), strict=True):
         if not future.done():  # the slot was cancelled meanwhile
             future.set_result(step_of(event.account, event.token, reply))
 

@@ -7,6 +7,11 @@ Returning acks the event; raising nacks it. A handler may say more: raise `Faile
 a dead letter at once (`permanent`) or a later retry (`retry_after_s`), and return or attach a
 `Delivery` to have an attempt's answer logged and counted. A handler with an `aclose()` is
 closed when the consumer stops.
+
+A handler marked with `takes_batches` is called with a list instead: the events of one
+account's batch, in seq order (docs/handlers.md). Returning acks them all; raising `Failed`
+with `handled=n` acks the first n and fails the next; any other error fails the first. The
+events after a failed one go back to the head without an attempt counted.
 """
 
 import asyncio
@@ -15,11 +20,17 @@ import inspect
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from app.engine import Event
 from app.settings import Settings
 
 Handler = Callable[[Event], Awaitable["Delivery | None"]] | Callable[[Event], "Delivery | None"]
+BatchHandler = (
+    Callable[[list[Event]], Awaitable["Delivery | None"]]
+    | Callable[[list[Event]], "Delivery | None"]
+)
+B = TypeVar("B", bound=BatchHandler)
 # How a delivery ended, as the event log and /metrics name it.
 OUTCOMES = ("2xx", "3xx", "4xx", "5xx", "timeout", "connection")
 
@@ -50,7 +61,8 @@ class Failed(Exception):
     event now (or parks its account, POISON_POLICY=park) instead of retrying; `retry_after_s`
     waits at least that long before the retry (at most RETRY_BACKOFF_MAX_SECONDS);
     `retry_when()` returns once a retry can succeed (a receiver that refused connections
-    accepts them again), awaited after the backoff: an outage costs one attempt, not all."""
+    accepts them again), awaited after the backoff: an outage costs one attempt, not all.
+    From a batch handler, `handled` says how many events before the failed one it handled."""
 
     def __init__(
         self,
@@ -60,12 +72,20 @@ class Failed(Exception):
         retry_after_s: float | None = None,
         retry_when: Callable[[], Awaitable[object]] | None = None,
         delivery: Delivery | None = None,
+        handled: int = 0,
     ) -> None:
         super().__init__(message)
+        self.handled = handled
         self.permanent = permanent
         self.retry_after_s = retry_after_s
         self.retry_when = retry_when
         self.delivery = delivery
+
+
+def takes_batches(handler: B) -> B:
+    """Mark `handler` as a batch handler: it is called with each batch as a list."""
+    handler.takes_batch = True  # type: ignore[union-attr]
+    return handler
 
 
 class InjectedFailure(Exception):
@@ -95,7 +115,7 @@ def http(settings: Settings) -> Handler:
     return HttpDelivery(settings)
 
 
-def load(settings: Settings) -> Handler:
+def load(settings: Settings) -> Handler | BatchHandler:
     """Import the factory `settings.handler` names and build the handler with it."""
     module_name, _, attr = settings.handler.partition(":")
     try:
@@ -104,11 +124,11 @@ def load(settings: Settings) -> Handler:
         raise HandlerUnusable(
             f"HANDLER={settings.handler!r} is not an importable 'module:factory' ({exc})"
         ) from exc
-    handler: Handler = factory(settings)
+    handler: Handler | BatchHandler = factory(settings)
     return handler
 
 
-async def close(handler: Handler) -> None:
+async def close(handler: Handler | BatchHandler) -> None:
     """Close a handler that has an `aclose()` (an HTTP client's connections, say)."""
     aclose = getattr(handler, "aclose", None)
     if aclose is not None:

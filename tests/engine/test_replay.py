@@ -202,12 +202,13 @@ async def test_claim_keeps_every_account_won_when_one_take_fails(make_queue: Mak
     out, and the failed one comes back as won, owned by its token."""
     queue = make_queue()
     await queue.push_many([NewEvent(a, f"e{a}") for a in (1, 2, 3)])
-    attempt_key = queue.keys.account(2)[4]
-    await Routed(queue).hset(attempt_key, "n", "x")  # the take of account 2 errors at HINCRBY
+    in_flight = queue.keys.account(2)[1]
+    await Routed(queue).set(in_flight, "x")  # the take of account 2 errors at LLEN: WRONGTYPE
     claimed = await queue.claim(3, 0)
     events = sorted(c.account for c in claimed if isinstance(c, Event))
     [won] = [c for c in claimed if isinstance(c, Won)]
     assert (events, won.account) == ([1, 3], 2)
+    await Routed(queue).delete(in_flight)
     assert await queue.release(2, won.token) is Step.RELEASED
 
 

@@ -4,10 +4,15 @@
 --   7 ready index, 8 stats, 9 active set, 10 dead letters of the shard (hash of
 --   '<account>:<event_id>' -> entry), 11 account totals, 12 paused accounts of the shard
 --   (account -> 'operator' or 'parked'), 13 the dead letters' ids scored by when they died
--- The attempt hash describes the event at the head or in flight: n (attempts handed out),
--- and of the in-flight attempt its seq, token (the owner that took it) and claim (the claim
--- that took it, when one did). `token` is there exactly while that event is in flight: every
--- move of it back to the head deletes the field.
+-- In flight: the batch the owner was handed, up to k events taken from the head together
+-- (a 1 s handler gets one at a time). The attempt hash describes the first of them, or the
+-- head: n (attempts handed out; every other event of a batch is at its first attempt), and of
+-- the batch in flight the first event's seq, token (the owner that took it) and claim (the
+-- claim that took it, when one did). `token` is there exactly while the batch is in flight:
+-- every move of it back to the head deletes the field. `redo`: how many events at the head
+-- were in flight with an owner that died; they are handed out one at a time, each at its
+-- second attempt, so a poison event among them is isolated without charging its neighbours
+-- an attempt for each of its own.
 -- The totals hash keeps, beside the settled counts, the last settling call of each recent
 -- token, field 't:<token>' = '<seq>:<attempt>:<op>:<reply>': a call sent again (a client
 -- retry after a lost reply) is answered from it and changes nothing.
@@ -49,46 +54,6 @@ local function fresh_token()
   return digits(math.max(tonumber(redis.call('GET', fence)) or 0, now_us()))
 end
 
--- The in-flight event as a take reply, when `token` took it; nil otherwise.
-local function held_by(token)
-  local taken = redis.call('HMGET', attempt_key, 'token', 'n')
-  if taken[1] ~= token then return nil end
-  local body = redis.call('LINDEX', in_flight, 0)
-  if not body then return nil end
-  return {'event', body, tonumber(taken[2])}
-end
-
--- Whether `token` owns the account and took the in-flight event, which is this attempt of
--- `seq`. Once a call about that attempt has landed it never holds again, so a call sent twice
--- is told apart from a new one.
-local function holds(token, seq, attempt)
-  if not owns(token) then return false end
-  local taken = redis.call('HMGET', attempt_key, 'token', 'n', 'seq')
-  return taken[1] == token and taken[2] == attempt and taken[3] == seq
-end
-
--- The in-flight event back to the head, first in line; no one holds it now.
-local function back_to_head()
-  redis.call('LMOVE', in_flight, pending, 'RIGHT', 'LEFT')
-  redis.call('HDEL', attempt_key, 'token')
-end
-
--- Score of this account in the ready index for the claim order; the lowest pops first.
--- Returned as a string so large scores reach ZADD without float formatting. `backlog`: the
--- pending list's length when the caller knows it.
-local function ready_score(order, rand, backlog)
-  if order == 'longest' then return tostring(-(backlog or redis.call('LLEN', pending))) end
-  if order == 'oldest' then  -- a seq is when its event was queued, in microseconds
-    return string.match(redis.call('LINDEX', pending, 0), '^{"seq":(%d+)')
-  end
-  return rand
-end
-
--- Whether an operator paused the account, or a poison event parked it: it is not claimed.
-local function is_paused(account)
-  return redis.call('HEXISTS', paused, account) == 1
-end
-
 -- `command` (with `key` unless nil, and `option` unless nil) on every value, in calls of at
 -- most CHUNK values (pairs stay whole: Lua's unpack has a limit); table replies joined, else
 -- the last reply.
@@ -107,6 +72,68 @@ local function in_chunks(command, key, values, option)
     end
   end
   return joined
+end
+
+-- A take reply: {'event', first body, its attempt, the batch's other bodies...}.
+local function handed(bodies, attempt)
+  local reply = {'event', bodies[1], attempt}
+  for i = 2, #bodies do reply[i + 2] = bodies[i] end
+  return reply
+end
+
+-- The batch in flight as a take reply, when `token` took it; nil otherwise.
+local function held_by(token)
+  local taken = redis.call('HMGET', attempt_key, 'token', 'n')
+  if taken[1] ~= token then return nil end
+  local bodies = redis.call('LRANGE', in_flight, 0, -1)
+  if #bodies == 0 then return nil end
+  return handed(bodies, tonumber(taken[2]))
+end
+
+-- Whether `token` owns the account and took the batch in flight, whose first event is this
+-- attempt of `seq`: then the hash's `redo` (0 for none), else false. Once a call about that
+-- batch has landed it never holds again, so a call sent twice is told apart from a new one.
+local function holds(token, seq, attempt)
+  if not owns(token) then return false end
+  local taken = redis.call('HMGET', attempt_key, 'token', 'n', 'seq', 'redo')
+  if taken[1] == token and taken[2] == attempt and taken[3] == seq then
+    return tonumber(taken[4]) or 0
+  end
+  return false
+end
+
+-- `count` (> 0) events in flight back to the head, first in line, in their order.
+local function give_back(count)
+  if count == 1 then
+    redis.call('LMOVE', in_flight, pending, 'RIGHT', 'LEFT')
+    return
+  end
+  local bodies, reversed = redis.call('LRANGE', in_flight, 0, -1), {}
+  for i = #bodies, 1, -1 do reversed[#reversed + 1] = bodies[i] end
+  in_chunks('LPUSH', pending, reversed)
+  redis.call('DEL', in_flight)
+end
+
+-- The batch in flight (`count` events) back to the head; no one holds it now.
+local function back_to_head(count)
+  give_back(count)
+  redis.call('HDEL', attempt_key, 'token')
+end
+
+-- Score of this account in the ready index for the claim order; the lowest pops first.
+-- Returned as a string so large scores reach ZADD without float formatting. `backlog`: the
+-- pending list's length when the caller knows it.
+local function ready_score(order, rand, backlog)
+  if order == 'longest' then return tostring(-(backlog or redis.call('LLEN', pending))) end
+  if order == 'oldest' then  -- a seq is when its event was queued, in microseconds
+    return string.match(redis.call('LINDEX', pending, 0), '^{"seq":(%d+)')
+  end
+  return rand
+end
+
+-- Whether an operator paused the account, or a poison event parked it: it is not claimed.
+local function is_paused(account)
+  return redis.call('HEXISTS', paused, account) == 1
 end
 
 -- Score/member pairs into the shard's ready index (for the random order, an account already
@@ -136,12 +163,14 @@ local function drained(account)
   end
 end
 
--- An event left in flight by an owner that died goes back to the head, first in line.
+-- A batch left in flight by an owner that died goes back to the head, first in line; more
+-- than one event, and they are handed out one at a time (`redo`).
 local function recover()
-  if redis.call('LLEN', in_flight) > 0 then
-    back_to_head()
-    redis.call('HINCRBY', stats, 'redelivered', 1)
-  end
+  local count = redis.call('LLEN', in_flight)
+  if count == 0 then return end
+  back_to_head(count)
+  redis.call('HINCRBY', stats, 'redelivered', count)
+  if count > 1 then redis.call('HSET', attempt_key, 'redo', count) end
 end
 
 -- An account with work, no owner and no ready entry (its owner died, or a claimer lost the
@@ -157,32 +186,43 @@ local function reready(account, order, rand)
   return make_ready(account, order, rand, backlog) and 1 or 0
 end
 
--- Move the head in flight for `token` (and, from a claim, record the claim id); nil when
--- there is none, or when the account is paused (the caller releases it). `fresh`: the attempt
--- hash was just deleted with the event before (settled), so this is attempt 1.
-local function take_head(account, token, claim, fresh)
+-- Move up to `k` events from the head in flight for `token` (and, from a claim, record the
+-- claim id); nil when there are none, or when the account is paused (the caller releases it).
+-- `fresh`: the attempt hash was just deleted with the batch before (settled), so this is the
+-- first attempt and no redo is pending.
+local function take_head(account, token, claim, fresh, k)
   if is_paused(account) then return nil end
-  local body = redis.call('LMOVE', pending, in_flight, 'LEFT', 'RIGHT')
-  if not body then return nil end
-  local seq = string.match(body, '^{"seq":(%d+)')
-  if fresh then
-    redis.call('HSET', attempt_key, 'n', 1, 'token', token, 'seq', seq)
-    return {'event', body, 1}
+  local attempt = 1
+  if not fresh then
+    local state = redis.call('HMGET', attempt_key, 'n', 'redo')
+    attempt = (tonumber(state[1]) or 0) + 1
+    if state[2] then k = 1 end
   end
-  local attempt = redis.call('HINCRBY', attempt_key, 'n', 1)
-  if claim then
-    redis.call('HSET', attempt_key, 'token', token, 'seq', seq, 'claim', claim)
+  local bodies
+  if k == 1 then
+    bodies = {redis.call('LMOVE', pending, in_flight, 'LEFT', 'RIGHT')}
+    if not bodies[1] then return nil end
   else
-    redis.call('HSET', attempt_key, 'token', token, 'seq', seq)
+    bodies = redis.call('LRANGE', pending, 0, k - 1)
+    if #bodies == 0 then return nil end
+    redis.call('LTRIM', pending, #bodies, -1)
+    in_chunks('RPUSH', in_flight, bodies)
   end
-  return {'event', body, attempt}
+  local seq = string.match(bodies[1], '^{"seq":(%d+)')
+  if claim then
+    redis.call('HSET', attempt_key, 'n', attempt, 'token', token, 'seq', seq, 'claim', claim)
+  else
+    redis.call('HSET', attempt_key, 'n', attempt, 'token', token, 'seq', seq)
+  end
+  return handed(bodies, attempt)
 end
 
 -- Give the account up: back into the ready index while it has work, else out of the active set.
 -- `backlog`: the pending list's length when the caller knows that nothing is in flight.
 local function release(account, order, rand, backlog)
   if not backlog then
-    if redis.call('LLEN', in_flight) > 0 then back_to_head() end
+    local count = redis.call('LLEN', in_flight)
+    if count > 0 then back_to_head(count) end
     backlog = redis.call('LLEN', pending)
   end
   redis.call('DEL', lock)
@@ -194,12 +234,13 @@ local function release(account, order, rand, backlog)
   return {'drained'}
 end
 
--- After an event is settled: take the next one while this account is still the best choice,
--- otherwise put it back. The best waiting account, in this shard or in the consumer's latest
--- view of the others (`elsewhere`, a ready score, or '' for none), must beat this one's score
--- by `margin`.
--- It runs once the event before is settled: nothing is in flight, the attempt hash is gone.
-local function next_step(account, token, order, rand, want_next, margin, elsewhere)
+-- After a batch is settled: take the next (up to `k` events) while this account is still the
+-- best choice, otherwise put it back. The best waiting account, in this shard or in the
+-- consumer's latest view of the others (`elsewhere`, a ready score, or '' for none), must beat
+-- this one's score by `margin`.
+-- It runs once the batch before is settled: nothing is in flight, and the attempt hash is
+-- gone unless a redo is pending (`fresh` false).
+local function next_step(account, token, order, rand, want_next, margin, elsewhere, k, fresh)
   local backlog = redis.call('LLEN', pending)
   if want_next ~= '1' or backlog == 0 then
     return release(account, order, rand, backlog)
@@ -212,7 +253,7 @@ local function next_step(account, token, order, rand, want_next, margin, elsewhe
       return release(account, order, rand, backlog)
     end
   end
-  return take_head(account, token, nil, true) or release(account, order, rand, backlog)
+  return take_head(account, token, nil, fresh, k) or release(account, order, rand, backlog)
 end
 
 -- Keep `reply` as the answer to this token's call `op` about (seq, attempt), and return it.
@@ -248,51 +289,85 @@ local function forget_old_calls()
   for i = 1, #tokens - KEEP_CALLS + 1 do redis.call('HDEL', totals, tokens[i][2]) end
 end
 
--- ack: the handler succeeded; drop the in-flight event and decide what the slot does next.
--- `seq` and `attempt` name the acked event; the rest as next_step takes them.
--- Returns {'event', body, attempt} (the next one, still owned), {'released'}, {'drained'}
--- or {'lost'} (not acked: the lease is gone, nothing changed), and whether it acked now (the
--- caller adds it to the shard's count). Sent again: the same answer, not acked again.
-local function ack(account, token, seq, attempt, order, rand, want_next, margin, elsewhere)
-  if not holds(token, seq, attempt) then
-    return replayed(token, seq, attempt, 'ack') or {'lost'}, false
+-- The first `count` of the `size` events in flight are settled; the rest never ran and go
+-- back to the head uncounted. Then nothing is in flight, and the attempt hash is gone unless
+-- the new head is one of a dead owner's batch (`redo` > 1): it has had one attempt then.
+-- Returns whether the next take starts fresh.
+local function drop_settled(count, size, redo)
+  if count < size then
+    redis.call('LTRIM', in_flight, count, -1)
+    give_back(size - count)
+    redis.call('DEL', attempt_key)
+  else
+    redis.call('DEL', in_flight, attempt_key)
   end
-  redis.call('DEL', in_flight, attempt_key)
-  redis.call('HINCRBY', totals, 'acked', 1)
-  local reply = next_step(account, token, order, rand, want_next, margin, elsewhere)
-  return remember(token, seq, attempt, 'ack', reply, 'last_acked_seq', seq), true
+  if redo <= 1 then return true end
+  redis.call('HSET', attempt_key, 'n', 1, 'redo', redo - 1)
+  return false
 end
 
--- nack: the handler failed; retry the event in place, or dead-letter it (`entry`, its JSON;
--- '' to retry) and go on. The shard keeps `dead_max` dead letters (the oldest go first);
--- `park` '1' pauses the account with its dead-lettered event (POISON_POLICY=park) until an
--- operator replays the event or resumes the account.
--- Returns {'retry'} (back at the head, still owned), a next step as ack does, or {'lost'},
--- and whether it settled now (the caller adds it to the shard's nacked count). Sent again: the
--- same answer, nothing changed.
-local function nack(account, token, seq, attempt, order, rand, want_next, margin, elsewhere,
-                    entry, dead_max, park, event_id)
-  if not holds(token, seq, attempt) then
-    return replayed(token, seq, attempt, 'nack') or {'lost'}, false
+-- A settle as settle.lua names it: the account, the owner's token, the seq and attempt of the
+-- first event of its batch in flight, the batch's `size`, how many of its events from the
+-- first were handled (`count`; for a nack, before the one that failed), the last of those
+-- events' seq, and what the owner wants next (`want_next` '1' or '0'; `k`, the most events
+-- to hand out).
+
+-- ack: the first `count` events of the batch were handled; drop them and decide what the slot
+-- does next (the events after them, if any, go back first).
+-- Returns {'event', body, attempt, more bodies...} (the next batch, still owned),
+-- {'released'}, {'drained'} or {'lost'} (not acked: the lease is gone, nothing changed), and
+-- how many it acked now (the caller adds them to the shard's count). Sent again: the same
+-- answer, not acked again.
+local function ack(s, order, rand, margin, elsewhere)
+  local redo = holds(s.token, s.seq, s.attempt)
+  if not redo then
+    return replayed(s.token, s.seq, s.attempt, 'ack') or {'lost'}, 0
   end
-  local reply
-  if entry == '' then
-    back_to_head()
+  local fresh = drop_settled(s.count, s.size, redo)
+  redis.call('HINCRBY', totals, 'acked', s.count)
+  local reply = next_step(s.account, s.token, order, rand, s.want_next, margin, elsewhere, s.k,
+                          fresh)
+  return remember(s.token, s.seq, s.attempt, 'ack', reply, 'last_acked_seq', s.last_seq), s.count
+end
+
+-- nack: the first `count` events of the batch were handled (acked here), the next one failed;
+-- retry it in place, or dead-letter it (`entry`, its JSON; '' to retry) and go on. The events
+-- after it never ran and go back to the head uncounted. The shard keeps `dead_max` dead
+-- letters (the oldest go first); `park` '1' pauses the account with its dead-lettered event
+-- (POISON_POLICY=park) until an operator replays the event or resumes the account.
+-- Returns {'retry'} (back at the head, still owned), a next step as ack does, or {'lost'},
+-- how many it acked now, and whether it settled the failed event now (the caller adds them to
+-- the shard's counts). Sent again: the same answer, nothing changed.
+local function nack(s, order, rand, margin, elsewhere, dead_max, park)
+  local redo = holds(s.token, s.seq, s.attempt)
+  if not redo then
+    return replayed(s.token, s.seq, s.attempt, 'nack') or {'lost'}, 0, false
+  end
+  local left, reply = s.size - s.count, nil
+  if s.count > 0 then
+    redis.call('LTRIM', in_flight, s.count, -1)
+    redis.call('HINCRBY', totals, 'acked', s.count)
+    redis.call('HSET', totals, 'last_acked_seq', s.last_seq)
+  end
+  if s.entry == '' then
+    -- the failed event is the new first of the batch: its attempt is counted
+    if s.count > 0 then redis.call('HSET', attempt_key, 'n', 1) end
+    back_to_head(left)
     reply = {'retry'}
-    if want_next ~= '1' then reply = release(account, order, rand) end
+    if s.want_next ~= '1' then reply = release(s.account, order, rand) end
   else
-    local id = account .. ':' .. event_id
-    redis.call('HSET', dead, id, entry)
+    local id = s.account .. ':' .. s.event_id
+    redis.call('HSET', dead, id, s.entry)
     redis.call('ZADD', dead_order, redis.call('HINCRBY', stats, 'dead', 1), id)
     local over = redis.call('ZCARD', dead_order) - tonumber(dead_max)
     if over > 0 then
       local dropped = redis.call('ZPOPMIN', dead_order, over)
       for i = 1, #dropped, 2 do redis.call('HDEL', dead, dropped[i]) end
     end
-    redis.call('DEL', in_flight, attempt_key)
+    local fresh = drop_settled(1, left, redo)
     redis.call('HINCRBY', totals, 'dead', 1)
-    if park == '1' then redis.call('HSET', paused, account, 'parked') end
-    reply = next_step(account, token, order, rand, want_next, margin, elsewhere)
+    if park == '1' then redis.call('HSET', paused, s.account, 'parked') end
+    reply = next_step(s.account, s.token, order, rand, s.want_next, margin, elsewhere, s.k, fresh)
   end
-  return remember(token, seq, attempt, 'nack', reply), true
+  return remember(s.token, s.seq, s.attempt, 'nack', reply), s.count, true
 end

@@ -1,8 +1,8 @@
--- release: the owner gives the account up; an in-flight event goes back to the head.
+-- release: the owner gives the account up; the batch in flight goes back to the head.
 -- KEYS: the account layout (_lib.lua)
 -- ARGV: 1 account, 2 fencing token, 3 claim order, 4 random score, 5 seq and 6 attempt of
---       the event the owner holds (0 and 0 for none), 7 '1' when that attempt reached the
---       handler, '0' when it never ran (then it is not counted)
+--       the first event of the batch the owner holds (0 and 0 for none), 7 '1' when the
+--       batch reached the handler, '0' when it never ran (then its attempt is not counted)
 -- Returns {'released'}, {'drained'} or {'lost'}. Sent again: the same answer.
 local account, token, seq, attempt = ARGV[1], ARGV[2], ARGV[5], ARGV[6]
 local again = replayed(token, seq, attempt, 'release')

@@ -1,18 +1,23 @@
--- take: the owner takes the head event, after recovering one a dead owner left in flight.
+-- take: the owner takes a batch from the head, after recovering one a dead owner left in
+-- flight.
 -- KEYS: the account layout (_lib.lua)
 -- ARGV: 1 account, 2 fencing token, or 'claim' inside the claim's MULTI right after its INCR
 --       of the lock (a lock of 1 means that INCR won: the account leaves the ready index and
 --       the token is the fence, raised to the clock by fresh_token), or 'resume' after the
---       reply of that MULTI was lost, 3 claim order, 4 random score, 5 claim id
--- Returns {'event', body, attempt} (with 'claim' and 'resume': and the token), {'drained'}
--- or {'released'} (nothing to take, or the account is paused: released; with 'claim': and
--- the token) or {'lost'}. Sent again by the same owner, it hands out the same attempt.
+--       reply of that MULTI was lost, 3 claim order, 4 random score, 5 claim id, 6 the most
+--       events to take (k)
+-- Returns {'event', body, attempt, more bodies...} (with 'claim' and 'resume': and the
+-- token), {'drained'} or {'released'} (nothing to take, or the account is paused: released;
+-- with 'claim': and the token) or {'lost'}. Sent again by the same owner, it hands out the same batch.
 local account, token, claim = ARGV[1], ARGV[2], nil
 if token == 'resume' then
   if redis.call('HGET', attempt_key, 'claim') == ARGV[5] then
     token = redis.call('HGET', attempt_key, 'token')
     local held = owns(token) and held_by(token)
-    if held then return {'event', held[2], held[3], token} end
+    if held then
+      held[#held + 1] = token
+      return held
+    end
   end
   reready(account, ARGV[3], ARGV[4])
   return {'lost'}
@@ -30,7 +35,7 @@ else
   if held then return held end
 end
 recover()
-local taken = take_head(account, token, claim)
+local taken = take_head(account, token, claim, false, tonumber(ARGV[6]))
 -- The claim's token is stored once the take has not failed, and before a release lets the
 -- drained account's fence age.
 if claim then redis.call('SET', fence, token) end
