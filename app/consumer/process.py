@@ -127,6 +127,7 @@ class Consumer:
             asyncio.create_task(helper())
             for helper in (self._renewer, self._heartbeat, self._reaper, self._guard)
         ]
+        helpers.append(asyncio.create_task(self._slots.meter_loop(self._slots_done)))
         await self._claimer(burst)
         for _ in self._slot_tasks:
             self._claims.put_nowait(None)

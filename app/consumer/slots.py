@@ -35,6 +35,7 @@ OUTCOME_EVENTS = {
 }
 LEASE_MARGIN = 0.1  # share of the lease a slot keeps in hand when it judges its own lease
 BATCH_TARGET_S = 0.02  # handler time a batch should cover: about a settle round trip under load
+LAG_PROBE_S = 0.01  # how often the event loop's lateness is measured
 EWMA_WEIGHT = 0.05  # of the newest run in the moving average of handler time
 
 
@@ -79,6 +80,7 @@ class Slots:
         self.stopping = asyncio.Event()
         self.tally = Tally()
         self.handler_s = 0.0  # moving average of one event's handler time (0: none measured)
+        self.loop_lag_s = 0.0  # moving average of how late the event loop runs a callback
         self._takes_batch = bool(getattr(handler, "takes_batch", False))
 
     async def drain(self, slot: int, holding: Holding, first: Event | Won) -> None:
@@ -147,7 +149,7 @@ class Slots:
             holding.ran = True
             error, delivery = await self._run_handler(event, event)
             runs.append(Run(event, started, time.time_ns(), delivery))
-            self._measured(runs[-1].finished - started, 1)
+            self._measured(runs[-1].finished - started)
             if error is not None:
                 return runs, error
         return runs, None
@@ -171,15 +173,25 @@ class Slots:
         runs[-1].delivery = delivery
         return runs, error
 
-    def _measured(self, elapsed_ns: int, events: int) -> None:
+    def _measured(self, elapsed_ns: int, events: int = 1) -> None:
         """Fold one handler run over `events` into the moving average of one event's handler
-        time, and size the batches the queue hands out from it."""
-        per_event = max(0, elapsed_ns) / 1e9 / events
+        time, and size the batches the queue hands out from it. The loop's lateness is taken
+        off: on a busy loop, a handler that returns at once still takes as long as the other
+        slots' turn, which is not its own pace."""
+        per_event = max(0.0, elapsed_ns / 1e9 - self.loop_lag_s) / events
         if self.handler_s:
             self.handler_s += (per_event - self.handler_s) * EWMA_WEIGHT
         else:
             self.handler_s = per_event
         self._queue.batch_size = self.batch_size()
+
+    async def meter_loop(self, done: asyncio.Event) -> None:
+        """Until `done`: how late the event loop runs a timer, as a moving average."""
+        loop = asyncio.get_running_loop()
+        while not done.is_set():
+            asked = loop.time() + LAG_PROBE_S
+            await asyncio.sleep(LAG_PROBE_S)
+            self.loop_lag_s += (max(0.0, loop.time() - asked) - self.loop_lag_s) * EWMA_WEIGHT
 
     def batch_size(self) -> int:
         """Events per batch: enough handler runs to cover BATCH_TARGET_S, so a fast handler

@@ -226,15 +226,16 @@ def test_event_log_rotates_by_size_and_the_report_reads_it_whole(
     assert json.loads(report.stdout)["acked"] == 2000
 
 
+@pytest.mark.parametrize(("handler_s", "slots"), [(0.01, 30), (0.002, 2)])
 def test_twenty_kill_9s_leave_no_settled_event_out_of_the_proof(
-    redis_url: str, consumers: Consumers
+    redis_url: str, consumers: Consumers, handler_s: float, slots: int
 ) -> None:
-    """Consumers with a 0.01 s handler are killed -9 twenty times during a drain (each
-    replaced at once): `evq report` finds every event settled, 0 lost and 0 violations,
-    counting the attempts whose outcome line a kill cut off from their settling line and
-    Redis."""
+    """Consumers with a 0.01 s handler (batches of 2), or a 0.002 s one on few slots (batches
+    of about 10), are killed -9 twenty times during a drain (each replaced at once): `evq
+    report` finds every event settled, 0 lost and 0 violations, counting the attempts whose
+    outcome line a kill cut off from their settling line and Redis."""
     env = {**os.environ, "REDIS_URL": redis_url, "EVENT_LOG": str(consumers.event_log)}
-    settings = {"concurrency": 30, "process_seconds": 0.01, "lease_seconds": 1}
+    settings = {"concurrency": slots, "process_seconds": handler_s, "lease_seconds": 1}
     for _ in range(2):
         consumers.start(**settings)
     wait_for(lambda: live_consumers(redis_url) == 2, 30, "two consumers' heartbeats")

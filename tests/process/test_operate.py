@@ -86,6 +86,8 @@ def test_park_holds_the_account_until_the_fix_and_replay(
     fixed.touch()
     evq(redis_url, "dead", "replay", "--account", "1")
     wait_for(lambda: counter(redis_url, "acked") == 32, 30, "account 1 drained")
+    # The outcome lines follow Redis' answer to the settle.
+    wait_for(lambda: len(handled(consumers.event_log, 1)) == 6, 10, "account 1's lines")
     assert handled(consumers.event_log, 1) == [
         ("ok1", "ack", 0),
         ("bad", "nack", 0),
