@@ -1,5 +1,4 @@
-"""Operator actions on dead letters: list, replay and purge, by account or event id or all;
-and the move of dead letters an older version kept in one list per shard.
+"""Operator actions on dead letters: list, replay and purge, by account or event id or all.
 
 Each shard keeps its dead letters in a hash by id (`<account>:<event_id>`) with their order in
 a sorted set, so one dead letter is read, replayed or purged in a few commands however many
@@ -21,7 +20,6 @@ if TYPE_CHECKING:
     from app.engine.queue import Queue
 
 CHUNK = 500  # dead letters per script call or scan step: Redis never stalls on thousands
-MOVE_CHUNK = 500  # old-layout dead letters moved per script call
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,21 +150,3 @@ def _body(entry: dict[str, Any]) -> bytes:
     were, and how many times it has been replayed."""
     tail = body_after_seq(entry["event_id"], entry["payload"], entry.get("replays", 0) + 1)
     return b'{"seq":%d,%b' % (entry["seq"], tail)
-
-
-async def move_legacy(queue: "Queue") -> int:
-    """Move the dead letters an older version kept in one list per shard into the hash and
-    order kept now, MOVE_CHUNK per script call; how many were moved. Safe to run from many
-    processes at once; one pipelined read per master when there is nothing to move."""
-    keys = queue.keys
-    lengths = await each_shard(queue, lambda pipe, shard: pipe.llen(keys.legacy_dead(shard)))
-    moved = 0
-    for shard, (waiting,) in enumerate(lengths):
-        names = [keys.legacy_dead(shard), keys.dead(shard), keys.dead_order(shard)]
-        left = int(waiting)
-        while left:
-            after = int(
-                await queue.scripts.call(queue.node(shard), "dead_move", names, (MOVE_CHUNK,))
-            )
-            moved, left = moved + max(0, left - after), after
-    return moved

@@ -4,7 +4,7 @@ snapshot every view (API, dashboard, `evq top`, /metrics) shows. Nothing here wr
 import asyncio
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, cast
+from typing import Any
 
 import orjson
 from redis.asyncio.client import Pipeline
@@ -45,10 +45,9 @@ async def account_state(queue: Queue, account: int) -> AccountState:
         tx.get(keys.lock(account))
         tx.get(keys.fence(account))
         tx.pttl(keys.lock(account))
-        tx.hgetall(keys.totals(account))
+        tx.hmget(keys.state(account), "acked", "dead", "last_acked_seq")
         tx.hget(keys.paused(keys.shard_of(account)), str(account))
-        backlog, body, held, fenced, lease_ms, totals, paused = await tx.execute()
-    totals = cast(dict[bytes, bytes], totals)
+        backlog, body, held, fenced, lease_ms, (acked, dead, last), paused = await tx.execute()
     in_flight = None
     if body is not None:
         event = orjson.loads(body)
@@ -57,15 +56,14 @@ async def account_state(queue: Queue, account: int) -> AccountState:
     owner = None
     if held is not None:
         owner = {"token": int(fenced) - int(held) + 1, "lease_remaining_ms": max(0, lease_ms)}
-    last = totals.get(b"last_acked_seq")
     return AccountState(
         account_id=account,
         backlog=backlog,
         in_flight=in_flight,
         owner=owner,
         last_acked_seq=int(last) if last is not None else None,
-        acked=int(totals.get(b"acked", 0)),
-        dead=int(totals.get(b"dead", 0)),
+        acked=int(acked or 0),
+        dead=int(dead or 0),
         paused=paused.decode() if paused else None,
     )
 
@@ -84,13 +82,12 @@ async def event_state(queue: Queue, account: int, event_id: str) -> dict[str, An
         for b in (bucket, bucket - 1):
             tx.hget(keys.ids(shard, b), field)
             tx.hget(keys.legacy_ids(account, b), event_id)
-        tx.lindex(keys.in_flight(account), 0)
-        tx.hmget(keys.attempt(account), "n", "token")
+        tx.lrange(keys.in_flight(account), 0, -1)
+        tx.hmget(keys.state(account), "n", "token", "last_acked_seq")
         tx.get(keys.lock(account))
         tx.get(keys.fence(account))
         tx.pttl(keys.lock(account))
         tx.lrange(keys.pending(account), 0, LOOKUP_DEPTH - 1)
-        tx.hget(keys.totals(account), "last_acked_seq")
         tx.hget(keys.dead(shard), letter_id(account, event_id))
         (
             seen,
@@ -98,16 +95,17 @@ async def event_state(queue: Queue, account: int, event_id: str) -> dict[str, An
             seen_before,
             seen_before_legacy,
             flying,
-            (attempt, taker),
+            (attempt, taker, last),
             held,
             fenced,
             lease_ms,
             pending,
-            last,
             dead,
         ) = await tx.execute()
     found: dict[str, Any] = {"account_id": account, "event_id": event_id}
-    if flying is not None and (event := orjson.loads(flying))["id"] == event_id:
+    for place, body in enumerate(flying):  # the batch in flight: its first has `attempt`
+        if (event := orjson.loads(body))["id"] != event_id:
+            continue
         owner = None
         if held is not None and int(fenced) - int(held) + 1 == int(taker or 0):
             owner = {"token": int(taker), "lease_remaining_ms": max(0, lease_ms)}
@@ -115,7 +113,7 @@ async def event_state(queue: Queue, account: int, event_id: str) -> dict[str, An
             **found,
             "state": "in_flight",
             "seq": event["seq"],
-            "attempt": int(attempt or 1),
+            "attempt": int(attempt or 1) if place == 0 else 1,
             "owner": owner,
             "replays": event.get("r", 0),
         }

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from redis.crc import key_slot
 
 # The per-account keys of `Keys.account`, in order, before the shard's own.
-ACCOUNT_KINDS = ("user", "inflight", "lock", "fence", "attempt", "seq")
+ACCOUNT_KINDS = ("user", "inflight", "lock", "fence", "totals", "seq")
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,15 +99,18 @@ class Keys:
     def fence(self, account: int) -> str:
         return self._account_key("fence", account)
 
-    def attempt(self, account: int) -> str:
-        """The hash describing the head or in-flight event's attempts (lua/_lib.lua)."""
+    def legacy_attempt(self, account: int) -> str:
+        """The hash of the head's attempts that versions before the state hash kept apart;
+        moved into the state hash once (`upgrade.move_attempts`)."""
         return self._account_key("attempt", account)
 
     def seq(self, account: int) -> str:
         return self._account_key("seq", account)
 
-    def totals(self, account: int) -> str:
-        """The hash of an account's settled counts: acked, dead, last_acked_seq."""
+    def state(self, account: int) -> str:
+        """The account's state hash (lua/_lib.lua names its fields): the batch in flight and
+        its attempts, the settled counts, the records of recent calls. The key kind keeps the
+        name of the totals hash it grew from."""
         return self._account_key("totals", account)
 
     def ids(self, shard: int, bucket: int) -> str:
@@ -121,6 +124,12 @@ class Keys:
         return f"{self._account_key('dedupe', account)}:{bucket}"
 
     @property
+    def state_since(self) -> str:
+        """When (unix ms) the attempt hashes of an older version were moved into the state
+        hashes (`upgrade.move_attempts`); absent until they have been."""
+        return f"{self.layout}:state_since"
+
+    @property
     def ids_since(self) -> str:
         """When (unix ms) the shards' ids hashes took over from the per-account ones, or
         'new' for a namespace that never had the per-account ones."""
@@ -130,13 +139,7 @@ class Keys:
         """KEYS of every account script, in the order `lua/_lib.lua` names them."""
         shard = self.shard_of(account)
         own = [self._account_key(kind, account) for kind in ACCOUNT_KINDS]
-        return [
-            *own,
-            *self.shard_keys(shard),
-            self.totals(account),
-            self.paused(shard),
-            self.dead_order(shard),
-        ]
+        return [*own, *self.shard_keys(shard), self.paused(shard), self.dead_order(shard)]
 
     def shard_keys(self, shard: int) -> list[str]:
         """The shard's own keys: ready index, counters, active set, dead letters (entries)."""

@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError
 
-from app.engine import dead
+from app.engine import upgrade
 from app.engine.connection import TRANSIENT, Nodes, backoff, timed
 from app.engine.events import (
     ClaimInterrupted,
@@ -94,7 +94,7 @@ class Queue:
         await self.guard.check_eviction()
         ids_since_ms = await self.guard.check_layout(self.keys)
         self._legacy_ids_until_ms = ids_since_ms + 2 * self._dedupe_ms if ids_since_ms else 0.0
-        await dead.move_legacy(self)
+        await upgrade.move_legacy(self)
         self._opened = True
         with contextlib.suppress(*TRANSIENT):
             pings = [master.ping() for master in self.nodes.masters() for _ in range(connections)]

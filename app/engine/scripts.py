@@ -35,6 +35,7 @@ NAMES = (
     "resume",
     "dead",
     "dead_move",
+    "attempt_move",
     "forget_pause",
 )
 

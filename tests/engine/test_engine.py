@@ -11,7 +11,7 @@ import pytest
 from redis.asyncio import Redis
 
 from app.consumer.tally import Tally
-from app.engine import Event, NewEvent, Queue, Step, Won, inspect, registry
+from app.engine import Event, NewEvent, Queue, Step, Won, inspect, registry, upgrade
 from app.engine.scripts import Call, NotReplicated
 from tests.engine.conftest import MakeQueue
 from tests.support import Routed, all_keys, flush_scripts, ready_scores, server_clock_us
@@ -93,9 +93,9 @@ async def test_push_writes_the_keys_the_other_scripts_read(make_queue: MakeQueue
     """push.lua writes the keys the other scripts read (Keys.account), all in one shard."""
     queue = make_queue()
     await push(queue, 42, "a")
-    pending, _, _, _, _, seq, ready, stats, active, _, _, _, _ = queue.keys.account(42)
+    pending, _, _, _, _, seq, ready, stats, active, _, _, _ = queue.keys.account(42)
     found = {key.decode() for key in await all_keys(queue)}
-    found -= {queue.keys.layout, queue.keys.ids_since}
+    found -= {queue.keys.layout, queue.keys.ids_since, queue.keys.state_since}
     shard = queue.keys.shard_of(42)
     assert {key.split("}")[0] for key in found} == {queue.keys.tag(shard)[:-1]}
     ids = queue.keys.ids(shard, queue.dedupe_bucket())
@@ -354,7 +354,7 @@ async def test_concurrent_calls_share_a_round_trip_and_keep_their_answers(
     assert sum(sizes) == len({queue.keys.shard_of(e.account) for e in events}) < 31
     assert steps[-1] is Step.LOST
     assert [(s.account, s.event_id) for s in steps[:-1]] == [(e.account, "b") for e in events]
-    last_acked = await Routed(queue).hget(queue.keys.totals(events[0].account), "last_acked_seq")
+    last_acked = await Routed(queue).hget(queue.keys.state(events[0].account), "last_acked_seq")
     assert last_acked == b"%d" % events[0].seq
 
 
@@ -454,7 +454,7 @@ async def test_heartbeats_fold_measurements_and_busy_slots(make_queue: MakeQueue
 
 async def account_ttls_ms(queue: Queue, account: int) -> list[int]:
     """PTTL of the account's seq, fence and totals (-1: kept, -2: gone)."""
-    keys = (queue.keys.seq(account), queue.keys.fence(account), queue.keys.totals(account))
+    keys = (queue.keys.seq(account), queue.keys.fence(account), queue.keys.state(account))
     return [await Routed(queue).pttl(key) for key in keys]
 
 
@@ -494,6 +494,7 @@ async def test_expired_account_leaves_nothing_and_its_seqs_and_tokens_still_grow
     assert left <= {
         queue.keys.layout,
         queue.keys.ids_since,
+        queue.keys.state_since,
         queue.keys.stats(queue.keys.shard_of(1)),
     }
     [again] = await queue.push_many([NewEvent(1, "b")])
@@ -523,7 +524,7 @@ async def test_ids_an_older_version_kept_per_account_stay_duplicates_for_their_w
     routed = Routed(queue)
     await routed.set(queue.keys.layout, queue.keys.shards)  # an older version's namespace
     await routed.hset(queue.keys.legacy_ids(7, queue.dedupe_bucket()), "old", "123")
-    await routed.hset(queue.keys.totals(7), "last_acked_seq", "123")  # it was acked
+    await routed.hset(queue.keys.state(7), "last_acked_seq", "123")  # it was acked
     [old, new] = await queue.push_many([NewEvent(7, "old"), NewEvent(7, "new")])
     assert (old.queued, old.seq) == (False, 123)
     assert new.queued
@@ -539,3 +540,21 @@ async def test_ids_an_older_version_kept_per_account_stay_duplicates_for_their_w
     await routed.hset(fresh.keys.legacy_ids(8, fresh.dedupe_bucket()), "x", "125")
     [x] = await fresh.push_many([NewEvent(8, "x")])
     assert x.queued, "a namespace this version made has no per-account hashes to read"
+
+
+async def test_attempts_an_older_version_kept_apart_move_into_the_state_hash(
+    make_queue: MakeQueue,
+) -> None:
+    """Across the upgrade to the state hash: the attempt hash of an event that had failed
+    twice is moved into its account's state hash once, so the next attempt is 3; a second
+    open moves nothing, and the old key is gone."""
+    queue = make_queue()
+    await push(queue, 1, "a")
+    routed = Routed(queue)
+    await routed.hset(queue.keys.legacy_attempt(1), "n", "2")
+    await routed.delete(queue.keys.state_since)  # a namespace the older version wrote
+    assert await upgrade.move_attempts(queue) == 1
+    assert not await routed.exists(queue.keys.legacy_attempt(1))
+    assert await upgrade.move_attempts(queue) == 0
+    first = await claim_one(queue)
+    assert (first.event_id, first.attempt) == ("a", 3)

@@ -1,29 +1,46 @@
 -- Shared by every account script; scripts.py prepends it to each one.
 -- KEYS layout (keys.py builds it, every key carries the hash tag of the account's shard):
---   1 pending list, 2 in-flight list, 3 lock, 4 fence, 5 attempt hash, 6 seq,
+--   1 pending list, 2 in-flight list, 3 lock, 4 fence, 5 state hash, 6 seq,
 --   7 ready index, 8 stats, 9 active set, 10 dead letters of the shard (hash of
---   '<account>:<event_id>' -> entry), 11 account totals, 12 paused accounts of the shard
---   (account -> 'operator' or 'parked'), 13 the dead letters' ids scored by when they died
+--   '<account>:<event_id>' -> entry), 11 paused accounts of the shard (account ->
+--   'operator' or 'parked'), 12 the dead letters' ids scored by when they died
 -- In flight: the batch the owner was handed, up to k events taken from the head together
--- (a 1 s handler gets one at a time). The attempt hash describes the first of them, or the
--- head: n (attempts handed out; every other event of a batch is at its first attempt), and of
--- the batch in flight the first event's seq, token (the owner that took it) and claim (the
--- claim that took it, when one did). `token` is there exactly while the batch is in flight:
--- every move of it back to the head deletes the field. `redo`: how many events at the head
--- were in flight with an owner that died; they are handed out one at a time, each at its
--- second attempt, so a poison event among them is isolated without charging its neighbours
--- an attempt for each of its own.
--- The totals hash keeps, beside the settled counts, the last settling call of each recent
--- token, field 't:<token>' = '<seq>:<attempt>:<op>:<reply>': a call sent again (a client
--- retry after a lost reply) is answered from it and changes nothing.
+-- (a 1 s handler gets one at a time).
+-- The state hash, read with one HMGET and written with one HSET per call (`stage`, `flush`):
+--   n      attempts handed out of the batch's first event, or of the head (every other event
+--          of a batch is at its first attempt)
+--   token  the owner that took the batch in flight, '' (or none) when nothing is in flight
+--   seq    the batch's first event; claim: the claim that took it, when one did
+--   redo   how many events at the head were in flight with an owner that died: they are
+--          handed out one at a time, each at its next attempt, so a poison event among them
+--          is retried alone and its neighbours are charged one attempt, not one per crash
+--   acked, dead, last_acked_seq   the account's settled counts
+--   t:<token>  the last settling call of each recent token, '<seq>:<attempt>:<op>:<reply>':
+--          a call sent again (a client retry after a lost reply) is answered from it and
+--          changes nothing
 -- ACCOUNT_IDLE_MS (scripts.py puts it above this file): once an account is drained, its
--- seq, fence and totals expire after that long unless it is claimed again. Nothing depends on
+-- seq, fence and state expire after that long unless it is claimed again. Nothing depends on
 -- them surviving: seqs and tokens never go below the server clock in microseconds (`now_us`).
-local pending, in_flight, lock, fence, attempt_key, seq_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
-local ready, stats, active, dead, totals, paused = KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11], KEYS[12]
-local dead_order = KEYS[13]
+local pending, in_flight, lock, fence, state, seq_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local ready, stats, active, dead, paused, dead_order = KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11], KEYS[12]
 -- Tokens whose last call is kept; older ones are dropped when the account is claimed again.
 local KEEP_CALLS = 32
+-- The state's fields beside the calls' (n, token, seq, claim, redo, acked, dead,
+-- last_acked_seq, paused_us).
+local STATE_FIELDS = 9
+
+-- Field/value pairs for the state hash, written by one HSET at the end of the call (flush);
+-- a field staged twice keeps its last value.
+local staged = {}
+local function stage(...)
+  for _, value in ipairs({...}) do staged[#staged + 1] = value end
+end
+
+local function flush()
+  if #staged == 0 then return end
+  redis.call('HSET', state, unpack(staged))
+  staged = {}
+end
 
 -- The claim MULTI increments lock and fence together, so while the lock lives the owner's
 -- token is fence - lock + 1: no owner field to keep in sync, and a stale token never matches.
@@ -83,7 +100,7 @@ end
 
 -- The batch in flight as a take reply, when `token` took it; nil otherwise.
 local function held_by(token)
-  local taken = redis.call('HMGET', attempt_key, 'token', 'n')
+  local taken = redis.call('HMGET', state, 'token', 'n')
   if taken[1] ~= token then return nil end
   local bodies = redis.call('LRANGE', in_flight, 0, -1)
   if #bodies == 0 then return nil end
@@ -91,13 +108,15 @@ local function held_by(token)
 end
 
 -- Whether `token` owns the account and took the batch in flight, whose first event is this
--- attempt of `seq`: then the hash's `redo` (0 for none), else false. Once a call about that
--- batch has landed it never holds again, so a call sent twice is told apart from a new one.
+-- attempt of `seq`: then the state's redo, acked and dead counts, else false. Once a call
+-- about that batch has landed it never holds again, so a call sent twice is told apart from a
+-- new one.
 local function holds(token, seq, attempt)
   if not owns(token) then return false end
-  local taken = redis.call('HMGET', attempt_key, 'token', 'n', 'seq', 'redo')
+  local taken = redis.call('HMGET', state, 'token', 'n', 'seq', 'redo', 'acked', 'dead')
   if taken[1] == token and taken[2] == attempt and taken[3] == seq then
-    return tonumber(taken[4]) or 0
+    return {redo = tonumber(taken[4]) or 0, acked = tonumber(taken[5]) or 0,
+            dead = tonumber(taken[6]) or 0}
   end
   return false
 end
@@ -117,7 +136,7 @@ end
 -- The batch in flight (`count` events) back to the head; no one holds it now.
 local function back_to_head(count)
   give_back(count)
-  redis.call('HDEL', attempt_key, 'token')
+  redis.call('HDEL', state, 'token')
 end
 
 -- Score of this account in the ready index for the claim order; the lowest pops first.
@@ -155,10 +174,10 @@ local function make_ready(account, order, rand, backlog)
 end
 
 -- Nothing left to do and no owner: out of the active set, and its state starts to age
--- (a claim keeps it again: the fence is SET, the totals made persistent).
+-- (a claim keeps it again: the fence is SET, the state made persistent).
 local function drained(account)
   redis.call('SREM', active, account)
-  for _, key in ipairs({seq_key, fence, totals}) do
+  for _, key in ipairs({seq_key, fence, state}) do
     redis.call('PEXPIRE', key, ACCOUNT_IDLE_MS)
   end
 end
@@ -170,7 +189,7 @@ local function recover()
   if count == 0 then return end
   back_to_head(count)
   redis.call('HINCRBY', stats, 'redelivered', count)
-  if count > 1 then redis.call('HSET', attempt_key, 'redo', count) end
+  if count > 1 then redis.call('HSET', state, 'redo', count) end
 end
 
 -- An account with work, no owner and no ready entry (its owner died, or a claimer lost the
@@ -188,16 +207,14 @@ end
 
 -- Move up to `k` events from the head in flight for `token` (and, from a claim, record the
 -- claim id); nil when there are none, or when the account is paused (the caller releases it).
--- `fresh`: the attempt hash was just deleted with the batch before (settled), so this is the
--- first attempt and no redo is pending.
-local function take_head(account, token, claim, fresh, k)
+-- `head`: the head's n and redo as the caller just staged them, or nil to read them.
+local function take_head(account, token, claim, head, k)
   if is_paused(account) then return nil end
-  local attempt = 1
-  if not fresh then
-    local state = redis.call('HMGET', attempt_key, 'n', 'redo')
-    attempt = (tonumber(state[1]) or 0) + 1
-    if state[2] then k = 1 end
+  if not head then
+    local read = redis.call('HMGET', state, 'n', 'redo')
+    head = {n = tonumber(read[1]) or 0, redo = tonumber(read[2]) or 0}
   end
+  if head.redo > 0 then k = 1 end
   local bodies
   if k == 1 then
     bodies = {redis.call('LMOVE', pending, in_flight, 'LEFT', 'RIGHT')}
@@ -208,12 +225,9 @@ local function take_head(account, token, claim, fresh, k)
     redis.call('LTRIM', pending, #bodies, -1)
     in_chunks('RPUSH', in_flight, bodies)
   end
-  local seq = string.match(bodies[1], '^{"seq":(%d+)')
-  if claim then
-    redis.call('HSET', attempt_key, 'n', attempt, 'token', token, 'seq', seq, 'claim', claim)
-  else
-    redis.call('HSET', attempt_key, 'n', attempt, 'token', token, 'seq', seq)
-  end
+  local attempt = head.n + 1
+  stage('n', attempt, 'token', token, 'seq', string.match(bodies[1], '^{"seq":(%d+)'))
+  if claim then stage('claim', claim) end
   return handed(bodies, attempt)
 end
 
@@ -238,9 +252,9 @@ end
 -- best choice, otherwise put it back. The best waiting account, in this shard or in the
 -- consumer's latest view of the others (`elsewhere`, a ready score, or '' for none), must beat
 -- this one's score by `margin`.
--- It runs once the batch before is settled: nothing is in flight, and the attempt hash is
--- gone unless a redo is pending (`fresh` false).
-local function next_step(account, token, order, rand, want_next, margin, elsewhere, k, fresh)
+-- It runs once the batch before is settled: nothing is in flight, and `head` is the new
+-- head's n and redo (drop_settled).
+local function next_step(account, token, order, rand, want_next, margin, elsewhere, k, head)
   local backlog = redis.call('LLEN', pending)
   if want_next ~= '1' or backlog == 0 then
     return release(account, order, rand, backlog)
@@ -253,14 +267,12 @@ local function next_step(account, token, order, rand, want_next, margin, elsewhe
       return release(account, order, rand, backlog)
     end
   end
-  return take_head(account, token, nil, fresh, k) or release(account, order, rand, backlog)
+  return take_head(account, token, nil, head, k) or release(account, order, rand, backlog)
 end
 
 -- Keep `reply` as the answer to this token's call `op` about (seq, attempt), and return it.
--- More field/value pairs of the totals hash may ride along in the same HSET.
-local function remember(token, seq, attempt, op, reply, ...)
-  local call = seq .. ':' .. attempt .. ':' .. op .. ':' .. reply[1]
-  redis.call('HSET', totals, 't:' .. token, call, ...)
+local function remember(token, seq, attempt, op, reply)
+  stage('t:' .. token, seq .. ':' .. attempt .. ':' .. op .. ':' .. reply[1])
   return reply
 end
 
@@ -268,7 +280,7 @@ end
 -- out then and still held is handed out again; one held no longer is {'released'}: the call
 -- landed, the account is no longer this token's.
 local function replayed(token, seq, attempt, op)
-  local last = redis.call('HGET', totals, 't:' .. token)
+  local last = redis.call('HGET', state, 't:' .. token)
   if not last then return nil end
   local s, a, o, reply = string.match(last, '^(%d+):(%d+):(%a+):(%a+)$')
   if s ~= seq or a ~= attempt or o ~= op then return nil end
@@ -277,33 +289,33 @@ local function replayed(token, seq, attempt, op)
 end
 
 -- At a claim: keep the calls of the newest KEEP_CALLS - 1 tokens, so that with the new
--- owner's there are at most KEEP_CALLS. (The hash has up to 3 other fields.)
+-- owner's there are at most KEEP_CALLS.
 local function forget_old_calls()
-  if redis.call('HLEN', totals) < KEEP_CALLS then return end
+  if redis.call('HLEN', state) < KEEP_CALLS + STATE_FIELDS then return end
   local tokens = {}
-  for _, field in ipairs(redis.call('HKEYS', totals)) do
+  for _, field in ipairs(redis.call('HKEYS', state)) do
     local token = string.match(field, '^t:(%d+)$')
     if token then tokens[#tokens + 1] = {tonumber(token), field} end
   end
   table.sort(tokens, function(a, b) return a[1] < b[1] end)
-  for i = 1, #tokens - KEEP_CALLS + 1 do redis.call('HDEL', totals, tokens[i][2]) end
+  for i = 1, #tokens - KEEP_CALLS + 1 do redis.call('HDEL', state, tokens[i][2]) end
 end
 
 -- The first `count` of the `size` events in flight are settled; the rest never ran and go
--- back to the head uncounted. Then nothing is in flight, and the attempt hash is gone unless
--- the new head is one of a dead owner's batch (`redo` > 1): it has had one attempt then.
--- Returns whether the next take starts fresh.
+-- back to the head uncounted. Then nothing is in flight, and the new head has had no attempt,
+-- unless it is one of a dead owner's batch (`redo` > 1): one then. Returns the head's n and
+-- redo, as staged.
 local function drop_settled(count, size, redo)
   if count < size then
     redis.call('LTRIM', in_flight, count, -1)
     give_back(size - count)
-    redis.call('DEL', attempt_key)
   else
-    redis.call('DEL', in_flight, attempt_key)
+    redis.call('DEL', in_flight)
   end
-  if redo <= 1 then return true end
-  redis.call('HSET', attempt_key, 'n', 1, 'redo', redo - 1)
-  return false
+  local head = {n = 0, redo = 0}
+  if redo > 1 then head = {n = 1, redo = redo - 1} end
+  stage('n', head.n, 'token', '', 'redo', head.redo)
+  return head
 end
 
 -- A settle as settle.lua names it: the account, the owner's token, the seq and attempt of the
@@ -319,15 +331,15 @@ end
 -- how many it acked now (the caller adds them to the shard's count). Sent again: the same
 -- answer, not acked again.
 local function ack(s, order, rand, margin, elsewhere)
-  local redo = holds(s.token, s.seq, s.attempt)
-  if not redo then
+  local held = holds(s.token, s.seq, s.attempt)
+  if not held then
     return replayed(s.token, s.seq, s.attempt, 'ack') or {'lost'}, 0
   end
-  local fresh = drop_settled(s.count, s.size, redo)
-  redis.call('HINCRBY', totals, 'acked', s.count)
+  local head = drop_settled(s.count, s.size, held.redo)
+  stage('acked', held.acked + s.count, 'last_acked_seq', s.last_seq)
   local reply = next_step(s.account, s.token, order, rand, s.want_next, margin, elsewhere, s.k,
-                          fresh)
-  return remember(s.token, s.seq, s.attempt, 'ack', reply, 'last_acked_seq', s.last_seq), s.count
+                          head)
+  return remember(s.token, s.seq, s.attempt, 'ack', reply), s.count
 end
 
 -- nack: the first `count` events of the batch were handled (acked here), the next one failed;
@@ -339,19 +351,18 @@ end
 -- how many it acked now, and whether it settled the failed event now (the caller adds them to
 -- the shard's counts). Sent again: the same answer, nothing changed.
 local function nack(s, order, rand, margin, elsewhere, dead_max, park)
-  local redo = holds(s.token, s.seq, s.attempt)
-  if not redo then
+  local held = holds(s.token, s.seq, s.attempt)
+  if not held then
     return replayed(s.token, s.seq, s.attempt, 'nack') or {'lost'}, 0, false
   end
   local left, reply = s.size - s.count, nil
   if s.count > 0 then
     redis.call('LTRIM', in_flight, s.count, -1)
-    redis.call('HINCRBY', totals, 'acked', s.count)
-    redis.call('HSET', totals, 'last_acked_seq', s.last_seq)
+    stage('acked', held.acked + s.count, 'last_acked_seq', s.last_seq)
   end
   if s.entry == '' then
     -- the failed event is the new first of the batch: its attempt is counted
-    if s.count > 0 then redis.call('HSET', attempt_key, 'n', 1) end
+    if s.count > 0 then stage('n', 1) end
     back_to_head(left)
     reply = {'retry'}
     if s.want_next ~= '1' then reply = release(s.account, order, rand) end
@@ -364,10 +375,10 @@ local function nack(s, order, rand, margin, elsewhere, dead_max, park)
       local dropped = redis.call('ZPOPMIN', dead_order, over)
       for i = 1, #dropped, 2 do redis.call('HDEL', dead, dropped[i]) end
     end
-    local fresh = drop_settled(1, left, redo)
-    redis.call('HINCRBY', totals, 'dead', 1)
+    local head = drop_settled(1, left, held.redo)
+    stage('dead', held.dead + 1)
     if park == '1' then redis.call('HSET', paused, s.account, 'parked') end
-    reply = next_step(s.account, s.token, order, rand, s.want_next, margin, elsewhere, s.k, fresh)
+    reply = next_step(s.account, s.token, order, rand, s.want_next, margin, elsewhere, s.k, head)
   end
   return remember(s.token, s.seq, s.attempt, 'nack', reply), s.count, true
 end

@@ -1,7 +1,7 @@
 -- forget_pause: drop the pause of an account that holds nothing and whose state has expired
--- (pause.lua makes a pause of an empty account age with its totals).
+-- (pause.lua makes a pause of an empty account age with its state).
 -- KEYS: the account layout (_lib.lua)
 -- ARGV: 1 account
 -- Returns 1 when the pause was dropped, else 0. Sent again: 0, nothing changed.
-if redis.call('EXISTS', pending, in_flight, lock, seq_key, fence, totals) > 0 then return 0 end
+if redis.call('EXISTS', pending, in_flight, lock, seq_key, fence, state) > 0 then return 0 end
 return redis.call('HDEL', paused, ARGV[1])

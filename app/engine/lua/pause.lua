@@ -2,8 +2,8 @@
 -- after its current event (next_step and take_head in _lib.lua).
 -- KEYS: the account layout (_lib.lua)
 -- ARGV: 1 account
--- An account that holds nothing keeps its pause as long as its other state would: its totals
--- are made to expire after ACCOUNT_IDLE_MS, and once every key of it has, the reaper forgets
+-- An account that holds nothing keeps its pause as long as its other state would: its state
+-- hash is made to expire after ACCOUNT_IDLE_MS, and once every key of it has, the reaper forgets
 -- the pause (forget_pause.lua). Events pushed meanwhile keep it, as they keep the account.
 -- Returns {why it was already paused ('operator' or 'parked'), or '' when it was not;
 -- 1 when a consumer holds it now, else 0}. Sent again: the same state.
@@ -11,9 +11,9 @@ local account = ARGV[1]
 local before = redis.call('HGET', paused, account)
 if not before then
   redis.call('HSET', paused, account, 'operator')
-  if redis.call('EXISTS', totals) == 0 then
-    redis.call('HSET', totals, 'paused_us', now_us())
-    redis.call('PEXPIRE', totals, ACCOUNT_IDLE_MS)
+  if redis.call('EXISTS', state) == 0 then
+    redis.call('HSET', state, 'paused_us', now_us())
+    redis.call('PEXPIRE', state, ACCOUNT_IDLE_MS)
   end
 end
 redis.call('ZREM', ready, account)

@@ -8,5 +8,7 @@ local account, token, seq, attempt = ARGV[1], ARGV[2], ARGV[5], ARGV[6]
 local again = replayed(token, seq, attempt, 'release')
 if again then return again end
 if not owns(token) then return {'lost'} end
-if ARGV[7] == '0' and held_by(token) then redis.call('HINCRBY', attempt_key, 'n', -1) end
-return remember(token, seq, attempt, 'release', release(account, ARGV[3], ARGV[4]))
+if ARGV[7] == '0' and held_by(token) then redis.call('HINCRBY', state, 'n', -1) end
+local reply = remember(token, seq, attempt, 'release', release(account, ARGV[3], ARGV[4]))
+flush()
+return reply

@@ -11,8 +11,8 @@
 -- with 'claim': and the token) or {'lost'}. Sent again by the same owner, it hands out the same batch.
 local account, token, claim = ARGV[1], ARGV[2], nil
 if token == 'resume' then
-  if redis.call('HGET', attempt_key, 'claim') == ARGV[5] then
-    token = redis.call('HGET', attempt_key, 'token')
+  if redis.call('HGET', state, 'claim') == ARGV[5] then
+    token = redis.call('HGET', state, 'token')
     local held = owns(token) and held_by(token)
     if held then
       held[#held + 1] = token
@@ -25,7 +25,7 @@ end
 if token == 'claim' then
   if redis.call('GET', lock) ~= '1' then return {'lost'} end
   redis.call('ZREM', ready, account)
-  redis.call('PERSIST', totals)
+  redis.call('PERSIST', state)
   token, claim = fresh_token(), ARGV[5]
   forget_old_calls()
 elseif not owns(token) then
@@ -35,10 +35,11 @@ else
   if held then return held end
 end
 recover()
-local taken = take_head(account, token, claim, false, tonumber(ARGV[6]))
+local taken = take_head(account, token, claim, nil, tonumber(ARGV[6]))
 -- The claim's token is stored once the take has not failed, and before a release lets the
 -- drained account's fence age.
 if claim then redis.call('SET', fence, token) end
+flush()
 taken = taken or release(account, ARGV[3], ARGV[4])
 if claim then taken[#taken + 1] = token end
 return taken

@@ -1,0 +1,77 @@
+"""What a process moves, once, when it opens a queue that an older version wrote: the dead
+letters kept in one list per shard (now a hash by id and an order), and the attempt hashes
+kept apart from each account's state (now fields of its state hash). Safe to run from many
+processes at once. Stop the consumers of the older version first: they would go on writing
+the old layout."""
+
+import asyncio
+import re
+import time
+from typing import TYPE_CHECKING
+
+from app.engine.shards import each_shard
+
+if TYPE_CHECKING:
+    from app.engine.queue import Queue
+
+MOVE_CHUNK = 500  # old-layout dead letters moved per script call
+SCAN_COUNT = 1000  # keys a SCAN step looks at
+
+
+async def move_legacy(queue: "Queue") -> tuple[int, int]:
+    """Both moves; how many dead letters and attempt hashes were moved."""
+    return await move_dead_letters(queue), await move_attempts(queue)
+
+
+async def move_dead_letters(queue: "Queue") -> int:
+    """Move the dead letters an older version kept in one list per shard into the hash and
+    order kept now, MOVE_CHUNK per script call; how many were moved. One pipelined read per
+    master when there is nothing to move."""
+    keys = queue.keys
+    lengths = await each_shard(queue, lambda pipe, shard: pipe.llen(keys.legacy_dead(shard)))
+    moved = 0
+    for shard, (waiting,) in enumerate(lengths):
+        names = [keys.legacy_dead(shard), keys.dead(shard), keys.dead_order(shard)]
+        left = int(waiting)
+        while left:
+            after = int(
+                await queue.scripts.call(queue.node(shard), "dead_move", names, (MOVE_CHUNK,))
+            )
+            moved, left = moved + max(0, left - after), after
+    return moved
+
+
+async def move_attempts(queue: "Queue") -> int:
+    """Move every attempt hash of a version before the state hash into its account's state
+    hash (`attempt_move.lua`); how many were moved. It scans each master once per namespace:
+    when it has, the namespace's marker says so, and a later open reads only that."""
+    keys = queue.keys
+    marker = queue.nodes.for_key(keys.state_since)
+    if await queue.timed(marker.exists(keys.state_since)):
+        return 0
+    pattern = re.sub(r"([*?\[\]\\])", r"\\\1", f"{{{keys.namespace}:") + "*}:attempt:*"
+    moved = 0
+    for master in queue.nodes.masters():
+        cursor = 0
+        while True:
+            cursor, found = await queue.timed(master.scan(cursor, pattern, SCAN_COUNT))
+            accounts = [_account_of(key) for key in found]
+            calls = [
+                queue.scripts.call(
+                    queue.node_of(account),
+                    "attempt_move",
+                    [*queue.account_keys(account), keys.legacy_attempt(account)],
+                    (),
+                )
+                for account in accounts
+            ]
+            moved += sum(int(reply) for reply in await asyncio.gather(*calls))
+            if cursor == 0:
+                break
+    await queue.timed(marker.set(keys.state_since, time.time_ns() // 1_000_000))
+    return moved
+
+
+def _account_of(key: bytes | str) -> int:
+    """The account of a per-account key, `{<tag>}:<kind>:<account>`."""
+    return int((key.decode() if isinstance(key, bytes) else key).rsplit(":", 1)[1])
