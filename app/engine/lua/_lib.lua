@@ -29,17 +29,22 @@ local KEEP_CALLS = 32
 -- last_acked_seq, paused_us).
 local STATE_FIELDS = 9
 
--- Field/value pairs for the state hash, written by one HSET at the end of the call (flush);
--- a field staged twice keeps its last value.
-local staged = {}
-local function stage(...)
-  for _, value in ipairs({...}) do staged[#staged + 1] = value end
+-- Fields of the state hash to write, by one HSET at the end of the call (flush); a field
+-- staged twice keeps its last value.
+local staged, any_staged = {}, false
+local function stage(field, value)
+  staged[field], any_staged = value, true
 end
 
 local function flush()
-  if #staged == 0 then return end
-  redis.call('HSET', state, unpack(staged))
-  staged = {}
+  if not any_staged then return end
+  local pairs_of = {}
+  for field, value in pairs(staged) do
+    pairs_of[#pairs_of + 1] = field
+    pairs_of[#pairs_of + 1] = value
+  end
+  redis.call('HSET', state, unpack(pairs_of))
+  staged, any_staged = {}, false
 end
 
 -- The claim MULTI increments lock and fence together, so while the lock lives the owner's
@@ -108,17 +113,14 @@ local function held_by(token)
 end
 
 -- Whether `token` owns the account and took the batch in flight, whose first event is this
--- attempt of `seq`: then the state's redo, acked and dead counts, else false. Once a call
+-- attempt of `seq`; when it does, also the state's redo, acked and dead counts. Once a call
 -- about that batch has landed it never holds again, so a call sent twice is told apart from a
 -- new one.
 local function holds(token, seq, attempt)
   if not owns(token) then return false end
   local taken = redis.call('HMGET', state, 'token', 'n', 'seq', 'redo', 'acked', 'dead')
-  if taken[1] == token and taken[2] == attempt and taken[3] == seq then
-    return {redo = tonumber(taken[4]) or 0, acked = tonumber(taken[5]) or 0,
-            dead = tonumber(taken[6]) or 0}
-  end
-  return false
+  if taken[1] ~= token or taken[2] ~= attempt or taken[3] ~= seq then return false end
+  return true, tonumber(taken[4]) or 0, tonumber(taken[5]) or 0, tonumber(taken[6]) or 0
 end
 
 -- `count` (> 0) events in flight back to the head, first in line, in their order.
@@ -207,14 +209,14 @@ end
 
 -- Move up to `k` events from the head in flight for `token` (and, from a claim, record the
 -- claim id); nil when there are none, or when the account is paused (the caller releases it).
--- `head`: the head's n and redo as the caller just staged them, or nil to read them.
-local function take_head(account, token, claim, head, k)
+-- `n` and `redo`: the head's, as the caller just staged them, or nil to read them.
+local function take_head(account, token, claim, n, redo, k)
   if is_paused(account) then return nil end
-  if not head then
+  if not n then
     local read = redis.call('HMGET', state, 'n', 'redo')
-    head = {n = tonumber(read[1]) or 0, redo = tonumber(read[2]) or 0}
+    n, redo = tonumber(read[1]) or 0, tonumber(read[2]) or 0
   end
-  if head.redo > 0 then k = 1 end
+  if redo > 0 then k = 1 end
   local bodies
   if k == 1 then
     bodies = {redis.call('LMOVE', pending, in_flight, 'LEFT', 'RIGHT')}
@@ -225,8 +227,10 @@ local function take_head(account, token, claim, head, k)
     redis.call('LTRIM', pending, #bodies, -1)
     in_chunks('RPUSH', in_flight, bodies)
   end
-  local attempt = head.n + 1
-  stage('n', attempt, 'token', token, 'seq', string.match(bodies[1], '^{"seq":(%d+)'))
+  local attempt = n + 1
+  stage('n', attempt)
+  stage('token', token)
+  stage('seq', string.match(bodies[1], '^{"seq":(%d+)'))
   if claim then stage('claim', claim) end
   return handed(bodies, attempt)
 end
@@ -252,9 +256,9 @@ end
 -- best choice, otherwise put it back. The best waiting account, in this shard or in the
 -- consumer's latest view of the others (`elsewhere`, a ready score, or '' for none), must beat
 -- this one's score by `margin`.
--- It runs once the batch before is settled: nothing is in flight, and `head` is the new
--- head's n and redo (drop_settled).
-local function next_step(account, token, order, rand, want_next, margin, elsewhere, k, head)
+-- It runs once the batch before is settled: nothing is in flight, and `n` and `redo` are the
+-- new head's (drop_settled).
+local function next_step(account, token, order, rand, want_next, margin, elsewhere, k, n, redo)
   local backlog = redis.call('LLEN', pending)
   if want_next ~= '1' or backlog == 0 then
     return release(account, order, rand, backlog)
@@ -267,7 +271,7 @@ local function next_step(account, token, order, rand, want_next, margin, elsewhe
       return release(account, order, rand, backlog)
     end
   end
-  return take_head(account, token, nil, head, k) or release(account, order, rand, backlog)
+  return take_head(account, token, nil, n, redo, k) or release(account, order, rand, backlog)
 end
 
 -- Keep `reply` as the answer to this token's call `op` about (seq, attempt), and return it.
@@ -312,10 +316,15 @@ local function drop_settled(count, size, redo)
   else
     redis.call('DEL', in_flight)
   end
-  local head = {n = 0, redo = 0}
-  if redo > 1 then head = {n = 1, redo = redo - 1} end
-  stage('n', head.n, 'token', '', 'redo', head.redo)
-  return head
+  stage('token', '')
+  if redo == 0 then
+    stage('n', 0)
+    return 0, 0
+  end
+  redo = redo - 1
+  stage('n', redo > 0 and 1 or 0)
+  stage('redo', redo)
+  return redo > 0 and 1 or 0, redo
 end
 
 -- A settle as settle.lua names it: the account, the owner's token, the seq and attempt of the
@@ -331,14 +340,16 @@ end
 -- how many it acked now (the caller adds them to the shard's count). Sent again: the same
 -- answer, not acked again.
 local function ack(s, order, rand, margin, elsewhere)
-  local held = holds(s.token, s.seq, s.attempt)
+  local held, redo, acked = holds(s.token, s.seq, s.attempt)
   if not held then
     return replayed(s.token, s.seq, s.attempt, 'ack') or {'lost'}, 0
   end
-  local head = drop_settled(s.count, s.size, held.redo)
-  stage('acked', held.acked + s.count, 'last_acked_seq', s.last_seq)
+  local n
+  n, redo = drop_settled(s.count, s.size, redo)
+  stage('acked', acked + s.count)
+  stage('last_acked_seq', s.last_seq)
   local reply = next_step(s.account, s.token, order, rand, s.want_next, margin, elsewhere, s.k,
-                          head)
+                          n, redo)
   return remember(s.token, s.seq, s.attempt, 'ack', reply), s.count
 end
 
@@ -351,14 +362,15 @@ end
 -- how many it acked now, and whether it settled the failed event now (the caller adds them to
 -- the shard's counts). Sent again: the same answer, nothing changed.
 local function nack(s, order, rand, margin, elsewhere, dead_max, park)
-  local held = holds(s.token, s.seq, s.attempt)
+  local held, redo, acked, dead_count = holds(s.token, s.seq, s.attempt)
   if not held then
     return replayed(s.token, s.seq, s.attempt, 'nack') or {'lost'}, 0, false
   end
   local left, reply = s.size - s.count, nil
   if s.count > 0 then
     redis.call('LTRIM', in_flight, s.count, -1)
-    stage('acked', held.acked + s.count, 'last_acked_seq', s.last_seq)
+    stage('acked', acked + s.count)
+    stage('last_acked_seq', s.last_seq)
   end
   if s.entry == '' then
     -- the failed event is the new first of the batch: its attempt is counted
@@ -375,10 +387,12 @@ local function nack(s, order, rand, margin, elsewhere, dead_max, park)
       local dropped = redis.call('ZPOPMIN', dead_order, over)
       for i = 1, #dropped, 2 do redis.call('HDEL', dead, dropped[i]) end
     end
-    local head = drop_settled(1, left, held.redo)
-    stage('dead', held.dead + 1)
+    local n
+    n, redo = drop_settled(1, left, redo)
+    stage('dead', dead_count + 1)
     if park == '1' then redis.call('HSET', paused, s.account, 'parked') end
-    reply = next_step(s.account, s.token, order, rand, s.want_next, margin, elsewhere, s.k, head)
+    reply = next_step(s.account, s.token, order, rand, s.want_next, margin, elsewhere, s.k, n,
+                      redo)
   end
   return remember(s.token, s.seq, s.attempt, 'nack', reply), s.count, true
 end
