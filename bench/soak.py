@@ -3,6 +3,8 @@ nothing may be lost, handled twice or out of order, and memory must stay flat.
 
 python -m bench.soak                 30 minutes (make soak)
 python -m bench.soak --minutes 3     a short one
+python -m bench.soak --minutes 5 --process-seconds 0.002
+                                     with batches of about 10 events (0.05 s: one at a time)
 
 Two consumer processes (restarted like supervisord restarts them) and `evq api` run against a
 redis-server of their own. A pusher posts batches to `POST /events/batch` at `--rate` events/s
@@ -271,7 +273,11 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=30)
     parser.add_argument("--rate", type=float, default=200, help="events per second")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--process-seconds", type=float, default=0.05, help="the reference handler's time"
+    )
     args = parser.parse_args()
+    SETTINGS["process_seconds"] = args.process_seconds
     result = soak(args.minutes, args.rate, args.seed)
     plot(result, PNG)
     path = write("soak", [result])
