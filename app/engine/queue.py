@@ -44,7 +44,9 @@ from app.settings import Settings
 T = TypeVar("T")
 Arg = bytes | int | str
 # Positions in Keys.account().
-PENDING, LOCK, FENCE, SEQ = (ACCOUNT_KINDS.index(kind) for kind in ("user", "lock", "fence", "seq"))
+PENDING, LOCK, FENCE, STATE, SEQ = (
+    ACCOUNT_KINDS.index(kind) for kind in ("user", "lock", "fence", "totals", "seq")
+)
 REAP_CHUNK = 500
 
 
@@ -391,7 +393,7 @@ class Queue:
             if number is None:
                 number = numbers[account] = len(numbers) + 1
                 own = self.account_keys(account)
-                keys += (own[PENDING], own[LOCK])
+                keys += (own[PENDING], own[LOCK], own[STATE])
             args += (number, account, letter, entry, body)
         return int(await self.scripts.call(self.node(shard), "dead", keys, args))
 

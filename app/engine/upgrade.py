@@ -1,6 +1,7 @@
 """What a process moves, once, when it opens a queue that an older version wrote: the dead
 letters kept in one list per shard (now a hash by id and an order), and the attempt hashes
-kept apart from each account's state (now fields of its state hash). Safe to run from many
+kept apart from each account's state (now fields of its state hash, which also mirrors the
+account's pause). Safe to run from many
 processes at once. Stop the consumers of the older version first: they would go on writing
 the old layout."""
 
@@ -43,8 +44,9 @@ async def move_dead_letters(queue: "Queue") -> int:
 
 async def move_attempts(queue: "Queue") -> int:
     """Move every attempt hash of a version before the state hash into its account's state
-    hash (`attempt_move.lua`); how many were moved. It scans each master once per namespace:
-    when it has, the namespace's marker says so, and a later open reads only that."""
+    hash (`attempt_move.lua`), and mirror every pause there; how many attempt hashes were
+    moved. It scans each master once per namespace: when it has, the namespace's marker says
+    so, and a later open reads only that."""
     keys = queue.keys
     marker = queue.nodes.for_key(keys.state_since)
     if await queue.timed(marker.exists(keys.state_since)):
@@ -68,6 +70,12 @@ async def move_attempts(queue: "Queue") -> int:
             moved += sum(int(reply) for reply in await asyncio.gather(*calls))
             if cursor == 0:
                 break
+    # Accounts paused before the state hash mirrored their pause get the mirror (pause.lua
+    # sets it on an account already paused, without changing why).
+    pauses = await each_shard(queue, lambda pipe, shard: pipe.hkeys(keys.paused(shard)))
+    await asyncio.gather(
+        *(queue.pause(int(account)) for (accounts,) in pauses for account in accounts)
+    )
     await queue.timed(marker.set(keys.state_since, time.time_ns() // 1_000_000))
     return moved
 

@@ -547,9 +547,10 @@ async def test_attempts_an_older_version_kept_apart_move_into_the_state_hash(
 ) -> None:
     """Across the upgrade to the state hash: the attempt hash of an event that had failed
     twice is moved into its account's state hash once, so the next attempt is 3; a second
-    open moves nothing, and the old key is gone."""
+    open moves nothing, and the old key is gone. An account paused then gets the pause's
+    mirror in its state, so its owner stops after the batch it holds."""
     queue = make_queue()
-    await push(queue, 1, "a")
+    await push(queue, 1, "a", "b")
     routed = Routed(queue)
     await routed.hset(queue.keys.legacy_attempt(1), "n", "2")
     await routed.delete(queue.keys.state_since)  # a namespace the older version wrote
@@ -558,3 +559,8 @@ async def test_attempts_an_older_version_kept_apart_move_into_the_state_hash(
     assert await upgrade.move_attempts(queue) == 0
     first = await claim_one(queue)
     assert (first.event_id, first.attempt) == ("a", 3)
+    await routed.hset(queue.keys.paused(queue.keys.shard_of(1)), "1", "operator")  # as before
+    await routed.delete(queue.keys.state_since)
+    await upgrade.move_attempts(queue)
+    assert await routed.hget(queue.keys.state(1), "paused") == b"1"
+    assert await queue.ack(first) is Step.RELEASED

@@ -14,6 +14,8 @@
 --   redo   how many events at the head were in flight with an owner that died: they are
 --          handed out one at a time, each at its next attempt, so a poison event among them
 --          is retried alone and its neighbours are charged one attempt, not one per crash
+--   paused '1' while the account is paused or parked: a mirror of the shard's paused hash,
+--          which every writer of it keeps in step, so that a settle reads it with the rest
 --   acked, dead, last_acked_seq   the account's settled counts
 --   t:<token>  the last settling call of each recent token, '<seq>:<attempt>:<op>:<reply>':
 --          a call sent again (a client retry after a lost reply) is answered from it and
@@ -25,9 +27,9 @@ local pending, in_flight, lock, fence, state, seq_key = KEYS[1], KEYS[2], KEYS[3
 local ready, stats, active, dead, paused, dead_order = KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11], KEYS[12]
 -- Tokens whose last call is kept; older ones are dropped when the account is claimed again.
 local KEEP_CALLS = 32
--- The state's fields beside the calls' (n, token, seq, claim, redo, acked, dead,
+-- The state's fields beside the calls' (n, token, seq, claim, redo, paused, acked, dead,
 -- last_acked_seq, paused_us).
-local STATE_FIELDS = 9
+local STATE_FIELDS = 10
 
 -- Fields of the state hash to write, by one HSET at the end of the call (flush); a field
 -- staged twice keeps its last value.
@@ -113,14 +115,15 @@ local function held_by(token)
 end
 
 -- Whether `token` owns the account and took the batch in flight, whose first event is this
--- attempt of `seq`; when it does, also the state's redo, acked and dead counts. Once a call
--- about that batch has landed it never holds again, so a call sent twice is told apart from a
--- new one.
+-- attempt of `seq`; when it does, also the state's redo, acked and dead counts and whether the
+-- account is paused. Once a call about that batch has landed it never holds again, so a call
+-- sent twice is told apart from a new one.
 local function holds(token, seq, attempt)
   if not owns(token) then return false end
-  local taken = redis.call('HMGET', state, 'token', 'n', 'seq', 'redo', 'acked', 'dead')
+  local taken = redis.call('HMGET', state, 'token', 'n', 'seq', 'redo', 'acked', 'dead', 'paused')
   if taken[1] ~= token or taken[2] ~= attempt or taken[3] ~= seq then return false end
-  return true, tonumber(taken[4]) or 0, tonumber(taken[5]) or 0, tonumber(taken[6]) or 0
+  return true, tonumber(taken[4]) or 0, tonumber(taken[5]) or 0, tonumber(taken[6]) or 0,
+    taken[7] == '1'
 end
 
 -- `count` (> 0) events in flight back to the head, first in line, in their order.
@@ -209,13 +212,13 @@ end
 
 -- Move up to `k` events from the head in flight for `token` (and, from a claim, record the
 -- claim id); nil when there are none, or when the account is paused (the caller releases it).
--- `n` and `redo`: the head's, as the caller just staged them, or nil to read them.
-local function take_head(account, token, claim, n, redo, k)
-  if is_paused(account) then return nil end
-  if not n then
-    local read = redis.call('HMGET', state, 'n', 'redo')
-    n, redo = tonumber(read[1]) or 0, tonumber(read[2]) or 0
+-- `n`, `redo` and `held_back` (paused): the state's as the caller knows them, or nil to read.
+local function take_head(token, claim, k, n, redo, held_back)
+  if n == nil then
+    local read = redis.call('HMGET', state, 'n', 'redo', 'paused')
+    n, redo, held_back = tonumber(read[1]) or 0, tonumber(read[2]) or 0, read[3] == '1'
   end
+  if held_back then return nil end
   if redo > 0 then k = 1 end
   local bodies
   if k == 1 then
@@ -256,9 +259,10 @@ end
 -- best choice, otherwise put it back. The best waiting account, in this shard or in the
 -- consumer's latest view of the others (`elsewhere`, a ready score, or '' for none), must beat
 -- this one's score by `margin`.
--- It runs once the batch before is settled: nothing is in flight, and `n` and `redo` are the
--- new head's (drop_settled).
-local function next_step(account, token, order, rand, want_next, margin, elsewhere, k, n, redo)
+-- It runs once the batch before is settled: nothing is in flight, `n` and `redo` are the new
+-- head's (drop_settled) and `held_back` whether the account is paused.
+local function next_step(account, token, order, rand, want_next, margin, elsewhere, k, n, redo,
+                         held_back)
   local backlog = redis.call('LLEN', pending)
   if want_next ~= '1' or backlog == 0 then
     return release(account, order, rand, backlog)
@@ -271,7 +275,7 @@ local function next_step(account, token, order, rand, want_next, margin, elsewhe
       return release(account, order, rand, backlog)
     end
   end
-  return take_head(account, token, nil, n, redo, k) or release(account, order, rand, backlog)
+  return take_head(token, nil, k, n, redo, held_back) or release(account, order, rand, backlog)
 end
 
 -- Keep `reply` as the answer to this token's call `op` about (seq, attempt), and return it.
@@ -340,7 +344,7 @@ end
 -- how many it acked now (the caller adds them to the shard's count). Sent again: the same
 -- answer, not acked again.
 local function ack(s, order, rand, margin, elsewhere)
-  local held, redo, acked = holds(s.token, s.seq, s.attempt)
+  local held, redo, acked, _, held_back = holds(s.token, s.seq, s.attempt)
   if not held then
     return replayed(s.token, s.seq, s.attempt, 'ack') or {'lost'}, 0
   end
@@ -349,7 +353,7 @@ local function ack(s, order, rand, margin, elsewhere)
   stage('acked', acked + s.count)
   stage('last_acked_seq', s.last_seq)
   local reply = next_step(s.account, s.token, order, rand, s.want_next, margin, elsewhere, s.k,
-                          n, redo)
+                          n, redo, held_back)
   return remember(s.token, s.seq, s.attempt, 'ack', reply), s.count
 end
 
@@ -362,7 +366,7 @@ end
 -- how many it acked now, and whether it settled the failed event now (the caller adds them to
 -- the shard's counts). Sent again: the same answer, nothing changed.
 local function nack(s, order, rand, margin, elsewhere, dead_max, park)
-  local held, redo, acked, dead_count = holds(s.token, s.seq, s.attempt)
+  local held, redo, acked, dead_count, held_back = holds(s.token, s.seq, s.attempt)
   if not held then
     return replayed(s.token, s.seq, s.attempt, 'nack') or {'lost'}, 0, false
   end
@@ -390,9 +394,13 @@ local function nack(s, order, rand, margin, elsewhere, dead_max, park)
     local n
     n, redo = drop_settled(1, left, redo)
     stage('dead', dead_count + 1)
-    if park == '1' then redis.call('HSET', paused, s.account, 'parked') end
+    if park == '1' then
+      redis.call('HSET', paused, s.account, 'parked')
+      stage('paused', '1')
+      held_back = true
+    end
     reply = next_step(s.account, s.token, order, rand, s.want_next, margin, elsewhere, s.k, n,
-                      redo)
+                      redo, held_back)
   end
   return remember(s.token, s.seq, s.attempt, 'nack', reply), s.count, true
 end

@@ -1,7 +1,7 @@
 -- dead: replay or purge dead letters of one shard, each found by its id.
 -- KEYS: 1 dead letters (hash of '<account>:<event_id>' -> entry), 2 their order (zset),
 --       3 ready index, 4 stats, 5 active set, 6 paused accounts of the shard,
---       then 2 per account of the call: pending list, lock
+--       then 3 per account of the call: pending list, lock, state hash
 -- ARGV: 1 'replay' or 'purge', 2 claim order, 3 random seed, then 5 per entry: the account's
 --       number among the call's accounts (1 for the first one's keys), account, the dead
 --       letter's id, the entry exactly as read, and the event body to queue again ('' to purge).
@@ -23,7 +23,7 @@ for i = 4, #ARGV, 5 do
     redis.call('ZREM', dead_order, id)
     done = done + 1
     if mode == 'replay' then
-      local at = 7 + 2 * (tonumber(ARGV[i]) - 1)
+      local at = 7 + 3 * (tonumber(ARGV[i]) - 1)
       redis.call('LPUSH', KEYS[at], ARGV[i + 4])
       if not base[account] then
         base[account] = at
@@ -39,9 +39,12 @@ if mode ~= 'replay' then
 end
 for _, account in ipairs(accounts) do
   -- _lib.lua's make_ready reads these locals: point them at this account.
-  pending, lock = KEYS[base[account]], KEYS[base[account] + 1]
+  pending, lock, state = KEYS[base[account]], KEYS[base[account] + 1], KEYS[base[account] + 2]
   redis.call('SADD', active, account)
-  if redis.call('HGET', paused, account) == 'parked' then redis.call('HDEL', paused, account) end
+  if redis.call('HGET', paused, account) == 'parked' then
+    redis.call('HDEL', paused, account)
+    redis.call('HDEL', state, 'paused')
+  end
   if redis.call('EXISTS', lock) == 0 then
     make_ready(account, order, tostring(math.random()))
   end

@@ -6,15 +6,16 @@
 -- hash is made to expire after ACCOUNT_IDLE_MS, and once every key of it has, the reaper forgets
 -- the pause (forget_pause.lua). Events pushed meanwhile keep it, as they keep the account.
 -- Returns {why it was already paused ('operator' or 'parked'), or '' when it was not;
--- 1 when a consumer holds it now, else 0}. Sent again: the same state.
+-- 1 when a consumer holds it now, else 0}. Sent again: the same state; on an account paused
+-- before the state hash mirrored it, it sets the mirror (upgrade.py).
 local account = ARGV[1]
 local before = redis.call('HGET', paused, account)
-if not before then
-  redis.call('HSET', paused, account, 'operator')
-  if redis.call('EXISTS', state) == 0 then
-    redis.call('HSET', state, 'paused_us', now_us())
-    redis.call('PEXPIRE', state, ACCOUNT_IDLE_MS)
-  end
+if not before then redis.call('HSET', paused, account, 'operator') end
+if redis.call('EXISTS', state) == 1 then
+  redis.call('HSET', state, 'paused', '1')
+elseif not before then
+  redis.call('HSET', state, 'paused', '1', 'paused_us', now_us())
+  redis.call('PEXPIRE', state, ACCOUNT_IDLE_MS)
 end
 redis.call('ZREM', ready, account)
 return {before or '', redis.call('EXISTS', lock)}

@@ -7,4 +7,5 @@ local account = ARGV[1]
 local before = redis.call('HGET', paused, account)
 if not before then return {'', 0} end
 redis.call('HDEL', paused, account)
+redis.call('HDEL', state, 'paused')
 return {before, reready(account, ARGV[3], ARGV[4])}

@@ -35,7 +35,7 @@ else
   if held then return held end
 end
 recover()
-local taken = take_head(account, token, claim, nil, nil, tonumber(ARGV[6]))
+local taken = take_head(token, claim, tonumber(ARGV[6]))
 -- The claim's token is stored once the take has not failed, and before a release lets the
 -- drained account's fence age.
 if claim then redis.call('SET', fence, token) end
