@@ -167,7 +167,8 @@ class Slots:
         self._measured(finished - started, len(events))
         handled = len(events)
         if error is not None:
-            handled = min(error.handled, len(events) - 1) if isinstance(error, Failed) else 0
+            said = error.handled if isinstance(error, Failed) else 0
+            handled = min(max(0, said), len(events) - 1)
         ran = events[: handled + (error is not None)]
         runs = [Run(event, started, finished) for event in ran]
         runs[-1].delivery = delivery
