@@ -43,11 +43,10 @@ async def account_state(queue: Queue, account: int) -> AccountState:
         tx.llen(keys.pending(account))
         tx.lindex(keys.in_flight(account), 0)
         tx.get(keys.lock(account))
-        tx.get(keys.fence(account))
         tx.pttl(keys.lock(account))
-        tx.hmget(keys.state(account), "acked", "dead", "last_acked_seq")
+        tx.hmget(keys.state(account), "acked", "dead", "last_acked_seq", "fence")
         tx.hget(keys.paused(keys.shard_of(account)), str(account))
-        backlog, body, held, fenced, lease_ms, (acked, dead, last), paused = await tx.execute()
+        backlog, body, held, lease_ms, (acked, dead, last, fenced), paused = await tx.execute()
     in_flight = None
     if body is not None:
         event = orjson.loads(body)
@@ -83,9 +82,8 @@ async def event_state(queue: Queue, account: int, event_id: str) -> dict[str, An
             tx.hget(keys.ids(shard, b), field)
             tx.hget(keys.legacy_ids(account, b), event_id)
         tx.lrange(keys.in_flight(account), 0, -1)
-        tx.hmget(keys.state(account), "n", "token", "last_acked_seq")
+        tx.hmget(keys.state(account), "n", "token", "last_acked_seq", "fence")
         tx.get(keys.lock(account))
-        tx.get(keys.fence(account))
         tx.pttl(keys.lock(account))
         tx.lrange(keys.pending(account), 0, LOOKUP_DEPTH - 1)
         tx.hget(keys.dead(shard), letter_id(account, event_id))
@@ -95,9 +93,8 @@ async def event_state(queue: Queue, account: int, event_id: str) -> dict[str, An
             seen_before,
             seen_before_legacy,
             flying,
-            (attempt, taker, last),
+            (attempt, taker, last, fenced),
             held,
-            fenced,
             lease_ms,
             pending,
             dead,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from redis.crc import key_slot
 
 # The per-account keys of `Keys.account`, in order, before the shard's own.
-ACCOUNT_KINDS = ("user", "inflight", "lock", "fence", "totals", "seq")
+ACCOUNT_KINDS = ("user", "inflight", "lock", "totals", "seq")
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +96,9 @@ class Keys:
     def lock(self, account: int) -> str:
         return self._account_key("lock", account)
 
-    def fence(self, account: int) -> str:
+    def legacy_fence(self, account: int) -> str:
+        """The fencing counter that versions before the state hash kept apart; moved into the
+        state hash once (`upgrade.move_attempts`)."""
         return self._account_key("fence", account)
 
     def legacy_attempt(self, account: int) -> str:

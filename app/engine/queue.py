@@ -44,8 +44,8 @@ from app.settings import Settings
 T = TypeVar("T")
 Arg = bytes | int | str
 # Positions in Keys.account().
-PENDING, LOCK, FENCE, STATE, SEQ = (
-    ACCOUNT_KINDS.index(kind) for kind in ("user", "lock", "fence", "totals", "seq")
+PENDING, LOCK, STATE, SEQ = (
+    ACCOUNT_KINDS.index(kind) for kind in ("user", "lock", "totals", "seq")
 )
 REAP_CHUNK = 500
 
@@ -208,7 +208,7 @@ class Queue:
         When all are empty it waits up to `block_s` for a shard to announce work (pub/sub, no
         polling), and returns nothing. Otherwise it locks the best `n` with the MULTI
         INCR+EXPIRE block, one per shard, in parallel: the INCR that returns 1 wins, and the
-        fence INCR beside it is the winner's token. The take script runs in the same block
+        fence HINCRBY beside it is the winner's token. The take script runs in the same block
         (taking the account out of the ready index), so a claim costs two round trips. A
         random claim id marks what this claim took; when a MULTI's reply is lost,
         `ClaimInterrupted` carries it and that shard's accounts for `resume_claim`.
@@ -252,7 +252,7 @@ class Queue:
                 keys = self.account_keys(account)
                 pipe.incr(keys[LOCK])
                 pipe.pexpire(keys[LOCK], self._lease_ms, nx=True)
-                pipe.incr(keys[FENCE])
+                pipe.hincrby(keys[STATE], "fence", 1)
                 argv = self._argv(account, "claim", claim_id, self.batch_size)
                 pipe.evalsha(self.scripts.shas["take"], len(keys), *keys, *argv)
             pipe.execute_command("EXEC")
@@ -263,7 +263,7 @@ class Queue:
         if isinstance(replies, Exception):  # EXECABORT: a command was refused, nothing ran
             raise replies
         claimed: list[Event | Won] = []
-        # Four replies per account: INCR of the lock, PEXPIRE, INCR of the fence, the take.
+        # Four replies per account: INCR of the lock, PEXPIRE, HINCRBY of the fence, the take.
         parts = [replies[i : i + 4] for i in range(0, len(replies), 4)]
         for account, (lock, _, token, taken) in zip(accounts, parts, strict=True):
             if lock != 1:

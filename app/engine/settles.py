@@ -15,8 +15,8 @@ if TYPE_CHECKING:
     from app.engine.queue import Queue
 
 # Positions in Keys.account() of what settle.lua takes per account, and once per shard.
-ACCOUNT_PART = (0, 1, 2, 3, 4, 5)  # pending, in flight, lock, fence, state, seq
-SHARD_PART = (6, 7, 8, 9, 10, 11)  # ready, stats, active, dead, paused, dead letters' order
+ACCOUNT_PART = (0, 1, 2, 3, 4)  # pending, in flight, lock, state, seq
+SHARD_PART = (5, 6, 7, 8, 9, 10)  # ready, stats, active, dead, paused, dead letters' order
 Settling = tuple[bytes, Event, bool, int, bytes, "asyncio.Future[Next]"]
 
 

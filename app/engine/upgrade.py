@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 MOVE_CHUNK = 500  # old-layout dead letters moved per script call
 SCAN_COUNT = 1000  # keys a SCAN step looks at
+LEGACY_KINDS = ("attempt", "fence")  # per-account keys the state hash took over
 
 
 async def move_legacy(queue: "Queue") -> tuple[int, int]:
@@ -51,18 +52,22 @@ async def move_attempts(queue: "Queue") -> int:
     marker = queue.nodes.for_key(keys.state_since)
     if await queue.timed(marker.exists(keys.state_since)):
         return 0
-    pattern = re.sub(r"([*?\[\]\\])", r"\\\1", f"{{{keys.namespace}:") + "*}:attempt:*"
+    pattern = re.sub(r"([*?\[\]\\])", r"\\\1", f"{{{keys.namespace}:") + "*}:*"
     moved = 0
     for master in queue.nodes.masters():
         cursor = 0
         while True:
             cursor, found = await queue.timed(master.scan(cursor, pattern, SCAN_COUNT))
-            accounts = [_account_of(key) for key in found]
+            accounts = {account for key in found if (account := _legacy_account(key))}
             calls = [
                 queue.scripts.call(
                     queue.node_of(account),
                     "attempt_move",
-                    [*queue.account_keys(account), keys.legacy_attempt(account)],
+                    [
+                        *queue.account_keys(account),
+                        keys.legacy_attempt(account),
+                        keys.legacy_fence(account),
+                    ],
                     (),
                 )
                 for account in accounts
@@ -80,6 +85,10 @@ async def move_attempts(queue: "Queue") -> int:
     return moved
 
 
-def _account_of(key: bytes | str) -> int:
-    """The account of a per-account key, `{<tag>}:<kind>:<account>`."""
-    return int((key.decode() if isinstance(key, bytes) else key).rsplit(":", 1)[1])
+def _legacy_account(key: bytes | str) -> int | None:
+    """The account of an attempt hash or a fence of the older layout,
+    `{<tag>}:<kind>:<account>`; None for any other key."""
+    kind, _, account = (
+        (key.decode() if isinstance(key, bytes) else key).rpartition("}:")[2].partition(":")
+    )
+    return int(account) if kind in LEGACY_KINDS and account.isdigit() else None

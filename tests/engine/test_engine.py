@@ -93,7 +93,7 @@ async def test_push_writes_the_keys_the_other_scripts_read(make_queue: MakeQueue
     """push.lua writes the keys the other scripts read (Keys.account), all in one shard."""
     queue = make_queue()
     await push(queue, 42, "a")
-    pending, _, _, _, _, seq, ready, stats, active, _, _, _ = queue.keys.account(42)
+    pending, _, _, _, seq, ready, stats, active, _, _, _ = queue.keys.account(42)
     found = {key.decode() for key in await all_keys(queue)}
     found -= {queue.keys.layout, queue.keys.ids_since, queue.keys.state_since}
     shard = queue.keys.shard_of(42)
@@ -453,13 +453,13 @@ async def test_heartbeats_fold_measurements_and_busy_slots(make_queue: MakeQueue
 
 
 async def account_ttls_ms(queue: Queue, account: int) -> list[int]:
-    """PTTL of the account's seq, fence and totals (-1: kept, -2: gone)."""
-    keys = (queue.keys.seq(account), queue.keys.fence(account), queue.keys.state(account))
+    """PTTL of the account's seq and state (-1: kept, -2: gone)."""
+    keys = (queue.keys.seq(account), queue.keys.state(account))
     return [await Routed(queue).pttl(key) for key in keys]
 
 
 async def test_drained_account_ages_and_a_claim_keeps_it(make_queue: MakeQueue) -> None:
-    """ACCOUNT_IDLE_SECONDS: a drained account's seq, fence and totals expire; a push and a
+    """ACCOUNT_IDLE_SECONDS: a drained account's seq and state expire; a push and a
     claim make them permanent again while the account has work."""
     queue = make_queue(account_idle_seconds=60, dedupe_seconds=1)
     await push(queue, 1, "a")
@@ -467,7 +467,7 @@ async def test_drained_account_ages_and_a_claim_keeps_it(make_queue: MakeQueue) 
     assert all(0 < ttl <= 60_000 for ttl in await account_ttls_ms(queue, 1))
     await push(queue, 1, "b")
     await claim_one(queue)
-    assert await account_ttls_ms(queue, 1) == [-1, -1, -1]
+    assert await account_ttls_ms(queue, 1) == [-1, -1]
 
 
 async def test_claim_that_finds_nothing_lets_the_account_age(make_queue: MakeQueue) -> None:
@@ -553,12 +553,15 @@ async def test_attempts_an_older_version_kept_apart_move_into_the_state_hash(
     await push(queue, 1, "a", "b")
     routed = Routed(queue)
     await routed.hset(queue.keys.legacy_attempt(1), "n", "2")
+    far = await server_clock_us(queue) + 3_600_000_000  # a fence an hour ahead of the clock
+    await routed.set(queue.keys.legacy_fence(1), far)
     await routed.delete(queue.keys.state_since)  # a namespace the older version wrote
     assert await upgrade.move_attempts(queue) == 1
-    assert not await routed.exists(queue.keys.legacy_attempt(1))
+    assert not await routed.exists(queue.keys.legacy_attempt(1), queue.keys.legacy_fence(1))
     assert await upgrade.move_attempts(queue) == 0
     first = await claim_one(queue)
     assert (first.event_id, first.attempt) == ("a", 3)
+    assert first.token > far  # I8: tokens still grow past the old fence
     await routed.hset(queue.keys.paused(queue.keys.shard_of(1)), "1", "operator")  # as before
     await routed.delete(queue.keys.state_since)
     await upgrade.move_attempts(queue)

@@ -1,12 +1,13 @@
 -- Shared by every account script; scripts.py prepends it to each one.
 -- KEYS layout (keys.py builds it, every key carries the hash tag of the account's shard):
---   1 pending list, 2 in-flight list, 3 lock, 4 fence, 5 state hash, 6 seq,
---   7 ready index, 8 stats, 9 active set, 10 dead letters of the shard (hash of
---   '<account>:<event_id>' -> entry), 11 paused accounts of the shard (account ->
---   'operator' or 'parked'), 12 the dead letters' ids scored by when they died
+--   1 pending list, 2 in-flight list, 3 lock, 4 state hash, 5 seq, 6 ready index, 7 stats,
+--   8 active set, 9 dead letters of the shard (hash of '<account>:<event_id>' -> entry),
+--   10 paused accounts of the shard (account -> 'operator' or 'parked'), 11 the dead
+--   letters' ids scored by when they died
 -- In flight: the batch the owner was handed, up to k events taken from the head together
 -- (a 1 s handler gets one at a time).
 -- The state hash, read with one HMGET and written with one HSET per call (`stage`, `flush`):
+--   fence  the source of fencing tokens: the claim MULTI increments it with the lock
 --   n      attempts handed out of the batch's first event, or of the head (every other event
 --          of a batch is at its first attempt)
 --   token  the owner that took the batch in flight, '' (or none) when nothing is in flight
@@ -21,15 +22,15 @@
 --          a call sent again (a client retry after a lost reply) is answered from it and
 --          changes nothing
 -- ACCOUNT_IDLE_MS (scripts.py puts it above this file): once an account is drained, its
--- seq, fence and state expire after that long unless it is claimed again. Nothing depends on
+-- seq and state expire after that long unless it is claimed again. Nothing depends on
 -- them surviving: seqs and tokens never go below the server clock in microseconds (`now_us`).
-local pending, in_flight, lock, fence, state, seq_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
-local ready, stats, active, dead, paused, dead_order = KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11], KEYS[12]
+local pending, in_flight, lock, state, seq_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local ready, stats, active, dead, paused, dead_order = KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11]
 -- Tokens whose last call is kept; older ones are dropped when the account is claimed again.
 local KEEP_CALLS = 32
--- The state's fields beside the calls' (n, token, seq, claim, redo, paused, acked, dead,
--- last_acked_seq, paused_us).
-local STATE_FIELDS = 10
+-- The state's fields beside the calls' (fence, n, token, seq, claim, redo, paused, acked,
+-- dead, last_acked_seq, paused_us).
+local STATE_FIELDS = 11
 
 -- Fields of the state hash to write, by one HSET at the end of the call (flush); a field
 -- staged twice keeps its last value.
@@ -51,10 +52,12 @@ end
 
 -- The claim MULTI increments lock and fence together, so while the lock lives the owner's
 -- token is fence - lock + 1: no owner field to keep in sync, and a stale token never matches.
-local function owns(token)
-  local held = redis.call('MGET', lock, fence)
-  if not held[1] then return false end
-  return tonumber(held[2]) - tonumber(held[1]) + 1 == tonumber(token)
+-- `fence`: the state's, when the caller read it.
+local function owns(token, fence)
+  local held = redis.call('GET', lock)
+  if not held then return false end
+  fence = tonumber(fence or redis.call('HGET', state, 'fence'))
+  return fence ~= nil and fence - tonumber(held) + 1 == tonumber(token)
 end
 
 -- The server clock in microseconds: the floor of every seq and token. A failover that loses
@@ -75,7 +78,7 @@ end
 -- server clock when the fence is behind it. The caller stores it in the fence once the take
 -- has succeeded.
 local function fresh_token()
-  return digits(math.max(tonumber(redis.call('GET', fence)) or 0, now_us()))
+  return digits(math.max(tonumber(redis.call('HGET', state, 'fence')) or 0, now_us()))
 end
 
 -- `command` (with `key` unless nil, and `option` unless nil) on every value, in calls of at
@@ -119,9 +122,10 @@ end
 -- account is paused. Once a call about that batch has landed it never holds again, so a call
 -- sent twice is told apart from a new one.
 local function holds(token, seq, attempt)
-  if not owns(token) then return false end
-  local taken = redis.call('HMGET', state, 'token', 'n', 'seq', 'redo', 'acked', 'dead', 'paused')
+  local taken = redis.call('HMGET', state, 'token', 'n', 'seq', 'redo', 'acked', 'dead', 'paused',
+                           'fence')
   if taken[1] ~= token or taken[2] ~= attempt or taken[3] ~= seq then return false end
+  if not owns(token, taken[8]) then return false end
   return true, tonumber(taken[4]) or 0, tonumber(taken[5]) or 0, tonumber(taken[6]) or 0,
     taken[7] == '1'
 end
@@ -182,7 +186,7 @@ end
 -- (a claim keeps it again: the fence is SET, the state made persistent).
 local function drained(account)
   redis.call('SREM', active, account)
-  for _, key in ipairs({seq_key, fence, state}) do
+  for _, key in ipairs({seq_key, state}) do
     redis.call('PEXPIRE', key, ACCOUNT_IDLE_MS)
   end
 end

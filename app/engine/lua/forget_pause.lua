@@ -3,5 +3,5 @@
 -- KEYS: the account layout (_lib.lua)
 -- ARGV: 1 account
 -- Returns 1 when the pause was dropped, else 0. Sent again: 0, nothing changed.
-if redis.call('EXISTS', pending, in_flight, lock, seq_key, fence, state) > 0 then return 0 end
+if redis.call('EXISTS', pending, in_flight, lock, seq_key, state) > 0 then return 0 end
 return redis.call('HDEL', paused, ARGV[1])

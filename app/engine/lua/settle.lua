@@ -1,8 +1,8 @@
 -- settle: the acks and nacks of one consumer's loop turn in one shard, account by account, as
 -- `ack` and `nack` in _lib.lua settle each (one call, however many accounts).
 -- KEYS: 1 ready index, 2 stats, 3 active set, 4 dead letters, 5 paused accounts, 6 dead
---       letters' order, then 6 per account: pending list, in-flight list, lock, fence,
---       state hash, seq
+--       letters' order, then 5 per account: pending list, in-flight list, lock, state hash,
+--       seq
 -- ARGV: 1 claim order, 2 random seed (claim order random), 3 switch margin, 4 best ready
 --       score elsewhere, 5 dead letters the shard keeps, 6 '1' to park an account with a
 --       dead-lettered event, 7 the most events to hand out next (k), then 11 per account:
@@ -20,10 +20,10 @@ local order, margin, elsewhere, dead_max, park = ARGV[1], ARGV[3], ARGV[4], ARGV
 local k = tonumber(ARGV[7])
 math.randomseed(tonumber(ARGV[2]))
 local replies, acked, nacked = {}, 0, 0
-for n = 0, (#KEYS - 6) / 6 - 1 do
-  local at, a = 6 + 6 * n, 7 + 11 * n
-  pending, in_flight, lock, fence = KEYS[at + 1], KEYS[at + 2], KEYS[at + 3], KEYS[at + 4]
-  state, seq_key = KEYS[at + 5], KEYS[at + 6]
+for n = 0, (#KEYS - 6) / 5 - 1 do
+  local at, a = 6 + 5 * n, 7 + 11 * n
+  pending, in_flight, lock = KEYS[at + 1], KEYS[at + 2], KEYS[at + 3]
+  state, seq_key = KEYS[at + 4], KEYS[at + 5]
   local s = {
     account = ARGV[a + 2], token = ARGV[a + 3], seq = ARGV[a + 4], attempt = ARGV[a + 5],
     size = tonumber(ARGV[a + 6]), count = tonumber(ARGV[a + 7]), last_seq = ARGV[a + 8],

@@ -38,7 +38,7 @@ recover()
 local taken = take_head(token, claim, tonumber(ARGV[6]))
 -- The claim's token is stored once the take has not failed, and before a release lets the
 -- drained account's fence age.
-if claim then redis.call('SET', fence, token) end
+if claim then stage('fence', token) end
 flush()
 taken = taken or release(account, ARGV[3], ARGV[4])
 if claim then taken[#taken + 1] = token end
