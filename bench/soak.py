@@ -3,8 +3,8 @@ nothing may be lost, handled twice or out of order, and memory must stay flat.
 
 python -m bench.soak                 30 minutes (make soak)
 python -m bench.soak --minutes 3     a short one
-python -m bench.soak --minutes 5 --process-seconds 0.002
-                                     with batches of about 10 events (0.05 s: one at a time)
+python -m bench.soak --minutes 5 --process-seconds 0.002 --concurrency 2 --rate 1500
+                                     backlogs drained in batches of about 10 events
 
 Two consumer processes (restarted like supervisord restarts them) and `evq api` run against a
 redis-server of their own. A pusher posts batches to `POST /events/batch` at `--rate` events/s
@@ -276,8 +276,10 @@ def main() -> None:
     parser.add_argument(
         "--process-seconds", type=float, default=0.05, help="the reference handler's time"
     )
+    parser.add_argument("--concurrency", type=int, default=50, help="slots per consumer")
     args = parser.parse_args()
     SETTINGS["process_seconds"] = args.process_seconds
+    SETTINGS["concurrency"] = args.concurrency
     result = soak(args.minutes, args.rate, args.seed)
     plot(result, PNG)
     path = write("soak", [result])
