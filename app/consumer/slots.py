@@ -123,9 +123,10 @@ class Slots:
         await self._write(slot, runs, "event_settling", "ack", last)
         step = await self.retrying(lambda: self._queue.nack(first, text, dead, want_next, handled))
         _now_holds(holding, step)
-        if step is Step.LOST:
-            last = "lost_lease"
-        await self._write(slot, runs, "", "ack", last, error=text[:500])
+        handled_outcome = "ack"
+        if step is Step.LOST:  # refused whole: the events before the failed one were not acked
+            handled_outcome = last = "lost_lease"
+        await self._write(slot, runs, "", handled_outcome, last, error=text[:500])
         if step is not Step.RETRY:
             return step
         await sleep_unless(self.stopping, self._retry_in_s(failed_event, failed))

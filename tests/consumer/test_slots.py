@@ -277,3 +277,31 @@ def test_batches_cover_about_20_ms_of_handler_time(
     assert [size(s) for s in (1.0, 0.1, 0.005, 0.0005, 0.00001)] == [1, 1, 4, 40, 50]
     assert size(0.00001, batch_max=1) == 1
     assert size(0.00001, batch_max=1000) == 1000
+
+
+async def test_a_refused_nack_logs_no_ack_for_the_events_handled_before_the_failure(
+    faulty: tuple[FaultyRedis, Callable[..., Settings]],
+) -> None:
+    """When the lease is lost during a batch and an event of it fails, the nack is refused
+    whole: the events handled before the failed one are logged lost, not acked, and run
+    again; every event is acked once, in order."""
+    client, settings = faulty
+    config = settings(concurrency=1, lease_seconds=1)
+    queue = queue_on(client, config)
+    await push(queue, [NewEvent(1, f"e{i}", None) for i in range(6)])
+    failed: list[str] = []
+
+    async def loses_its_lease_then_fails(event: Event) -> None:
+        if event.event_id == "e4" and not failed:
+            failed.append(event.event_id)
+            await client.delete(queue.keys.lock(1))
+            raise ValueError("fails after the lease is gone")
+
+    await consume(queue, loses_its_lease_then_fails, config, burst=True)
+    found = attempts(config.event_log)
+    refused = {a.event_id for a in found if a.outcome == "lost_lease"}
+    assert failed == ["e4"] and "e4" in refused and len(refused) > 1
+    acked_first = {a.event_id for a in found if a.outcome == "ack" and a.attempt == 1}
+    assert not refused & acked_first, "an event of the refused nack was logged acked"
+    assert_all_acked_once_in_order(config.event_log, 6)
+    await queue.aclose()
