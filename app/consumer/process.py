@@ -28,6 +28,7 @@ included, is `app/consumer/slots.py`.
 
 import asyncio
 import contextlib
+import functools
 import math
 import os
 import signal
@@ -123,11 +124,11 @@ class Consumer:
         self._slot_tasks = [
             asyncio.create_task(self._run_slot(i)) for i in range(self._settings.concurrency)
         ]
+        meter = functools.partial(self._slots.meter_loop, self._slots_done)
         helpers = [
             asyncio.create_task(helper())
-            for helper in (self._renewer, self._heartbeat, self._reaper, self._guard)
+            for helper in (self._renewer, self._heartbeat, self._reaper, self._guard, meter)
         ]
-        helpers.append(asyncio.create_task(self._slots.meter_loop(self._slots_done)))
         await self._claimer(burst)
         for _ in self._slot_tasks:
             self._claims.put_nowait(None)

@@ -20,9 +20,10 @@ SCAN_COUNT = 1000  # keys a SCAN step looks at
 LEGACY_KINDS = ("attempt", "fence")  # per-account keys the state hash took over
 
 
-async def move_legacy(queue: "Queue") -> tuple[int, int]:
-    """Both moves; how many dead letters and attempt hashes were moved."""
-    return await move_dead_letters(queue), await move_attempts(queue)
+async def move_legacy(queue: "Queue") -> None:
+    """Both moves."""
+    await move_dead_letters(queue)
+    await move_attempts(queue)
 
 
 async def move_dead_letters(queue: "Queue") -> int:
@@ -44,10 +45,10 @@ async def move_dead_letters(queue: "Queue") -> int:
 
 
 async def move_attempts(queue: "Queue") -> int:
-    """Move every attempt hash of a version before the state hash into its account's state
-    hash (`attempt_move.lua`), and mirror every pause there; how many attempt hashes were
-    moved. It scans each master once per namespace: when it has, the namespace's marker says
-    so, and a later open reads only that."""
+    """Move every attempt hash and fence of a version before the state hash into its
+    account's state hash (`attempt_move.lua`), and mirror every pause there; how many
+    accounts had one to move. It scans each master once per namespace: when it has, the
+    namespace's marker says so, and a later open reads only that."""
     keys = queue.keys
     marker = queue.nodes.for_key(keys.state_since)
     if await queue.timed(marker.exists(keys.state_since)):

@@ -145,7 +145,7 @@ end
 -- The batch in flight (`count` events) back to the head; no one holds it now.
 local function back_to_head(count)
   give_back(count)
-  redis.call('HDEL', state, 'token')
+  stage('token', '')
 end
 
 -- Score of this account in the ready index for the claim order; the lowest pops first.
@@ -183,7 +183,7 @@ local function make_ready(account, order, rand, backlog)
 end
 
 -- Nothing left to do and no owner: out of the active set, and its state starts to age
--- (a claim keeps it again: the fence is SET, the state made persistent).
+-- (a claim keeps it again: the state is made persistent).
 local function drained(account)
   redis.call('SREM', active, account)
   for _, key in ipairs({seq_key, state}) do
@@ -206,6 +206,7 @@ end
 local function reready(account, order, rand)
   if redis.call('EXISTS', lock) == 1 or redis.call('ZSCORE', ready, account) then return 0 end
   recover()
+  flush()
   local backlog = redis.call('LLEN', pending)
   if backlog == 0 then
     drained(account)

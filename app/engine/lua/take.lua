@@ -8,7 +8,8 @@
 --       events to take (k)
 -- Returns {'event', body, attempt, more bodies...} (with 'claim' and 'resume': and the
 -- token), {'drained'} or {'released'} (nothing to take, or the account is paused: released;
--- with 'claim': and the token) or {'lost'}. Sent again by the same owner, it hands out the same batch.
+-- with 'claim': and the token) or {'lost'}. Sent again by the same owner, it hands out the
+-- same batch.
 local account, token, claim = ARGV[1], ARGV[2], nil
 if token == 'resume' then
   if redis.call('HGET', state, 'claim') == ARGV[5] then
@@ -36,10 +37,10 @@ else
 end
 recover()
 local taken = take_head(token, claim, tonumber(ARGV[6]))
--- The claim's token is stored once the take has not failed, and before a release lets the
--- drained account's fence age.
+-- The claim's token is stored in the fence once the take has not failed (a drained account's
+-- state keeps the TTL its release gave it).
 if claim then stage('fence', token) end
-flush()
 taken = taken or release(account, ARGV[3], ARGV[4])
+flush()
 if claim then taken[#taken + 1] = token end
 return taken
