@@ -29,7 +29,6 @@ included, is `app/consumer/slots.py`.
 import asyncio
 import contextlib
 import functools
-import math
 import os
 import signal
 import socket
@@ -63,8 +62,6 @@ FAILURE_WINDOW_S = 60.0
 CLAIM_RETRY_S = 1.0  # pause of the claimer after an unexpected error
 LOOK_EVERY_S = 0.25  # how often a busy consumer reads the best waiting backlog of the shards
 GUARD_EVERY_S = 30.0  # how often a running consumer checks that Redis still evicts nothing
-MAX_SWITCH_MARGIN = 1000  # events of backlog: beyond this a switch always pays
-SWITCH_BATCHES = 2  # a switch must gain at least this many batches of backlog
 
 
 class Consumer:
@@ -94,7 +91,6 @@ class Consumer:
         self.failing = False
         self._member = f"{socket.gethostname()}:{os.getpid()}:{settings.concurrency}"
         self._started = time.monotonic()
-        self._claim_s = 0.0  # moving average of a claim that found work
 
     def stop(self) -> None:
         """First call: finish current events, release, exit. Second call: stop now."""
@@ -173,9 +169,7 @@ class Consumer:
 
     async def _look(self) -> None:
         """While every slot is busy: wait for one to be idle, and meanwhile keep the view of
-        the best waiting account fresh (when there are other shards to see), and the switch
-        margin in step with the handler's pace."""
-        self._adapt_margin()
+        the best waiting account fresh (when there are other shards to see)."""
         self._wake.clear()
         if self._settings.shards == 1:
             await self._wake.wait()
@@ -195,8 +189,9 @@ class Consumer:
         try:
             claimed = await self._queue.claim(self._idle, block_s)
             if claimed:  # a claim that found nothing waited for work: not its cost
-                self._claim_s += (time.monotonic() - started - self._claim_s) * EWMA_WEIGHT
-                self._adapt_margin()
+                took = time.monotonic() - started
+                self._slots.claim_s += (took - self._slots.claim_s) * EWMA_WEIGHT
+                self._slots.pace()
             return claimed, lease_until
         except ClaimInterrupted as lost:
             accounts, claim_id = lost.accounts, lost.claim_id
@@ -207,18 +202,6 @@ class Consumer:
             if resumed is None:
                 self._reap_soon.set()
             return [*lost.claimed, *(resumed or [])], lease_until
-
-    def _adapt_margin(self) -> None:
-        """With CLAIM_ORDER=longest, a slot gives its account up for one with a longer backlog
-        only when the difference is worth the claim it costs: SWITCH_MARGIN events, as many
-        handler runs as one claim takes, or SWITCH_BATCHES batches, whichever is more (a no-op
-        handler would otherwise switch after almost every batch, paying a claim each time for
-        nothing)."""
-        if self._settings.claim_order != "longest" or not self._slots.handler_s:
-            return  # nothing measured yet: SWITCH_MARGIN as set
-        runs = self._claim_s / self._slots.handler_s
-        worth = max(math.ceil(runs), SWITCH_BATCHES * self._queue.batch_size)
-        self._queue.switch_margin = max(self._settings.switch_margin, min(MAX_SWITCH_MARGIN, worth))
 
     async def _all_done(self) -> bool:
         return self._idle == self._settings.concurrency and await inspect.drained(self._queue)

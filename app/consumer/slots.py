@@ -36,7 +36,12 @@ OUTCOME_EVENTS = {
 LEASE_MARGIN = 0.1  # share of the lease a slot keeps in hand when it judges its own lease
 BATCH_TARGET_S = 0.02  # handler time a batch should cover: about a settle round trip under load
 LAG_PROBE_S = 0.01  # how often the event loop's lateness is measured
+# Of the newest probe in the loop's lateness: it follows a load that comes at once (a drain's
+# first claim) within a few probes, as fast as the handler's average follows its runs.
+LAG_WEIGHT = 0.3
 EWMA_WEIGHT = 0.05  # of the newest run in the moving average of handler time
+MAX_SWITCH_MARGIN = 1000  # events of backlog: beyond this a switch always pays
+SWITCH_BATCHES = 2  # a switch must gain at least this many batches of backlog
 
 
 class HandlerTimeout(Exception):
@@ -80,6 +85,7 @@ class Slots:
         self.stopping = asyncio.Event()
         self.tally = Tally()
         self.handler_s = 0.0  # moving average of one event's handler time (0: none measured)
+        self.claim_s = 0.0  # moving average of a claim that found work (the consumer's)
         self.loop_lag_s = 0.0  # moving average of how late the event loop runs a callback
         self._takes_batch = bool(getattr(handler, "takes_batch", False))
 
@@ -185,7 +191,27 @@ class Slots:
             self.handler_s += (per_event - self.handler_s) * EWMA_WEIGHT
         else:
             self.handler_s = per_event
+        self.pace()
+
+    def pace(self) -> None:
+        """Size the batches the queue hands out, and the switch margin, from the handler's and
+        the claims' measured pace: from the first run on, not only after the next claim (a
+        drain would otherwise start on the defaults, give accounts up after one event and
+        claim them again)."""
         self._queue.batch_size = self.batch_size()
+        self._adapt_margin()
+
+    def _adapt_margin(self) -> None:
+        """With CLAIM_ORDER=longest, a slot gives its account up for one with a longer backlog
+        only when the difference is worth the claim it costs: SWITCH_MARGIN events, as many
+        handler runs as one claim takes, or SWITCH_BATCHES batches, whichever is more (a no-op
+        handler would otherwise switch after almost every batch, paying a claim each time for
+        nothing)."""
+        if self._settings.claim_order != "longest" or not self.handler_s:
+            return  # nothing measured yet: SWITCH_MARGIN as set
+        runs = self.claim_s / self.handler_s
+        worth = max(math.ceil(runs), SWITCH_BATCHES * self._queue.batch_size)
+        self._queue.switch_margin = max(self._settings.switch_margin, min(MAX_SWITCH_MARGIN, worth))
 
     async def meter_loop(self, done: asyncio.Event) -> None:
         """Until `done`: how late the event loop runs a timer, as a moving average."""
@@ -193,7 +219,7 @@ class Slots:
         while not done.is_set():
             asked = loop.time() + LAG_PROBE_S
             await asyncio.sleep(LAG_PROBE_S)
-            self.loop_lag_s += (max(0.0, loop.time() - asked) - self.loop_lag_s) * EWMA_WEIGHT
+            self.loop_lag_s += (max(0.0, loop.time() - asked) - self.loop_lag_s) * LAG_WEIGHT
 
     def batch_size(self) -> int:
         """Events per batch: enough handler runs to cover BATCH_TARGET_S, so a fast handler
