@@ -72,6 +72,18 @@ def live_consumers(url: str) -> int:
     return len(engine(url, lambda queue: registry.live_consumers(queue, 60)))
 
 
+def wait_started(url: str, procs: Sequence[Popen[bytes]], timeout: float = 30) -> None:
+    """Wait until each running consumer has sent its first heartbeat (so it handles SIGTERM)."""
+
+    def started() -> bool:
+        pids = {
+            member.split(":")[1] for member in engine(url, lambda q: registry.live_consumers(q, 60))
+        }
+        return all(str(p.pid) in pids for p in procs if p.poll() is None)
+
+    wait_for(started, timeout, "every consumer's first heartbeat")
+
+
 def seq_of(body: bytes) -> int:
     """The seq of a stored event body (the push script writes it first)."""
     return int(body.split(b'"seq":')[1].split(b",")[0])

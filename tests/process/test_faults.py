@@ -26,6 +26,7 @@ from tests.process.helpers import (
     push_workload,
     wait_burst,
     wait_settled,
+    wait_started,
 )
 from tests.support import Consumers, assert_all_acked_once_in_order, attempts
 
@@ -248,6 +249,7 @@ def test_twenty_kill_9s_leave_no_settled_event_out_of_the_proof(
         os.kill(rng.choice(live).pid, signal.SIGKILL)
         consumers.start(**settings)
     wait_settled(redis_url, 4000, timeout=90)
+    wait_started(redis_url, consumers.procs)
     graceful_stop([p for p in consumers.procs if p.poll() is None])
     done = subprocess.run(
         [sys.executable, "-m", "app", "report", str(consumers.event_log), "--json"],
