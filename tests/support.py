@@ -179,9 +179,9 @@ async def all_keys(queue: Queue) -> list[bytes]:
 
 
 async def flush_scripts(queue: Queue) -> None:
-    """What a restart or a failover does to the script cache of every master."""
+    """What a restart without persistence does to the functions of every master."""
     for master in queue.nodes.masters():
-        await master.script_flush()
+        await master.function_flush()
 
 
 async def ready_scores(queue: Queue) -> dict[int, float]:

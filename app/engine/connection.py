@@ -4,7 +4,7 @@ makes a client.
 One Redis and a Redis Cluster look the same to the engine: `Nodes.for_hash_slot` names the
 client of the master serving a hash slot. On a cluster, redis-py's asyncio `RedisCluster` keeps
 the hash slot map (discovery, refresh after MOVED or a failover), and the engine talks to each
-master through a plain client of its own: a per-shard MULTI and a pipeline of EVALSHA calls
+master through a plain client of its own: a per-shard MULTI and a pipeline of FCALLs
 then go out on one connection of the owning node, in one round trip, with the same code as on
 one Redis.
 """

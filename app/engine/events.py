@@ -157,8 +157,9 @@ class RedisFull(OutOfMemoryError):
 
 
 class UnsafeRedis(RuntimeError):
-    """Redis may evict keys (maxmemory-policy other than noeviction): queued events could
-    vanish, leases and event ids with them."""
+    """Redis cannot keep what evq gives it: it may evict keys (maxmemory-policy other than
+    noeviction), so queued events could vanish, leases and event ids with them; or it is older
+    than 7.0 and runs no Redis Functions."""
 
 
 def dead_entry(event: Event, error: str) -> bytes:

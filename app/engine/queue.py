@@ -18,7 +18,6 @@ from typing import Any, TypeVar, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
-from redis.exceptions import NoScriptError
 
 from app.engine import upgrade
 from app.engine.connection import TRANSIENT, Nodes, backoff, timed
@@ -35,7 +34,7 @@ from app.engine.events import (
 )
 from app.engine.guard import Guard
 from app.engine.keys import ACCOUNT_KINDS, Keys
-from app.engine.scripts import Scripts
+from app.engine.scripts import Scripts, missing
 from app.engine.settles import Settles
 from app.engine.shards import each_shard, every
 from app.engine.wakeups import Wakeups
@@ -91,9 +90,11 @@ class Queue:
 
     async def open(self, connections: int = 1) -> None:
         """Learn where the shards live, check the namespace's number of shards (recording it
-        on first use), and open `connections` connections to every master."""
+        on first use), load the functions on every master, and open `connections`
+        connections to every master."""
         await self.nodes.start()
         await self.guard.check_eviction()
+        await asyncio.gather(*(self.scripts.load(master) for master in self.nodes.masters()))
         ids_since_ms = await self.guard.check_layout(self.keys)
         self._legacy_ids_until_ms = ids_since_ms + 2 * self._dedupe_ms if ids_since_ms else 0.0
         await upgrade.move_legacy(self)
@@ -254,7 +255,7 @@ class Queue:
                 pipe.pexpire(keys[LOCK], self._lease_ms, nx=True)
                 pipe.hincrby(keys[STATE], "fence", 1)
                 argv = self._argv(account, "claim", claim_id, self.batch_size)
-                pipe.evalsha(self.scripts.shas["take"], len(keys), *keys, *argv)
+                self.scripts.queue(pipe, "take", keys, argv)
             pipe.execute_command("EXEC")
 
         # MULTI, what it queued and EXEC, in one round trip on one connection of the shard's
@@ -268,13 +269,13 @@ class Queue:
         for account, (lock, _, token, taken) in zip(accounts, parts, strict=True):
             if lock != 1:
                 continue
-            if isinstance(taken, Exception):  # NOSCRIPT (new master, restart) or a fault
+            if isinstance(taken, Exception):  # a missing function (new master, restart), a fault
                 claimed.append(Won(account, token))
                 continue
             step = step_of(account, int(taken[-1]), taken[:-1])
             if isinstance(step, Event):
                 claimed.append(step)
-        if any(isinstance(part[3], NoScriptError) for part in parts):
+        if any(missing(part[3]) for part in parts):
             with contextlib.suppress(*TRANSIENT):
                 await self.scripts.load(node)
         return claimed

@@ -1,7 +1,11 @@
-"""Loads `lua/` on each master and runs the scripts by SHA, reloading after NOSCRIPT.
+"""Loads `lua/` on each master as one library of Redis Functions and runs them by FCALL,
+loading the library again when a master answers that a function is missing.
 
-A master's script cache is its own: a restarted Redis or a promoted replica answers NOSCRIPT,
-and the call runs again after a load on that node."""
+Functions are replicated and persisted with the data, so a promoted replica has them; a master
+restarted without persistence, or one that joined the cluster since, answers "Function not
+found", and the call runs again after a load on that node. The library's name carries a hash
+of its source (and of ACCOUNT_IDLE_MS, which it embeds), so consumers of two versions can share
+a master while one replaces the other."""
 
 import asyncio
 import hashlib
@@ -11,10 +15,11 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
-from redis.exceptions import NoScriptError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.engine.connection import Nodes, timed
+from app.engine.events import UnsafeRedis
 
 
 class NotReplicated(RedisTimeoutError):
@@ -40,16 +45,21 @@ NAMES = (
 )
 
 
-def _source(name: str) -> str:
-    lua = resources.files("app.engine") / "lua"
-    return (lua / "_lib.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
+def _text(name: str) -> str:
+    return (resources.files("app.engine") / "lua" / f"{name}.lua").read_text()
 
 
-LIBRARY = {name: _source(name) for name in NAMES}
+LIB = _text("_lib")
+BODIES = {name: _text(name) for name in NAMES}
+
+
+def missing(reply: object) -> bool:
+    """Whether a reply says the master lacks the function (restarted empty, newly joined)."""
+    return isinstance(reply, ResponseError) and str(reply).startswith("Function not found")
 
 
 class Scripts:
-    """EVALSHA runner; every call reloads the scripts once on NOSCRIPT.
+    """FCALL runner; a call whose function is missing loads the library and runs once more.
 
     `call` auto-pipelines: the calls made in one turn of the event loop go out together, one
     pipeline per master. A consumer's slots settle many events at once, and one round trip for
@@ -59,10 +69,18 @@ class Scripts:
     def __init__(
         self, nodes: Nodes, timeout_s: float, account_idle_ms: int, replicas: int = 0
     ) -> None:
-        settings = f"local ACCOUNT_IDLE_MS = {account_idle_ms}\n"
-        self._sources = {name: settings + source for name, source in LIBRARY.items()}
-        # Redis names a script by the SHA1 of its source, so the names are known before a load.
-        self.shas = {n: hashlib.sha1(s.encode()).hexdigest() for n, s in self._sources.items()}
+        code = f"local ACCOUNT_IDLE_MS = {account_idle_ms}\n{LIB}"
+        version = hashlib.sha1((code + "".join(BODIES.values())).encode()).hexdigest()[:12]
+        library = f"evq_{version}"
+        self.functions = {name: f"{library}_{name}" for name in NAMES}
+        self.library = "".join(
+            [f"#!lua name={library}\n", code]
+            + [
+                f"\nredis.register_function('{self.functions[name]}', function(KEYS, ARGV)\n"
+                f"{body}end)\n"
+                for name, body in BODIES.items()
+            ]
+        )
         self._nodes = nodes
         self._timeout_s = timeout_s
         self._replicas = replicas
@@ -71,11 +89,21 @@ class Scripts:
         self._sending: set[asyncio.Task[None]] = set()
 
     async def load(self, client: Redis) -> None:
-        """Register every script with one master (after a restart or failover flushed them)."""
-        async with client.pipeline(transaction=False) as pipe:
-            for source in self._sources.values():
-                pipe.script_load(source)
-            await timed(self._timeout_s, pipe.execute())
+        """Load the library on one master (replacing it: a load sent twice is harmless)."""
+        try:
+            await timed(self._timeout_s, client.function_load(self.library, replace=True))
+        except ResponseError as exc:
+            if "unknown command" not in str(exc).lower():
+                raise
+            where = client.connection_pool.connection_kwargs
+            raise UnsafeRedis(
+                f"Redis at {where.get('host', '?')}:{where.get('port', '?')} has no Redis"
+                " Functions (FUNCTION LOAD): evq needs Redis 7.0 or newer"
+            ) from exc
+
+    def queue(self, pipe: Pipeline, name: str, keys: Sequence[str | bytes], args: Args) -> None:
+        """Add the call of one function to `pipe` (as a MULTI's command, say)."""
+        pipe.fcall(self.functions[name], len(keys), *keys, *args)
 
     async def call(self, client: Redis, name: str, keys: Sequence[str | bytes], args: Args) -> Any:
         """Run one script on `client`'s master (in the same round trip as the other calls to
@@ -130,20 +158,21 @@ class Scripts:
         return results
 
     async def _execute(self, client: Redis, calls: Sequence[Call]) -> list[Any]:
-        """Results in call order, errors as exception objects; NOSCRIPT ones run again."""
+        """Results in call order, errors as exception objects; calls of a missing function run
+        again after a load."""
         results = await self._pipeline(client, calls)
-        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
-        if missing:
+        again = [i for i, r in enumerate(results) if missing(r)]
+        if again:
             await self.load(client)
-            retried = await self._pipeline(client, [calls[i] for i in missing])
-            for i, result in zip(missing, retried, strict=True):
+            retried = await self._pipeline(client, [calls[i] for i in again])
+            for i, result in zip(again, retried, strict=True):
                 results[i] = result
         return results
 
     async def _pipeline(self, client: Redis, calls: Sequence[Call]) -> list[Any]:
         def queue(pipe: Pipeline) -> None:
             for name, keys, args in calls:
-                pipe.evalsha(self.shas[name], len(keys), *keys, *args)
+                self.queue(pipe, name, keys, args)
 
         return await self.send(client, queue)
 

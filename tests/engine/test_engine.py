@@ -359,7 +359,7 @@ async def test_concurrent_calls_share_a_round_trip_and_keep_their_answers(
 
 
 async def test_claim_after_scripts_were_flushed(make_queue: MakeQueue) -> None:
-    """A claim whose in-MULTI take hits NOSCRIPT (Redis restarted, a replica promoted) wins
+    """A claim whose in-MULTI take finds no function (Redis restarted empty, a new master) wins
     the account with a token not raised to the clock: the slot gives it back, and the next
     claim hands out the head as attempt 1."""
     queue = make_queue()

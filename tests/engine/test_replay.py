@@ -226,3 +226,25 @@ async def test_kept_calls_are_bounded_per_account(make_queue: MakeQueue) -> None
     assert len(kept) >= 31 and len(fields) <= 32 + 11
     assert kept[-1] == event.token
     assert await queue.ack(event) is Step.DRAINED
+
+
+async def test_calls_of_the_newest_tokens_are_kept_and_older_ones_dropped(
+    make_queue: MakeQueue,
+) -> None:
+    """Each claim's token leaves its last call in the state hash; once 32 tokens have one, a
+    claim drops the oldest. An ack sent again by a recent owner is still answered from its
+    record; the hash does not grow past 32 records over 40 claims."""
+    queue = make_queue()
+    acked: list[Event] = []
+    for n in range(40):
+        await queue.push_many([NewEvent(1, f"e{n}")])
+        event = await claim_one(queue)
+        assert await queue.ack(event) is Step.DRAINED
+        acked.append(event)
+    state = await Routed(queue).hgetall(queue.keys.state(1))
+    kept = sorted(int(field[2:]) for field in state if field.startswith(b"t:"))
+    assert kept == [event.token for event in acked[-len(kept) :]]
+    assert 28 <= len(kept) <= 32
+    assert await twice(queue, lambda: queue.ack(acked[-1])) is Step.DRAINED
+    assert await twice(queue, lambda: queue.ack(acked[-20])) is Step.DRAINED
+    assert await queue.ack(acked[0]) is Step.LOST

@@ -1,9 +1,14 @@
--- Shared by every account script; scripts.py prepends it to each one.
--- KEYS layout (keys.py builds it, every key carries the hash tag of the account's shard):
+-- Shared by every evq function: scripts.py loads it, then each script of this folder as one
+-- function, into one library (FUNCTION LOAD), once per master.
+-- KEYS layout of one account (keys.py builds it, every key carries the hash tag of the
+-- account's shard):
 --   1 pending list, 2 in-flight list, 3 lock, 4 state hash, 5 seq, 6 ready index, 7 stats,
 --   8 active set, 9 dead letters of the shard (hash of '<account>:<event_id>' -> entry),
 --   10 paused accounts of the shard (account -> 'operator' or 'parked'), 11 the dead
 --   letters' ids scored by when they died
+-- A helper takes the keys it works on as its first parameter `c`, an account's keys by name
+-- (`account_keys`, `layout`), which also holds the state fields the call stages. Nothing is
+-- kept between calls: the library's chunk runs once, at its load.
 -- In flight: the batch the owner was handed, up to k events taken from the head together
 -- (a 1 s handler gets one at a time).
 -- The state hash, read with one HMGET and written with one HSET per call (`stage`, `flush`):
@@ -21,42 +26,57 @@
 --   t:<token>  the last settling call of each recent token, '<seq>:<attempt>:<op>:<reply>':
 --          a call sent again (a client retry after a lost reply) is answered from it and
 --          changes nothing
+--   calls  how many claims' tokens may have a call kept: at KEEP_CALLS, a claim drops the
+--          oldest (forget_old_calls)
 -- ACCOUNT_IDLE_MS (scripts.py puts it above this file): once an account is drained, its
 -- seq and state expire after that long unless it is claimed again. Nothing depends on
 -- them surviving: seqs and tokens never go below the server clock in microseconds (`now_us`).
-local pending, in_flight, lock, state, seq_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local ready, stats, active, dead, paused, dead_order = KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11]
 -- Tokens whose last call is kept; older ones are dropped when the account is claimed again.
 local KEEP_CALLS = 32
--- The state's fields beside the calls' (fence, n, token, seq, claim, redo, paused, acked,
--- dead, last_acked_seq, paused_us).
-local STATE_FIELDS = 11
 
--- Fields of the state hash to write, by one HSET at the end of the call (flush); a field
--- staged twice keeps its last value.
-local staged, any_staged = {}, false
-local function stage(field, value)
-  staged[field], any_staged = value, true
+-- An account's keys by name, with the shard's keys of `shard` (a table of ready, stats,
+-- active, dead, paused, dead_order; the ones a call does not pass are nil).
+local function account_keys(shard, pending, in_flight, lock, state, seq_key)
+  return {
+    pending = pending, in_flight = in_flight, lock = lock, state = state, seq_key = seq_key,
+    ready = shard.ready, stats = shard.stats, active = shard.active, dead = shard.dead,
+    paused = shard.paused, dead_order = shard.dead_order, staged = {}, any_staged = false,
+  }
 end
 
-local function flush()
-  if not any_staged then return end
+-- The account's keys of the KEYS layout above.
+local function layout(keys)
+  local shard = {
+    ready = keys[6], stats = keys[7], active = keys[8], dead = keys[9], paused = keys[10],
+    dead_order = keys[11],
+  }
+  return account_keys(shard, keys[1], keys[2], keys[3], keys[4], keys[5])
+end
+
+-- A field of the account's state hash to write by one HSET at the end of the call (flush); a
+-- field staged twice keeps its last value.
+local function stage(c, field, value)
+  c.staged[field], c.any_staged = value, true
+end
+
+local function flush(c)
+  if not c.any_staged then return end
   local pairs_of = {}
-  for field, value in pairs(staged) do
+  for field, value in pairs(c.staged) do
     pairs_of[#pairs_of + 1] = field
     pairs_of[#pairs_of + 1] = value
   end
-  redis.call('HSET', state, unpack(pairs_of))
-  staged, any_staged = {}, false
+  redis.call('HSET', c.state, unpack(pairs_of))
+  c.staged, c.any_staged = {}, false
 end
 
 -- The claim MULTI increments lock and fence together, so while the lock lives the owner's
 -- token is fence - lock + 1: no owner field to keep in sync, and a stale token never matches.
 -- `fence`: the state's, when the caller read it.
-local function owns(token, fence)
-  local held = redis.call('GET', lock)
+local function owns(c, token, fence)
+  local held = redis.call('GET', c.lock)
   if not held then return false end
-  fence = tonumber(fence or redis.call('HGET', state, 'fence'))
+  fence = tonumber(fence or redis.call('HGET', c.state, 'fence'))
   return fence ~= nil and fence - tonumber(held) + 1 == tonumber(token)
 end
 
@@ -75,10 +95,10 @@ local function digits(n)
 end
 
 -- The token of a claim that just won (lock 1, so the token is the fence), raised to the
--- server clock when the fence is behind it. The caller stores it in the fence once the take
--- has succeeded.
-local function fresh_token()
-  return digits(math.max(tonumber(redis.call('HGET', state, 'fence')) or 0, now_us()))
+-- server clock when the fence (the state's, as the caller read it) is behind it. The caller
+-- stores it in the fence once the take has succeeded.
+local function fresh_token(fence)
+  return digits(math.max(tonumber(fence) or 0, now_us()))
 end
 
 -- `command` (with `key` unless nil, and `option` unless nil) on every value, in calls of at
@@ -109,10 +129,10 @@ local function handed(bodies, attempt)
 end
 
 -- The batch in flight as a take reply, when `token` took it; nil otherwise.
-local function held_by(token)
-  local taken = redis.call('HMGET', state, 'token', 'n')
+local function held_by(c, token)
+  local taken = redis.call('HMGET', c.state, 'token', 'n')
   if taken[1] ~= token then return nil end
-  local bodies = redis.call('LRANGE', in_flight, 0, -1)
+  local bodies = redis.call('LRANGE', c.in_flight, 0, -1)
   if #bodies == 0 then return nil end
   return handed(bodies, tonumber(taken[2]))
 end
@@ -121,37 +141,37 @@ end
 -- attempt of `seq`; when it does, also the state's redo, acked and dead counts and whether the
 -- account is paused. Once a call about that batch has landed it never holds again, so a call
 -- sent twice is told apart from a new one.
-local function holds(token, seq, attempt)
-  local taken = redis.call('HMGET', state, 'token', 'n', 'seq', 'redo', 'acked', 'dead', 'paused',
-                           'fence')
+local function holds(c, token, seq, attempt)
+  local taken = redis.call('HMGET', c.state, 'token', 'n', 'seq', 'redo', 'acked', 'dead',
+                           'paused', 'fence')
   if taken[1] ~= token or taken[2] ~= attempt or taken[3] ~= seq then return false end
-  if not owns(token, taken[8]) then return false end
+  if not owns(c, token, taken[8]) then return false end
   return true, tonumber(taken[4]) or 0, tonumber(taken[5]) or 0, tonumber(taken[6]) or 0,
     taken[7] == '1'
 end
 
 -- `count` (> 0) events in flight back to the head, first in line, in their order.
-local function give_back(count)
+local function give_back(c, count)
   if count == 1 then
-    redis.call('LMOVE', in_flight, pending, 'RIGHT', 'LEFT')
+    redis.call('LMOVE', c.in_flight, c.pending, 'RIGHT', 'LEFT')
     return
   end
-  local bodies, reversed = redis.call('LRANGE', in_flight, 0, -1), {}
+  local bodies, reversed = redis.call('LRANGE', c.in_flight, 0, -1), {}
   for i = #bodies, 1, -1 do reversed[#reversed + 1] = bodies[i] end
-  in_chunks('LPUSH', pending, reversed)
-  redis.call('DEL', in_flight)
+  in_chunks('LPUSH', c.pending, reversed)
+  redis.call('DEL', c.in_flight)
 end
 
 -- The batch in flight (`count` events) back to the head; no one holds it now.
-local function back_to_head(count)
-  give_back(count)
-  stage('token', '')
+local function back_to_head(c, count)
+  give_back(c, count)
+  stage(c, 'token', '')
 end
 
--- Score of this account in the ready index for the claim order; the lowest pops first.
--- Returned as a string so large scores reach ZADD without float formatting. `backlog`: the
--- pending list's length when the caller knows it.
-local function ready_score(order, rand, backlog)
+-- Score of an account in the ready index for the claim order; the lowest pops first.
+-- Returned as a string so large scores reach ZADD without float formatting. `pending`: the
+-- account's list; `backlog`: its length when the caller knows it.
+local function ready_score(pending, order, rand, backlog)
   if order == 'longest' then return tostring(-(backlog or redis.call('LLEN', pending))) end
   if order == 'oldest' then  -- a seq is when its event was queued, in microseconds
     return string.match(redis.call('LINDEX', pending, 0), '^{"seq":(%d+)')
@@ -159,15 +179,10 @@ local function ready_score(order, rand, backlog)
   return rand
 end
 
--- Whether an operator paused the account, or a poison event parked it: it is not claimed.
-local function is_paused(account)
-  return redis.call('HEXISTS', paused, account) == 1
-end
-
--- Score/member pairs into the shard's ready index (for the random order, an account already
--- there keeps its score). When the index was empty, idle claimers are told on the
+-- Score/member pairs into the shard's ready index `ready` (for the random order, an account
+-- already there keeps its score). When the index was empty, idle claimers are told on the
 -- namespace's wake channel (they wait for it instead of polling every shard).
-local function add_ready(pairs, order)
+local function add_ready(ready, pairs, order)
   local was_empty = redis.call('ZCARD', ready) == 0
   in_chunks('ZADD', ready, pairs, order == 'random' and 'NX' or nil)
   if was_empty then
@@ -175,88 +190,93 @@ local function add_ready(pairs, order)
   end
 end
 
--- Into the shard's ready index, unless paused (add_ready). Returns whether it went in.
-local function make_ready(account, order, rand, backlog)
-  if is_paused(account) then return false end
-  add_ready({ready_score(order, rand, backlog), account}, order)
+-- Into the shard's ready index unless an operator paused the account or a poison event
+-- parked it (it is not claimed then). Returns whether it went in.
+local function make_ready(c, account, order, rand, backlog)
+  if redis.call('HEXISTS', c.paused, account) == 1 then return false end
+  add_ready(c.ready, {ready_score(c.pending, order, rand, backlog), account}, order)
   return true
 end
 
 -- Nothing left to do and no owner: out of the active set, and its state starts to age
 -- (a claim keeps it again: the state is made persistent).
-local function drained(account)
-  redis.call('SREM', active, account)
-  for _, key in ipairs({seq_key, state}) do
-    redis.call('PEXPIRE', key, ACCOUNT_IDLE_MS)
-  end
+local function drained(c, account)
+  redis.call('SREM', c.active, account)
+  redis.call('PEXPIRE', c.seq_key, ACCOUNT_IDLE_MS)
+  redis.call('PEXPIRE', c.state, ACCOUNT_IDLE_MS)
 end
 
 -- A batch left in flight by an owner that died goes back to the head, first in line; more
--- than one event, and they are handed out one at a time (`redo`).
-local function recover()
-  local count = redis.call('LLEN', in_flight)
-  if count == 0 then return end
-  back_to_head(count)
-  redis.call('HINCRBY', stats, 'redelivered', count)
-  if count > 1 then redis.call('HSET', state, 'redo', count) end
+-- than one event, and they are handed out one at a time (`redo`). `token`: the state's, when
+-- the caller read it ('' or false: nothing is in flight). Returns how many went back.
+local function recover(c, token)
+  if token == '' or token == false then return 0 end
+  local count = redis.call('LLEN', c.in_flight)
+  if count == 0 then return 0 end
+  back_to_head(c, count)
+  redis.call('HINCRBY', c.stats, 'redelivered', count)
+  if count > 1 then redis.call('HSET', c.state, 'redo', count) end
+  return count
 end
 
 -- An account with work, no owner and no ready entry (its owner died, or a claimer lost the
 -- reply of its pop) goes back into the ready index. Returns 1 when it did.
-local function reready(account, order, rand)
-  if redis.call('EXISTS', lock) == 1 or redis.call('ZSCORE', ready, account) then return 0 end
-  recover()
-  flush()
-  local backlog = redis.call('LLEN', pending)
-  if backlog == 0 then
-    drained(account)
+local function reready(c, account, order, rand)
+  if redis.call('EXISTS', c.lock) == 1 or redis.call('ZSCORE', c.ready, account) then
     return 0
   end
-  return make_ready(account, order, rand, backlog) and 1 or 0
+  recover(c)
+  flush(c)
+  local backlog = redis.call('LLEN', c.pending)
+  if backlog == 0 then
+    drained(c, account)
+    return 0
+  end
+  return make_ready(c, account, order, rand, backlog) and 1 or 0
 end
 
 -- Move up to `k` events from the head in flight for `token` (and, from a claim, record the
 -- claim id); nil when there are none, or when the account is paused (the caller releases it).
 -- `n`, `redo` and `held_back` (paused): the state's as the caller knows them, or nil to read.
-local function take_head(token, claim, k, n, redo, held_back)
+local function take_head(c, token, claim, k, n, redo, held_back)
   if n == nil then
-    local read = redis.call('HMGET', state, 'n', 'redo', 'paused')
+    local read = redis.call('HMGET', c.state, 'n', 'redo', 'paused')
     n, redo, held_back = tonumber(read[1]) or 0, tonumber(read[2]) or 0, read[3] == '1'
   end
   if held_back then return nil end
   if redo > 0 then k = 1 end
   local bodies
   if k == 1 then
-    bodies = {redis.call('LMOVE', pending, in_flight, 'LEFT', 'RIGHT')}
+    bodies = {redis.call('LMOVE', c.pending, c.in_flight, 'LEFT', 'RIGHT')}
     if not bodies[1] then return nil end
   else
-    bodies = redis.call('LRANGE', pending, 0, k - 1)
+    bodies = redis.call('LRANGE', c.pending, 0, k - 1)
     if #bodies == 0 then return nil end
-    redis.call('LTRIM', pending, #bodies, -1)
-    in_chunks('RPUSH', in_flight, bodies)
+    redis.call('LTRIM', c.pending, #bodies, -1)
+    in_chunks('RPUSH', c.in_flight, bodies)
   end
   local attempt = n + 1
-  stage('n', attempt)
-  stage('token', token)
-  stage('seq', string.match(bodies[1], '^{"seq":(%d+)'))
-  if claim then stage('claim', claim) end
+  stage(c, 'n', attempt)
+  stage(c, 'token', token)
+  stage(c, 'seq', string.match(bodies[1], '^{"seq":(%d+)'))
+  if claim then stage(c, 'claim', claim) end
   return handed(bodies, attempt)
 end
 
 -- Give the account up: back into the ready index while it has work, else out of the active set.
 -- `backlog`: the pending list's length when the caller knows that nothing is in flight.
-local function release(account, order, rand, backlog)
+local function release(c, account, order, rand, backlog)
   if not backlog then
-    local count = redis.call('LLEN', in_flight)
-    if count > 0 then back_to_head(count) end
-    backlog = redis.call('LLEN', pending)
+    local count = redis.call('LLEN', c.in_flight)
+    if count > 0 then back_to_head(c, count) end
+    backlog = redis.call('LLEN', c.pending)
   end
-  redis.call('DEL', lock)
+  redis.call('DEL', c.lock)
   if backlog > 0 then
-    make_ready(account, order, rand, backlog)
+    make_ready(c, account, order, rand, backlog)
     return {'released'}
   end
-  drained(account)
+  drained(c, account)
   return {'drained'}
 end
 
@@ -266,81 +286,90 @@ end
 -- this one's score by `margin`.
 -- It runs once the batch before is settled: nothing is in flight, `n` and `redo` are the new
 -- head's (drop_settled) and `held_back` whether the account is paused.
-local function next_step(account, token, order, rand, want_next, margin, elsewhere, k, n, redo,
-                         held_back)
-  local backlog = redis.call('LLEN', pending)
-  if want_next ~= '1' or backlog == 0 then
-    return release(account, order, rand, backlog)
+local function next_step(c, s, p, n, redo, held_back)
+  local backlog = redis.call('LLEN', c.pending)
+  if s.want_next ~= '1' or backlog == 0 then
+    return release(c, s.account, p.order, s.rand, backlog)
   end
-  if order ~= 'random' then
-    local best = tonumber(redis.call('ZRANGE', ready, 0, 0, 'WITHSCORES')[2])
-    local other = tonumber(elsewhere)
+  if p.order ~= 'random' then
+    local best = tonumber(redis.call('ZRANGE', c.ready, 0, 0, 'WITHSCORES')[2])
+    local other = tonumber(p.elsewhere)
     if other and (not best or other < best) then best = other end
-    if best and best <= tonumber(ready_score(order, rand, backlog)) - tonumber(margin) then
-      return release(account, order, rand, backlog)
+    local own = tonumber(ready_score(c.pending, p.order, s.rand, backlog))
+    if best and best <= own - tonumber(p.margin) then
+      return release(c, s.account, p.order, s.rand, backlog)
     end
   end
-  return take_head(token, nil, k, n, redo, held_back) or release(account, order, rand, backlog)
+  return take_head(c, s.token, nil, s.k, n, redo, held_back)
+    or release(c, s.account, p.order, s.rand, backlog)
 end
 
 -- Keep `reply` as the answer to this token's call `op` about (seq, attempt), and return it.
-local function remember(token, seq, attempt, op, reply)
-  stage('t:' .. token, seq .. ':' .. attempt .. ':' .. op .. ':' .. reply[1])
+local function remember(c, token, seq, attempt, op, reply)
+  stage(c, 't:' .. token, seq .. ':' .. attempt .. ':' .. op .. ':' .. reply[1])
   return reply
 end
 
 -- The answer to a call this token already made, or nil when it is a new call. An event handed
 -- out then and still held is handed out again; one held no longer is {'released'}: the call
 -- landed, the account is no longer this token's.
-local function replayed(token, seq, attempt, op)
-  local last = redis.call('HGET', state, 't:' .. token)
+local function replayed(c, token, seq, attempt, op)
+  local last = redis.call('HGET', c.state, 't:' .. token)
   if not last then return nil end
   local s, a, o, reply = string.match(last, '^(%d+):(%d+):(%a+):(%a+)$')
   if s ~= seq or a ~= attempt or o ~= op then return nil end
   if reply ~= 'event' then return {reply} end
-  return (owns(token) and held_by(token)) or {'released'}
+  return (owns(c, token) and held_by(c, token)) or {'released'}
 end
 
--- At a claim: keep the calls of the newest KEEP_CALLS - 1 tokens, so that with the new
--- owner's there are at most KEEP_CALLS.
-local function forget_old_calls()
-  if redis.call('HLEN', state) < KEEP_CALLS + STATE_FIELDS then return end
+-- At a claim: count the new owner's token among those with a call kept (`calls`, the state's),
+-- and once there are KEEP_CALLS, keep the calls of the newest KEEP_CALLS - 1 tokens only.
+local function forget_old_calls(c, calls)
+  calls = tonumber(calls) or 0
+  if calls < KEEP_CALLS then
+    stage(c, 'calls', calls + 1)
+    return
+  end
   local tokens = {}
-  for _, field in ipairs(redis.call('HKEYS', state)) do
+  for _, field in ipairs(redis.call('HKEYS', c.state)) do
     local token = string.match(field, '^t:(%d+)$')
     if token then tokens[#tokens + 1] = {tonumber(token), field} end
   end
   table.sort(tokens, function(a, b) return a[1] < b[1] end)
-  for i = 1, #tokens - KEEP_CALLS + 1 do redis.call('HDEL', state, tokens[i][2]) end
+  local drop = #tokens - KEEP_CALLS + 1
+  for i = 1, drop do redis.call('HDEL', c.state, tokens[i][2]) end
+  stage(c, 'calls', #tokens - math.max(drop, 0) + 1)
 end
 
 -- The first `count` of the `size` events in flight are settled; the rest never ran and go
 -- back to the head uncounted. Then nothing is in flight, and the new head has had no attempt,
 -- unless it is one of a dead owner's batch (`redo` > 1): one then. Returns the head's n and
 -- redo, as staged.
-local function drop_settled(count, size, redo)
+local function drop_settled(c, count, size, redo)
   if count < size then
-    redis.call('LTRIM', in_flight, count, -1)
-    give_back(size - count)
+    redis.call('LTRIM', c.in_flight, count, -1)
+    give_back(c, size - count)
   else
-    redis.call('DEL', in_flight)
+    redis.call('DEL', c.in_flight)
   end
-  stage('token', '')
+  stage(c, 'token', '')
   if redo == 0 then
-    stage('n', 0)
+    stage(c, 'n', 0)
     return 0, 0
   end
   redo = redo - 1
-  stage('n', redo > 0 and 1 or 0)
-  stage('redo', redo)
+  stage(c, 'n', redo > 0 and 1 or 0)
+  stage(c, 'redo', redo)
   return redo > 0 and 1 or 0, redo
 end
 
--- A settle as settle.lua names it: the account, the owner's token, the seq and attempt of the
--- first event of its batch in flight, the batch's `size`, how many of its events from the
--- first were handled (`count`; for a nack, before the one that failed), the last of those
--- events' seq, and what the owner wants next (`want_next` '1' or '0'; `k`, the most events
--- to hand out).
+-- A settle as settle.lua names it (`s`): the account, the owner's token, the seq and attempt
+-- of the first event of its batch in flight, the batch's `size`, how many of its events from
+-- the first were handled (`count`; for a nack, before the one that failed), the last of those
+-- events' seq, what the owner wants next (`want_next` '1' or '0'; `k`, the most events to hand
+-- out) and its random score (`rand`, claim order random). The call's policy (`p`): the claim
+-- order, the switch margin, the best ready score elsewhere, the dead letters the shard keeps
+-- and whether a dead-lettered event parks its account.
 
 -- ack: the first `count` events of the batch were handled; drop them and decide what the slot
 -- does next (the events after them, if any, go back first).
@@ -348,18 +377,17 @@ end
 -- {'released'}, {'drained'} or {'lost'} (not acked: the lease is gone, nothing changed), and
 -- how many it acked now (the caller adds them to the shard's count). Sent again: the same
 -- answer, not acked again.
-local function ack(s, order, rand, margin, elsewhere)
-  local held, redo, acked, _, held_back = holds(s.token, s.seq, s.attempt)
+local function ack(c, s, p)
+  local held, redo, acked, _, held_back = holds(c, s.token, s.seq, s.attempt)
   if not held then
-    return replayed(s.token, s.seq, s.attempt, 'ack') or {'lost'}, 0
+    return replayed(c, s.token, s.seq, s.attempt, 'ack') or {'lost'}, 0
   end
   local n
-  n, redo = drop_settled(s.count, s.size, redo)
-  stage('acked', acked + s.count)
-  stage('last_acked_seq', s.last_seq)
-  local reply = next_step(s.account, s.token, order, rand, s.want_next, margin, elsewhere, s.k,
-                          n, redo, held_back)
-  return remember(s.token, s.seq, s.attempt, 'ack', reply), s.count
+  n, redo = drop_settled(c, s.count, s.size, redo)
+  stage(c, 'acked', acked + s.count)
+  stage(c, 'last_acked_seq', s.last_seq)
+  local reply = next_step(c, s, p, n, redo, held_back)
+  return remember(c, s.token, s.seq, s.attempt, 'ack', reply), s.count
 end
 
 -- nack: the first `count` events of the batch were handled (acked here), the next one failed;
@@ -370,42 +398,41 @@ end
 -- Returns {'retry'} (back at the head, still owned), a next step as ack does, or {'lost'},
 -- how many it acked now, and whether it settled the failed event now (the caller adds them to
 -- the shard's counts). Sent again: the same answer, nothing changed.
-local function nack(s, order, rand, margin, elsewhere, dead_max, park)
-  local held, redo, acked, dead_count, held_back = holds(s.token, s.seq, s.attempt)
+local function nack(c, s, p)
+  local held, redo, acked, dead_count, held_back = holds(c, s.token, s.seq, s.attempt)
   if not held then
-    return replayed(s.token, s.seq, s.attempt, 'nack') or {'lost'}, 0, false
+    return replayed(c, s.token, s.seq, s.attempt, 'nack') or {'lost'}, 0, false
   end
   local left, reply = s.size - s.count, nil
   if s.count > 0 then
-    redis.call('LTRIM', in_flight, s.count, -1)
-    stage('acked', acked + s.count)
-    stage('last_acked_seq', s.last_seq)
+    redis.call('LTRIM', c.in_flight, s.count, -1)
+    stage(c, 'acked', acked + s.count)
+    stage(c, 'last_acked_seq', s.last_seq)
   end
   if s.entry == '' then
     -- the failed event is the new first of the batch: its attempt is counted
-    if s.count > 0 then stage('n', 1) end
-    back_to_head(left)
+    if s.count > 0 then stage(c, 'n', 1) end
+    back_to_head(c, left)
     reply = {'retry'}
-    if s.want_next ~= '1' then reply = release(s.account, order, rand) end
+    if s.want_next ~= '1' then reply = release(c, s.account, p.order, s.rand) end
   else
     local id = s.account .. ':' .. s.event_id
-    redis.call('HSET', dead, id, s.entry)
-    redis.call('ZADD', dead_order, redis.call('HINCRBY', stats, 'dead', 1), id)
-    local over = redis.call('ZCARD', dead_order) - tonumber(dead_max)
+    redis.call('HSET', c.dead, id, s.entry)
+    redis.call('ZADD', c.dead_order, redis.call('HINCRBY', c.stats, 'dead', 1), id)
+    local over = redis.call('ZCARD', c.dead_order) - tonumber(p.dead_max)
     if over > 0 then
-      local dropped = redis.call('ZPOPMIN', dead_order, over)
-      for i = 1, #dropped, 2 do redis.call('HDEL', dead, dropped[i]) end
+      local dropped = redis.call('ZPOPMIN', c.dead_order, over)
+      for i = 1, #dropped, 2 do redis.call('HDEL', c.dead, dropped[i]) end
     end
     local n
-    n, redo = drop_settled(1, left, redo)
-    stage('dead', dead_count + 1)
-    if park == '1' then
-      redis.call('HSET', paused, s.account, 'parked')
-      stage('paused', '1')
+    n, redo = drop_settled(c, 1, left, redo)
+    stage(c, 'dead', dead_count + 1)
+    if p.park == '1' then
+      redis.call('HSET', c.paused, s.account, 'parked')
+      stage(c, 'paused', '1')
       held_back = true
     end
-    reply = next_step(s.account, s.token, order, rand, s.want_next, margin, elsewhere, s.k, n,
-                      redo, held_back)
+    reply = next_step(c, s, p, n, redo, held_back)
   end
-  return remember(s.token, s.seq, s.attempt, 'nack', reply), s.count, true
+  return remember(c, s.token, s.seq, s.attempt, 'nack', reply), s.count, true
 end

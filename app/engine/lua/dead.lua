@@ -12,15 +12,18 @@
 -- meanwhile, trimmed, or dead again since) is skipped, so a call sent again changes nothing.
 -- Each entry costs a few commands whatever the number of dead letters.
 -- Returns how many entries were replayed or purged.
-dead, dead_order, ready, stats, active, paused = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local shard = {
+  dead = KEYS[1], dead_order = KEYS[2], ready = KEYS[3], stats = KEYS[4], active = KEYS[5],
+  paused = KEYS[6],
+}
 local mode, order = ARGV[1], ARGV[2]
 math.randomseed(tonumber(ARGV[3]))
 local done, base, accounts = 0, {}, {}
 for i = 4, #ARGV, 5 do
   local account, id, entry = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  if redis.call('HGET', dead, id) == entry then
-    redis.call('HDEL', dead, id)
-    redis.call('ZREM', dead_order, id)
+  if redis.call('HGET', shard.dead, id) == entry then
+    redis.call('HDEL', shard.dead, id)
+    redis.call('ZREM', shard.dead_order, id)
     done = done + 1
     if mode == 'replay' then
       local at = 7 + 3 * (tonumber(ARGV[i]) - 1)
@@ -34,20 +37,20 @@ for i = 4, #ARGV, 5 do
 end
 if done == 0 then return 0 end
 if mode ~= 'replay' then
-  redis.call('HINCRBY', stats, 'purged', done)
+  redis.call('HINCRBY', shard.stats, 'purged', done)
   return done
 end
 for _, account in ipairs(accounts) do
-  -- _lib.lua's make_ready reads these locals: point them at this account.
-  pending, lock, state = KEYS[base[account]], KEYS[base[account] + 1], KEYS[base[account] + 2]
-  redis.call('SADD', active, account)
-  if redis.call('HGET', paused, account) == 'parked' then
-    redis.call('HDEL', paused, account)
-    redis.call('HDEL', state, 'paused')
+  local at = base[account]
+  local c = account_keys(shard, KEYS[at], nil, KEYS[at + 1], KEYS[at + 2])
+  redis.call('SADD', shard.active, account)
+  if redis.call('HGET', shard.paused, account) == 'parked' then
+    redis.call('HDEL', shard.paused, account)
+    redis.call('HDEL', c.state, 'paused')
   end
-  if redis.call('EXISTS', lock) == 0 then
-    make_ready(account, order, tostring(math.random()))
+  if redis.call('EXISTS', c.lock) == 0 then
+    make_ready(c, account, order, tostring(math.random()))
   end
 end
-redis.call('HINCRBY', stats, 'replayed', done)
+redis.call('HINCRBY', shard.stats, 'replayed', done)
 return done

@@ -3,5 +3,6 @@
 -- KEYS: the account layout (_lib.lua)
 -- ARGV: 1 account
 -- Returns 1 when the pause was dropped, else 0. Sent again: 0, nothing changed.
-if redis.call('EXISTS', pending, in_flight, lock, seq_key, state) > 0 then return 0 end
-return redis.call('HDEL', paused, ARGV[1])
+local c = layout(KEYS)
+if redis.call('EXISTS', c.pending, c.in_flight, c.lock, c.seq_key, c.state) > 0 then return 0 end
+return redis.call('HDEL', c.paused, ARGV[1])

@@ -8,14 +8,15 @@
 -- Returns {why it was already paused ('operator' or 'parked'), or '' when it was not;
 -- 1 when a consumer holds it now, else 0}. Sent again: the same state; on an account paused
 -- before the state hash mirrored it, it sets the mirror (upgrade.py).
+local c = layout(KEYS)
 local account = ARGV[1]
-local before = redis.call('HGET', paused, account)
-if not before then redis.call('HSET', paused, account, 'operator') end
-if redis.call('EXISTS', state) == 1 then
-  redis.call('HSET', state, 'paused', '1')
+local before = redis.call('HGET', c.paused, account)
+if not before then redis.call('HSET', c.paused, account, 'operator') end
+if redis.call('EXISTS', c.state) == 1 then
+  redis.call('HSET', c.state, 'paused', '1')
 elseif not before then
-  redis.call('HSET', state, 'paused', '1', 'paused_us', now_us())
-  redis.call('PEXPIRE', state, ACCOUNT_IDLE_MS)
+  redis.call('HSET', c.state, 'paused', '1', 'paused_us', now_us())
+  redis.call('PEXPIRE', c.state, ACCOUNT_IDLE_MS)
 end
-redis.call('ZREM', ready, account)
-return {before or '', redis.call('EXISTS', lock)}
+redis.call('ZREM', c.ready, account)
+return {before or '', redis.call('EXISTS', c.lock)}

@@ -16,7 +16,7 @@
 -- read with two HMGETs and written with one HSET, the seqs read with one MGET and written with
 -- one MSET, the locks and the paused flags read once, the ready entries written with one ZADD.
 -- Sent again: every event is answered as a duplicate with its seq; nothing changes.
-ready, stats, active, paused = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local ready, stats, active, paused = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local ids_now, ids_before = KEYS[5], KEYS[6]
 local ttl, order, cap, legacy = ARGV[1], ARGV[2], tonumber(ARGV[4]), ARGV[5] == '1'
 local per_account = legacy and 5 or 3
@@ -107,10 +107,10 @@ local halted = in_chunks('HMGET', paused, names)
 local scores = {}
 for n, account in ipairs(grown) do
   if not held[n] and not halted[n] then
-    pending = key_of(account[1], 1)  -- ready_score reads the account's list by this local
     local rand = order == 'random' and tostring(math.random()) or '0'
-    scores[#scores + 1], scores[#scores + 2] = ready_score(order, rand, account[3]), account[2]
+    local score = ready_score(key_of(account[1], 1), order, rand, account[3])
+    scores[#scores + 1], scores[#scores + 2] = score, account[2]
   end
 end
-if #scores > 0 then add_ready(scores, order) end
+if #scores > 0 then add_ready(ready, scores, order) end
 return out

@@ -3,9 +3,10 @@
 -- KEYS: the account layout (_lib.lua)
 -- ARGV: 1 account, 2 unused, 3 claim order, 4 random score
 -- Returns {why it was paused, or '' when it was not; 1 when it went into the ready index}.
+local c = layout(KEYS)
 local account = ARGV[1]
-local before = redis.call('HGET', paused, account)
+local before = redis.call('HGET', c.paused, account)
 if not before then return {'', 0} end
-redis.call('HDEL', paused, account)
-redis.call('HDEL', state, 'paused')
-return {before, reready(account, ARGV[3], ARGV[4])}
+redis.call('HDEL', c.paused, account)
+redis.call('HDEL', c.state, 'paused')
+return {before, reready(c, account, ARGV[3], ARGV[4])}

@@ -14,32 +14,36 @@
 -- Returns one reply per account, in order, as `ack` and `nack` answer; the shard's acked and
 -- nacked counts grow once per call. Sent again: the same replies, nothing changed (each settle
 -- is answered from its call record).
-ready, stats, active, dead = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-paused, dead_order = KEYS[5], KEYS[6]
-local order, margin, elsewhere, dead_max, park = ARGV[1], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local shard = {
+  ready = KEYS[1], stats = KEYS[2], active = KEYS[3], dead = KEYS[4], paused = KEYS[5],
+  dead_order = KEYS[6],
+}
+local p = {
+  order = ARGV[1], margin = ARGV[3], elsewhere = ARGV[4], dead_max = ARGV[5], park = ARGV[6],
+}
 local k = tonumber(ARGV[7])
 math.randomseed(tonumber(ARGV[2]))
 local replies, acked, nacked = {}, 0, 0
 for n = 0, (#KEYS - 6) / 5 - 1 do
   local at, a = 6 + 5 * n, 7 + 11 * n
-  pending, in_flight, lock = KEYS[at + 1], KEYS[at + 2], KEYS[at + 3]
-  state, seq_key = KEYS[at + 4], KEYS[at + 5]
+  local c = account_keys(shard, KEYS[at + 1], KEYS[at + 2], KEYS[at + 3], KEYS[at + 4],
+                         KEYS[at + 5])
   local s = {
     account = ARGV[a + 2], token = ARGV[a + 3], seq = ARGV[a + 4], attempt = ARGV[a + 5],
     size = tonumber(ARGV[a + 6]), count = tonumber(ARGV[a + 7]), last_seq = ARGV[a + 8],
     want_next = ARGV[a + 9], entry = ARGV[a + 10], event_id = ARGV[a + 11], k = k,
+    rand = p.order == 'random' and tostring(math.random()) or '0',
   }
-  local rand = order == 'random' and tostring(math.random()) or '0'
   local done, failed
   if ARGV[a + 1] == 'ack' then
-    replies[n + 1], done = ack(s, order, rand, margin, elsewhere)
+    replies[n + 1], done = ack(c, s, p)
   else
-    replies[n + 1], done, failed = nack(s, order, rand, margin, elsewhere, dead_max, park)
+    replies[n + 1], done, failed = nack(c, s, p)
     if failed then nacked = nacked + 1 end
   end
-  flush()
+  flush(c)
   acked = acked + done
 end
-if acked > 0 then redis.call('HINCRBY', stats, 'acked', acked) end
-if nacked > 0 then redis.call('HINCRBY', stats, 'nacked', nacked) end
+if acked > 0 then redis.call('HINCRBY', shard.stats, 'acked', acked) end
+if nacked > 0 then redis.call('HINCRBY', shard.stats, 'nacked', nacked) end
 return replies

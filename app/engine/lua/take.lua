@@ -10,37 +10,44 @@
 -- token), {'drained'} or {'released'} (nothing to take, or the account is paused: released;
 -- with 'claim': and the token) or {'lost'}. Sent again by the same owner, it hands out the
 -- same batch.
+local c = layout(KEYS)
 local account, token, claim = ARGV[1], ARGV[2], nil
 if token == 'resume' then
-  if redis.call('HGET', state, 'claim') == ARGV[5] then
-    token = redis.call('HGET', state, 'token')
-    local held = owns(token) and held_by(token)
+  if redis.call('HGET', c.state, 'claim') == ARGV[5] then
+    token = redis.call('HGET', c.state, 'token')
+    local held = owns(c, token) and held_by(c, token)
     if held then
       held[#held + 1] = token
       return held
     end
   end
-  reready(account, ARGV[3], ARGV[4])
+  reready(c, account, ARGV[3], ARGV[4])
   return {'lost'}
 end
+local taken
 if token == 'claim' then
-  if redis.call('GET', lock) ~= '1' then return {'lost'} end
-  redis.call('ZREM', ready, account)
-  redis.call('PERSIST', state)
-  token, claim = fresh_token(), ARGV[5]
-  forget_old_calls()
-elseif not owns(token) then
+  if redis.call('GET', c.lock) ~= '1' then return {'lost'} end
+  redis.call('ZREM', c.ready, account)
+  redis.call('PERSIST', c.state)
+  local st = redis.call('HMGET', c.state, 'fence', 'token', 'n', 'redo', 'paused', 'calls')
+  token, claim = fresh_token(st[1]), ARGV[5]
+  forget_old_calls(c, st[6])
+  local back = recover(c, st[2])
+  local redo = back > 1 and back or tonumber(st[4]) or 0
+  taken = take_head(c, token, claim, tonumber(ARGV[6]), tonumber(st[3]) or 0, redo,
+                    st[5] == '1')
+elseif not owns(c, token) then
   return {'lost'}
 else
-  local held = held_by(token)
+  local held = held_by(c, token)
   if held then return held end
+  recover(c)
+  taken = take_head(c, token, claim, tonumber(ARGV[6]))
 end
-recover()
-local taken = take_head(token, claim, tonumber(ARGV[6]))
 -- The claim's token is stored in the fence once the take has not failed (a drained account's
 -- state keeps the TTL its release gave it).
-if claim then stage('fence', token) end
-taken = taken or release(account, ARGV[3], ARGV[4])
-flush()
+if claim then stage(c, 'fence', token) end
+taken = taken or release(c, account, ARGV[3], ARGV[4])
+flush(c)
 if claim then taken[#taken + 1] = token end
 return taken
