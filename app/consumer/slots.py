@@ -40,6 +40,7 @@ LAG_PROBE_S = 0.01  # how often the event loop's lateness is measured
 # first claim) within a few probes, as fast as the handler's average follows its runs.
 LAG_WEIGHT = 0.3
 EWMA_WEIGHT = 0.05  # of the newest run in the moving average of handler time
+SHORTEST_RUN_S = 1e-6  # what one handler run counts at least, however fast it measured
 MAX_SWITCH_MARGIN = 1000  # events of backlog: beyond this a switch always pays
 SWITCH_BATCHES = 2  # a switch must gain at least this many batches of backlog
 
@@ -185,8 +186,9 @@ class Slots:
         """Fold one handler run over `events` into the moving average of one event's handler
         time, and size the batches the queue hands out from it. The loop's lateness is taken
         off: on a busy loop, a handler that returns at once still takes as long as the other
-        slots' turn, which is not its own pace."""
-        per_event = max(0.0, elapsed_ns / 1e9 - self.loop_lag_s) / events
+        slots' turn, which is not its own pace. A run counts at least SHORTEST_RUN_S per event,
+        so that a measured handler is never taken for an unmeasured one (0)."""
+        per_event = max(SHORTEST_RUN_S, (elapsed_ns / 1e9 - self.loop_lag_s) / events)
         if self.handler_s:
             self.handler_s += (per_event - self.handler_s) * EWMA_WEIGHT
         else:
@@ -226,7 +228,7 @@ class Slots:
         does not wait on a Redis round trip after every event, and at most BATCH_MAX. A 1 s
         handler gets 1; a batch's handler time stays near BATCH_TARGET_S, well inside any
         lease (LEASE_SECONDS is at least 1)."""
-        per_event = max(self.handler_s, 1e-6)
+        per_event = max(self.handler_s, SHORTEST_RUN_S)
         return max(1, min(self._settings.batch_max, math.ceil(BATCH_TARGET_S / per_event)))
 
     def _retry_in_s(self, event: Event, failed: Failed | None) -> float:
