@@ -90,11 +90,11 @@ class Queue:
 
     async def open(self, connections: int = 1) -> None:
         """Learn where the shards live, check the namespace's number of shards (recording it
-        on first use), load the functions on every master, and open `connections`
+        on first use), load the functions where a master lacks them, and open `connections`
         connections to every master."""
         await self.nodes.start()
         await self.guard.check_eviction()
-        await asyncio.gather(*(self.scripts.load(master) for master in self.nodes.masters()))
+        await asyncio.gather(*(self.scripts.ensure(master) for master in self.nodes.masters()))
         ids_since_ms = await self.guard.check_layout(self.keys)
         self._legacy_ids_until_ms = ids_since_ms + 2 * self._dedupe_ms if ids_since_ms else 0.0
         await upgrade.move_legacy(self)

@@ -71,10 +71,10 @@ class Scripts:
     ) -> None:
         code = f"local ACCOUNT_IDLE_MS = {account_idle_ms}\n{LIB}"
         version = hashlib.sha1((code + "".join(BODIES.values())).encode()).hexdigest()[:12]
-        library = f"evq_{version}"
-        self.functions = {name: f"{library}_{name}" for name in NAMES}
+        self.name = f"evq_{version}"
+        self.functions = {name: f"{self.name}_{name}" for name in NAMES}
         self.library = "".join(
-            [f"#!lua name={library}\n", code]
+            [f"#!lua name={self.name}\n", code]
             + [
                 f"\nredis.register_function('{self.functions[name]}', function(KEYS, ARGV)\n"
                 f"{body}end)\n"
@@ -88,18 +88,26 @@ class Scripts:
         self._queued: list[Queued] = []
         self._sending: set[asyncio.Task[None]] = set()
 
-    async def load(self, client: Redis) -> None:
-        """Load the library on one master (replacing it: a load sent twice is harmless)."""
+    async def ensure(self, client: Redis) -> None:
+        """Load the library on one master unless it is there already (FUNCTION LIST only
+        reads: a process that opens the queue writes nothing when the library is loaded).
+        UnsafeRedis on a Redis older than 7.0."""
         try:
-            await timed(self._timeout_s, client.function_load(self.library, replace=True))
+            listed = await timed(self._timeout_s, client.function_list(library=self.name))
         except ResponseError as exc:
             if "unknown command" not in str(exc).lower():
                 raise
             where = client.connection_pool.connection_kwargs
             raise UnsafeRedis(
                 f"Redis at {where.get('host', '?')}:{where.get('port', '?')} has no Redis"
-                " Functions (FUNCTION LOAD): evq needs Redis 7.0 or newer"
+                " Functions (FUNCTION LIST): evq needs Redis 7.0 or newer"
             ) from exc
+        if not listed:
+            await self.load(client)
+
+    async def load(self, client: Redis) -> None:
+        """Load the library on one master (replacing it: a load sent twice is harmless)."""
+        await timed(self._timeout_s, client.function_load(self.library, replace=True))
 
     def queue(self, pipe: Pipeline, name: str, keys: Sequence[str | bytes], args: Args) -> None:
         """Add the call of one function to `pipe` (as a MULTI's command, say)."""

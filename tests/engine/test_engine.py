@@ -567,3 +567,19 @@ async def test_attempts_an_older_version_kept_apart_move_into_the_state_hash(
     await upgrade.move_attempts(queue)
     assert await routed.hget(queue.keys.state(1), "paused") == b"1"
     assert await queue.ack(first) is Step.RELEASED
+
+
+async def test_opening_loads_the_functions_where_they_are_missing(make_queue: MakeQueue) -> None:
+    """Opening the queue loads the function library on every master that lacks it; settings
+    that change the library (ACCOUNT_IDLE_MS) load one of their own beside it, and both run."""
+    queue = make_queue()
+    await flush_scripts(queue)
+    await queue.open()
+    for master in queue.nodes.masters():
+        assert [lib[1] for lib in await master.function_list()] == [queue.scripts.name.encode()]
+    other = make_queue(account_idle_seconds=200_000)
+    await other.open()
+    names = {lib[1] for lib in await queue.nodes.masters()[0].function_list()}
+    assert names == {queue.scripts.name.encode(), other.scripts.name.encode()}
+    await push(other, 1, "a")
+    assert (await claim_one(queue)).event_id == "a"
