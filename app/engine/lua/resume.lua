@@ -3,6 +3,7 @@
 -- KEYS: the account layout (_lib.lua)
 -- ARGV: 1 account, 2 unused, 3 claim order, 4 random score
 -- Returns {why it was paused, or '' when it was not; 1 when it went into the ready index}.
+-- Sent again: {'', 0}, nothing changed (the account is no longer paused).
 local c = layout(KEYS)
 local account = ARGV[1]
 local before = redis.call('HGET', c.paused, account)
