@@ -40,7 +40,7 @@ from typing import Any
 from structlog.typing import FilteringBoundLogger
 
 from app import log
-from app.consumer.slots import EWMA_WEIGHT, Holding, Slots, sleep_unless
+from app.consumer.slots import Holding, Slots, sleep_unless
 from app.engine import (
     TRANSIENT,
     ClaimInterrupted,
@@ -189,9 +189,7 @@ class Consumer:
         try:
             claimed = await self._queue.claim(self._idle, block_s)
             if claimed:  # a claim that found nothing waited for work: not its cost
-                took = time.monotonic() - started
-                self._slots.claim_s += (took - self._slots.claim_s) * EWMA_WEIGHT
-                self._slots.pace()
+                self._slots.claim_took(time.monotonic() - started)
             return claimed, lease_until
         except ClaimInterrupted as lost:
             accounts, claim_id = lost.accounts, lost.claim_id

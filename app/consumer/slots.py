@@ -39,7 +39,9 @@ LAG_PROBE_S = 0.01  # how often the event loop's lateness is measured
 # Of the newest probe in the loop's lateness: it follows a load that comes at once (a drain's
 # first claim) within a few probes, as fast as the handler's average follows its runs.
 LAG_WEIGHT = 0.3
-EWMA_WEIGHT = 0.05  # of the newest run in the moving average of handler time
+EWMA_WEIGHT = 0.05  # of the newest claim in the moving average of claim time
+PACE_WINDOW_S = 0.1  # handler runs are pooled this long, then their mean moves the pace
+PACE_WEIGHT = 0.3  # of the newest window's mean in the moving average of handler time
 SHORTEST_RUN_S = 1e-6  # what one handler run counts at least, however fast it measured
 MAX_SWITCH_MARGIN = 1000  # events of backlog: beyond this a switch always pays
 SWITCH_BATCHES = 2  # a switch must gain at least this many batches of backlog
@@ -86,7 +88,8 @@ class Slots:
         self.stopping = asyncio.Event()
         self.tally = Tally()
         self.handler_s = 0.0  # moving average of one event's handler time (0: none measured)
-        self.claim_s = 0.0  # moving average of a claim that found work (the consumer's)
+        self._window = [0.0, 0, 0.0]  # handler seconds, events, and since when (monotonic)
+        self.claim_s = 0.0  # moving average of a claim that found work (0: none yet)
         self.loop_lag_s = 0.0  # moving average of how late the event loop runs a callback
         self._takes_batch = bool(getattr(handler, "takes_batch", False))
 
@@ -183,16 +186,36 @@ class Slots:
         return runs, error
 
     def _measured(self, elapsed_ns: int, events: int = 1) -> None:
-        """Fold one handler run over `events` into the moving average of one event's handler
-        time, and size the batches the queue hands out from it. The loop's lateness is taken
-        off: on a busy loop, a handler that returns at once still takes as long as the other
-        slots' turn, which is not its own pace. A run counts at least SHORTEST_RUN_S per event,
-        so that a measured handler is never taken for an unmeasured one (0)."""
-        per_event = max(SHORTEST_RUN_S, (elapsed_ns / 1e9 - self.loop_lag_s) / events)
+        """Pool one handler run over `events`; once PACE_WINDOW_S has passed, fold the pool's
+        mean per event into the moving average of one event's handler time and size the
+        batches and the switch margin from it (the first run sets it at once). The loop's
+        lateness is taken off: on a busy loop, a handler that returns at once still takes as
+        long as the other slots' turn, which is not its own pace. Pooled, thousands of such
+        runs a second give a steady mean where one run at a time swung by a factor of 1,000,
+        and the switch margin with it. A run counts at least SHORTEST_RUN_S per event, so
+        that a measured handler is never taken for an unmeasured one (0)."""
+        took = max(0.0, elapsed_ns / 1e9 - self.loop_lag_s)
+        window, now = self._window, time.monotonic()
+        window[0] += took
+        window[1] += events
+        if self.handler_s and now - window[2] < PACE_WINDOW_S:
+            return
+        mean = max(SHORTEST_RUN_S, window[0] / window[1])
         if self.handler_s:
-            self.handler_s += (per_event - self.handler_s) * EWMA_WEIGHT
+            self.handler_s += (mean - self.handler_s) * PACE_WEIGHT
         else:
-            self.handler_s = per_event
+            self.handler_s = mean
+        self._window = [0.0, 0, now]
+        self.pace()
+
+    def claim_took(self, seconds: float) -> None:
+        """Fold a claim that found work into the moving average of claim time (the first one
+        sets it: an average started from 0 would make claims look free for a while), and
+        pace."""
+        if self.claim_s:
+            self.claim_s += (seconds - self.claim_s) * EWMA_WEIGHT
+        else:
+            self.claim_s = seconds
         self.pace()
 
     def pace(self) -> None:
