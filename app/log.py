@@ -23,8 +23,8 @@ from app.settings import Settings
 
 
 class AppendFile:
-    """The log file opened O_APPEND: a line is one write(), so lines of many processes never
-    interleave. A failed or short write raises OSError.
+    """The log file opened O_APPEND: a line is never split over two write()s, so lines of many
+    processes never interleave. A failed or short write raises OSError.
 
     With `max_bytes`, the file is rotated when it has grown past it: `<log>` becomes
     `<log>.1`, `<log>.1` becomes `<log>.2` and so on, and `<log>.<keep>` is dropped. Every
@@ -47,7 +47,26 @@ class AppendFile:
         # Owner and group only: the lines carry event ids, accounts and errors.
         return os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
 
-    def write(self, line: bytes) -> None:
+    def write(self, data: bytes) -> None:
+        """Append whole lines. Beyond the rotation check's size they go in several writes, each
+        of whole lines, with a check between: a loop turn's lines of many batches cannot grow
+        one file far past `max_bytes`."""
+        if self._max_bytes is None or len(data) <= self._check_bytes:
+            self._write(data)
+            return
+        done = 0
+        while done < len(data):
+            end = data.rfind(b"\n", done, done + self._check_bytes) + 1
+            if end <= done:  # one line longer than a check: on its own
+                end = data.find(b"\n", done) + 1 or len(data)
+            try:
+                self._write(data[done:end])
+            except OSError as exc:
+                exc.written = done + getattr(exc, "written", 0)  # type: ignore[attr-defined]
+                raise
+            done = end
+
+    def _write(self, line: bytes) -> None:
         try:
             written = os.write(self._fd, line)
         except OSError as exc:
