@@ -170,6 +170,16 @@ class Routed:
         return send
 
 
+async def in_flight(queue: Queue, account: int) -> list[bytes]:
+    """The bodies of the account's batch in flight: the head of its pending list, as many as
+    its state's `size` while a token holds them."""
+    token, size = await Routed(queue).hmget(queue.keys.state(account), "token", "size")
+    count = int(size or 0) if token else 0
+    if not count:
+        return []
+    return cast(list[bytes], await Routed(queue).lrange(queue.keys.pending(account), 0, count - 1))
+
+
 async def all_keys(queue: Queue) -> list[bytes]:
     """Every key of every master."""
     found: list[bytes] = []

@@ -41,14 +41,17 @@ async def account_state(queue: Queue, account: int) -> AccountState:
     keys = queue.keys
     async with queue.node_of(account).pipeline(transaction=True) as tx:
         tx.llen(keys.pending(account))
-        tx.lindex(keys.in_flight(account), 0)
+        tx.lindex(keys.pending(account), 0)
         tx.get(keys.lock(account))
         tx.pttl(keys.lock(account))
-        tx.hmget(keys.state(account), "acked", "dead", "last_acked_seq", "fence")
+        tx.hmget(keys.state(account), "acked", "dead", "last_acked_seq", "fence", "token", "size")
         tx.hget(keys.paused(keys.shard_of(account)), str(account))
-        backlog, body, held, lease_ms, (acked, dead, last, fenced), paused = await tx.execute()
+        length, body, held, lease_ms, state, paused = await tx.execute()
+    acked, dead, last, fenced, taker, size = state
+    flying = int(size or 0) if taker else 0  # the batch in flight: the head's first events
+    backlog = length - flying
     in_flight = None
-    if body is not None:
+    if flying and body is not None:
         event = orjson.loads(body)
         seq = event["seq"]
         in_flight = {"seq": seq, "event_id": event["id"], "enqueued_ns": enqueued_ns(seq)}
@@ -69,7 +72,8 @@ async def account_state(queue: Queue, account: int) -> AccountState:
 
 async def event_state(queue: Queue, account: int, event_id: str) -> dict[str, Any] | None:
     """Where one event is: `pending` at `position` (1 runs next; None beyond the first
-    LOOKUP_DEPTH pending events, which are all a lookup reads), `in_flight` (attempt, and the
+    LOOKUP_DEPTH events of the head, the batch in flight included, which are all a lookup
+    reads), `in_flight` (attempt, and the
     owner's token and lease while one holds it), `dead` (its error), or `acked`. None when
     evq does not know it: never accepted, or settled and forgotten (its id outlived the
     dedupe window, or its dead letter was purged). One transaction of bounded cost."""
@@ -81,8 +85,7 @@ async def event_state(queue: Queue, account: int, event_id: str) -> dict[str, An
         for b in (bucket, bucket - 1):
             tx.hget(keys.ids(shard, b), field)
             tx.hget(keys.legacy_ids(account, b), event_id)
-        tx.lrange(keys.in_flight(account), 0, -1)
-        tx.hmget(keys.state(account), "n", "token", "last_acked_seq", "fence")
+        tx.hmget(keys.state(account), "n", "token", "last_acked_seq", "fence", "size")
         tx.get(keys.lock(account))
         tx.pttl(keys.lock(account))
         tx.lrange(keys.pending(account), 0, LOOKUP_DEPTH - 1)
@@ -92,14 +95,15 @@ async def event_state(queue: Queue, account: int, event_id: str) -> dict[str, An
             seen_legacy,
             seen_before,
             seen_before_legacy,
-            flying,
-            (attempt, taker, last, fenced),
+            (attempt, taker, last, fenced, size),
             held,
             lease_ms,
-            pending,
+            head,
             dead,
         ) = await tx.execute()
     found: dict[str, Any] = {"account_id": account, "event_id": event_id}
+    in_flight = int(size or 0) if taker else 0
+    flying, pending = head[:in_flight], head[in_flight:]
     for place, body in enumerate(flying):  # the batch in flight: its first has `attempt`
         if (event := orjson.loads(body))["id"] != event_id:
             continue
@@ -124,7 +128,7 @@ async def event_state(queue: Queue, account: int, event_id: str) -> dict[str, An
                 "replays": event.get("r", 0),
             }
     seq = seen or seen_legacy or seen_before or seen_before_legacy
-    return _elsewhere(found, dead, seq, last, len(pending) == LOOKUP_DEPTH)
+    return _elsewhere(found, dead, seq, last, len(head) == LOOKUP_DEPTH)
 
 
 def _elsewhere(
@@ -189,8 +193,7 @@ async def waiting(queue: Queue, id_prefix: str) -> int:
 
     def read(pipe: Pipeline, shard: int) -> None:
         for account in accounts[shard]:
-            pipe.lrange(keys.pending(account), 0, -1)
-            pipe.lrange(keys.in_flight(account), 0, -1)
+            pipe.lrange(keys.pending(account), 0, -1)  # the batch in flight is its head
 
     lists = await each_shard(queue, read, [s for s, found in accounts.items() if found])
     needle = b'"id":' + orjson.dumps(id_prefix)[:-1]
@@ -281,7 +284,8 @@ async def snapshot(queue: Queue, live_within_s: float) -> Snapshot:
 
 
 async def _sample(queue: Queue) -> list[tuple[int, int, int | None]]:
-    """(account, pending events, seq of its oldest unsettled event) of sampled accounts."""
+    """(account, events pending or in flight, seq of its oldest unsettled event) of sampled
+    accounts (a batch in flight stays at the head of the pending list)."""
     keys = queue.keys
     members = await each_shard(
         queue, lambda pipe, shard: pipe.srandmember(keys.active(shard), SAMPLE)
@@ -291,14 +295,12 @@ async def _sample(queue: Queue) -> list[tuple[int, int, int | None]]:
     def read(pipe: Pipeline, shard: int) -> None:
         for account in accounts[shard]:
             pipe.llen(keys.pending(account))
-            pipe.lindex(keys.in_flight(account), 0)
             pipe.lindex(keys.pending(account), 0)
 
     shards = [shard for shard, found in accounts.items() if found]
     out = []
     for shard, replies in zip(shards, await each_shard(queue, read, shards), strict=True):
         for i, account in enumerate(accounts[shard]):
-            length, flying, head = replies[3 * i : 3 * i + 3]
-            body = flying or head
-            out.append((account, length, seq_of(body) if body else None))
+            length, head = replies[2 * i : 2 * i + 2]
+            out.append((account, length, seq_of(head) if head else None))
     return out

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from redis.crc import key_slot
 
 # The per-account keys of `Keys.account`, in order, before the shard's own.
-ACCOUNT_KINDS = ("user", "inflight", "lock", "totals", "seq")
+ACCOUNT_KINDS = ("user", "lock", "totals", "seq")
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +90,9 @@ class Keys:
     def pending(self, account: int) -> str:
         return self._account_key("user", account)
 
-    def in_flight(self, account: int) -> str:
+    def legacy_in_flight(self, account: int) -> str:
+        """The list a batch in flight moved to in versions before it stayed at the head of the
+        pending list; moved back to the head once (`upgrade.move_attempts`)."""
         return self._account_key("inflight", account)
 
     def lock(self, account: int) -> str:
@@ -127,9 +129,11 @@ class Keys:
 
     @property
     def state_since(self) -> str:
-        """When (unix ms) the attempt hashes of an older version were moved into the state
-        hashes (`upgrade.move_attempts`); absent until they have been."""
-        return f"{self.layout}:state_since"
+        """When (unix ms) the attempt hashes, fences and in-flight lists of older versions were
+        moved into the state hashes and the pending lists (`upgrade.move_attempts`); absent
+        until they have been. The name is new with the in-flight lists' move, so a namespace
+        that had the state hash's move scans once more."""
+        return f"{self.layout}:head_since"
 
     @property
     def ids_since(self) -> str:

@@ -15,8 +15,8 @@ if TYPE_CHECKING:
     from app.engine.queue import Queue
 
 # Positions in Keys.account() of what settle.lua takes per account, and once per shard.
-ACCOUNT_PART = (0, 1, 2, 3, 4)  # pending, in flight, lock, state, seq
-SHARD_PART = (5, 6, 7, 8, 9, 10)  # ready, stats, active, dead, paused, dead letters' order
+ACCOUNT_PART = (0, 1, 2, 3)  # pending, lock, state, seq
+SHARD_PART = (4, 5, 6, 7, 8, 9)  # ready, stats, active, dead, paused, dead letters' order
 Settling = tuple[bytes, Event, bool, int, bytes, "asyncio.Future[Next]"]
 
 
@@ -73,7 +73,7 @@ class Settles:
             keys += (own[i] for i in ACCOUNT_PART)
             batch = event.batch
             last_seq = batch[count - 1].seq if count else 0
-            args += (op, event.account, event.token, event.seq, event.attempt, len(batch))
+            args += (op, event.account, event.token, event.seq, event.attempt)
             args += (count, last_seq, b"1" if want_next else b"0", entry)
             args.append(batch[count].event_id if entry else b"")
         return queue.scripts.submit(queue.node(shard), "settle", keys, args)

@@ -1,9 +1,9 @@
 """What a process moves, once, when it opens a queue that an older version wrote: the dead
-letters kept in one list per shard (now a hash by id and an order), and the attempt hashes
+letters kept in one list per shard (now a hash by id and an order), the attempt hashes
 kept apart from each account's state (now fields of its state hash, which also mirrors the
-account's pause). Safe to run from many
-processes at once. Stop the consumers of the older version first: they would go on writing
-the old layout."""
+account's pause), and the lists a batch in flight moved to (it now stays at the head). Safe
+to run from many processes at once. Stop the consumers of the older version first: they
+would go on writing the old layout."""
 
 import asyncio
 import re
@@ -17,7 +17,9 @@ if TYPE_CHECKING:
 
 MOVE_CHUNK = 500  # old-layout dead letters moved per script call
 SCAN_COUNT = 1000  # keys a SCAN step looks at
-LEGACY_KINDS = ("attempt", "fence")  # per-account keys the state hash took over
+# Per-account keys of older versions: taken over by the state hash, and the in-flight list
+# whose batch now stays at the head of the pending list.
+LEGACY_KINDS = ("attempt", "fence", "inflight")
 
 
 async def move_legacy(queue: "Queue") -> None:
@@ -46,8 +48,9 @@ async def move_dead_letters(queue: "Queue") -> int:
 
 async def move_attempts(queue: "Queue") -> int:
     """Move every attempt hash and fence of a version before the state hash into its
-    account's state hash (`attempt_move.lua`), and mirror every pause there; how many
-    accounts had one to move. It scans each master once per namespace: when it has, the
+    account's state hash, and every in-flight list back to the head of its pending list
+    (`attempt_move.lua`), and mirror every pause in the state; how many accounts had one to
+    move. It scans each master once per namespace: when it has, the
     namespace's marker says so, and a later open reads only that."""
     keys = queue.keys
     marker = queue.nodes.for_key(keys.state_since)
@@ -68,6 +71,7 @@ async def move_attempts(queue: "Queue") -> int:
                         *queue.account_keys(account),
                         keys.legacy_attempt(account),
                         keys.legacy_fence(account),
+                        keys.legacy_in_flight(account),
                     ],
                     (),
                 )
@@ -87,7 +91,7 @@ async def move_attempts(queue: "Queue") -> int:
 
 
 def _legacy_account(key: bytes | str) -> int | None:
-    """The account of an attempt hash or a fence of the older layout,
+    """The account of an attempt hash, a fence or an in-flight list of an older layout,
     `{<tag>}:<kind>:<account>`; None for any other key."""
     kind, _, account = (
         (key.decode() if isinstance(key, bytes) else key).rpartition("}:")[2].partition(":")

@@ -12,9 +12,17 @@ from redis.asyncio import Redis
 
 from app.consumer.tally import Tally
 from app.engine import Event, NewEvent, Queue, Step, Won, inspect, registry, upgrade
+from app.engine.events import body_after_seq
 from app.engine.scripts import Call, NotReplicated
 from tests.engine.conftest import MakeQueue
-from tests.support import Routed, all_keys, flush_scripts, ready_scores, server_clock_us
+from tests.support import (
+    Routed,
+    all_keys,
+    flush_scripts,
+    in_flight,
+    ready_scores,
+    server_clock_us,
+)
 
 
 def ready_of(queue: Queue, account: int) -> str:
@@ -68,9 +76,9 @@ async def test_duplicate_event_id_is_queued_once(make_queue: MakeQueue) -> None:
 
 
 async def test_backlog_cap_refuses_events_one_by_one(make_queue: MakeQueue) -> None:
-    """MAX_BACKLOG_PER_ACCOUNT: an event whose account already has the cap pending is refused
-    whole (not stored, its id not remembered) while other accounts and duplicates go on; the
-    refusals are counted."""
+    """MAX_BACKLOG_PER_ACCOUNT: an event whose account already has the cap unsettled (pending
+    or in flight) is refused whole (not stored, its id not remembered) while other accounts
+    and duplicates go on; the refusals are counted."""
     queue = make_queue(max_backlog_per_account=2)
     a1, a2, a3, b1 = await queue.push_many(
         [NewEvent(1, "a1"), NewEvent(1, "a2"), NewEvent(1, "a3"), NewEvent(2, "b1")]
@@ -83,17 +91,20 @@ async def test_backlog_cap_refuses_events_one_by_one(make_queue: MakeQueue) -> N
     assert [orjson.loads(body)["id"] for body in pending] == ["a1", "a2"]
     first = await claim_one(queue)
     assert first.event_id == "a1"
-    [later] = await queue.push_many([NewEvent(1, "a3")])  # a1 in flight: 1 pending
+    [held] = await queue.push_many([NewEvent(1, "a3")])  # a1 in flight still counts
+    assert held.refused
+    assert isinstance(await queue.ack(first), Event)
+    [later] = await queue.push_many([NewEvent(1, "a3")])  # a1 acked: 1 unsettled
     assert later.queued and later.seq > a2.seq
     stats = await inspect.stats(queue)
-    assert (stats["accepted"], stats["refused"]) == (4, 1)
+    assert (stats["accepted"], stats["refused"]) == (4, 2)
 
 
 async def test_push_writes_the_keys_the_other_scripts_read(make_queue: MakeQueue) -> None:
     """push.lua writes the keys the other scripts read (Keys.account), all in one shard."""
     queue = make_queue()
     await push(queue, 42, "a")
-    pending, _, _, _, seq, ready, stats, active, _, _, _ = queue.keys.account(42)
+    pending, _, _, seq, ready, stats, active, _, _, _ = queue.keys.account(42)
     found = {key.decode() for key in await all_keys(queue)}
     found -= {queue.keys.layout, queue.keys.ids_since, queue.keys.state_since}
     shard = queue.keys.shard_of(42)
@@ -109,7 +120,7 @@ async def test_claim_takes_longest_backlog_first(make_queue: MakeQueue) -> None:
     await push(queue, 2, "y1", "y2", "y3")
     event = await claim_one(queue)
     assert (event.account, event.event_id, event.attempt) == (2, "y1", 1)
-    assert await Routed(queue).lrange(queue.keys.in_flight(2), 0, -1) != []
+    assert await in_flight(queue, 2) != []
 
 
 async def test_claim_takes_the_longest_backlogs_even_when_one_shard_holds_them_all(
@@ -220,7 +231,7 @@ async def test_stale_token_is_refused_everywhere(make_queue: MakeQueue) -> None:
     assert await queue.renew([(1, stale.token)]) == [False]
     assert await queue.release(1, stale.token) == Step.LOST
     assert await queue.take(1, stale.token) == Step.LOST
-    assert await Routed(queue).lrange(queue.keys.in_flight(1), 0, -1) != []
+    assert await in_flight(queue, 1) != []
     assert isinstance(await queue.ack(fresh), Event)
 
 
@@ -371,7 +382,7 @@ async def test_claim_after_scripts_were_flushed(make_queue: MakeQueue) -> None:
     event = await claim_one(queue)
     assert (event.account, event.event_id, event.attempt) == (4, "a", 1)
     assert event.token > won.token
-    assert await Routed(queue).llen(queue.keys.in_flight(4)) == 1
+    assert len(await in_flight(queue, 4)) == 1
 
 
 async def test_first_calls_on_a_flushed_server_all_succeed(make_queue: MakeQueue) -> None:
@@ -567,6 +578,34 @@ async def test_attempts_an_older_version_kept_apart_move_into_the_state_hash(
     await upgrade.move_attempts(queue)
     assert await routed.hget(queue.keys.state(1), "paused") == b"1"
     assert await queue.ack(first) is Step.RELEASED
+
+
+async def test_a_batch_an_older_version_moved_in_flight_goes_back_to_the_head(
+    make_queue: MakeQueue,
+) -> None:
+    """Across the upgrade to batches that stay at the head: the in-flight list an older
+    version's owner left (its consumers stopped) goes back to the head in order, as a dead
+    owner's batch: counted redelivered, then handed out one at a time, each at its next
+    attempt, before what was pending."""
+    queue = make_queue()
+    [c] = await queue.push_many([NewEvent(1, "c")])
+    routed = Routed(queue)
+    flying = [body_after_seq(name, None) for name in ("a", "b")]
+    seqs = [c.seq - 10, c.seq - 9]
+    bodies = [b'{"seq":%d,' % seq + body for seq, body in zip(seqs, flying, strict=True)]
+    await routed.rpush(queue.keys.legacy_in_flight(1), *bodies)
+    await routed.hset(queue.keys.state(1), mapping={"token": "5", "n": "1", "seq": seqs[0]})
+    await routed.delete(queue.keys.state_since)
+    assert await upgrade.move_attempts(queue) == 1
+    assert not await routed.exists(queue.keys.legacy_in_flight(1))
+    assert (await inspect.stats(queue))["redelivered"] == 2
+    first = await claim_one(queue)
+    assert (first.event_id, first.attempt, len(first.batch)) == ("a", 2, 1)
+    second = await queue.ack(first)
+    assert isinstance(second, Event)
+    assert (second.event_id, second.attempt, len(second.batch)) == ("b", 2, 1)
+    third = await queue.ack(second)
+    assert isinstance(third, Event) and third.event_id == "c"
 
 
 async def test_opening_loads_the_functions_where_they_are_missing(make_queue: MakeQueue) -> None:

@@ -10,6 +10,7 @@ from app.engine.dead import dead_letters as dead_letter_page
 from app.workload.generator import workload
 from stack import servers
 from stack.servers import wait_for
+from tests.support import in_flight as batch_in_flight
 from tests.support import settings
 
 T = TypeVar("T")
@@ -40,11 +41,12 @@ def counter(url: str, name: str) -> int:
     return engine(url, inspect.stats)[name]
 
 
-async def _lists(queue: Queue, kind: str) -> dict[int, list[bytes]]:
-    """account -> the bodies of its `kind` list ('user' or 'inflight'), on every master."""
+async def _pending(queue: Queue) -> dict[int, list[bytes]]:
+    """account -> the bodies of its pending list (the batch in flight at its head), on every
+    master."""
     found: dict[int, list[bytes]] = {}
     for master in queue.nodes.masters():
-        async for key in master.scan_iter(match=f"{{evq:*}}:{kind}:*"):
+        async for key in master.scan_iter(match="{evq:*}:user:*"):
             found[int(key.rsplit(b":", 1)[1])] = cast(list[bytes], await master.lrange(key, 0, -1))
     return found
 
@@ -53,11 +55,7 @@ def held(url: str) -> int:
     """How many events Redis holds pending or in flight."""
 
     async def count(queue: Queue) -> int:
-        lists = [
-            *(await _lists(queue, "user")).values(),
-            *(await _lists(queue, "inflight")).values(),
-        ]
-        return sum(len(bodies) for bodies in lists)
+        return sum(len(bodies) for bodies in (await _pending(queue)).values())
 
     return engine(url, count)
 
@@ -90,9 +88,16 @@ def seq_of(body: bytes) -> int:
 
 
 def in_flight(url: str) -> dict[int, int]:
-    """account -> seq of every event currently in flight."""
-    flying = engine(url, lambda queue: _lists(queue, "inflight"))
-    return {account: seq_of(bodies[0]) for account, bodies in flying.items() if bodies}
+    """account -> seq of the first event of every batch in flight."""
+
+    async def first(queue: Queue) -> dict[int, int]:
+        found = {}
+        for account in await _pending(queue):
+            if flying := await batch_in_flight(queue, account):
+                found[account] = seq_of(flying[0])
+        return found
+
+    return engine(url, first)
 
 
 def graceful_stop(procs: Sequence[Popen[bytes]], timeout: float = 15) -> None:

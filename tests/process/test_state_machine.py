@@ -18,8 +18,8 @@ from hypothesis.stateful import (
 from app.engine import Event, NewEvent, Nodes, Queue, Step
 from stack.servers import RedisServer
 from tests.process.helpers import seq_of
+from tests.support import in_flight, snapshot
 from tests.support import settings as evq_settings
-from tests.support import snapshot
 
 T = TypeVar("T")
 Call = Callable[[], Coroutine[Any, Any, Event | Step]]
@@ -178,10 +178,10 @@ class QueueMachine(RuleBasedStateMachine):
         """I2: every pushed seq is in exactly one place: acked, dead, pending or in flight."""
         for account, pushed in self.pushed.items():
             pending = self.run(self.client.lrange(self.queue.keys.pending(account), 0, -1))
-            flying = self.run(self.client.lrange(self.queue.keys.in_flight(account), 0, -1))
-            queued = [seq_of(b) for b in pending + flying]
+            flying = self.run(in_flight(self.queue, account))
+            queued = [seq_of(b) for b in pending]  # the batch in flight is its head
             assert sorted(queued + self.settled[account]) == pushed
-            assert len(flying) <= 1
+            assert len(flying) <= 1 and flying == pending[: len(flying)]
 
 
 def test_engine_state_machine(redis_server: RedisServer) -> None:

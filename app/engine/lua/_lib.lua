@@ -2,20 +2,22 @@
 -- function, into one library (FUNCTION LOAD), once per master.
 -- KEYS layout of one account (keys.py builds it, every key carries the hash tag of the
 -- account's shard):
---   1 pending list, 2 in-flight list, 3 lock, 4 state hash, 5 seq, 6 ready index, 7 stats,
---   8 active set, 9 dead letters of the shard (hash of '<account>:<event_id>' -> entry),
---   10 paused accounts of the shard (account -> 'operator' or 'parked'), 11 the dead
---   letters' ids scored by when they died
+--   1 pending list, 2 lock, 3 state hash, 4 seq, 5 ready index, 6 stats, 7 active set,
+--   8 dead letters of the shard (hash of '<account>:<event_id>' -> entry), 9 paused accounts
+--   of the shard (account -> 'operator' or 'parked'), 10 the dead letters' ids scored by when
+--   they died
 -- A helper takes the keys it works on as its first parameter `c`, an account's keys by name
 -- (`account_keys`, `layout`), which also holds the state fields the call stages. Nothing is
 -- kept between calls: the library's chunk runs once, at its load.
--- In flight: the batch the owner was handed, up to k events taken from the head together
--- (a 1 s handler gets one at a time).
+-- In flight: the batch the owner was handed, up to k events of the head, which stay at the
+-- head of the pending list until they are settled (`size` of them): a take moves nothing,
+-- and a batch given back is simply no longer in flight. A 1 s handler gets one at a time.
 -- The state hash, read with one HMGET and written with one HSET per call (`stage`, `flush`):
 --   fence  the source of fencing tokens: the claim MULTI increments it with the lock
 --   n      attempts handed out of the batch's first event, or of the head (every other event
 --          of a batch is at its first attempt)
 --   token  the owner that took the batch in flight, '' (or none) when nothing is in flight
+--   size   how many events at the head are in flight, 0 (or none) when none are
 --   seq    the batch's first event; claim: the claim that took it, when one did
 --   redo   how many events at the head were in flight with an owner that died: they are
 --          handed out one at a time, each at its next attempt, so a poison event among them
@@ -36,9 +38,9 @@ local KEEP_CALLS = 32
 
 -- An account's keys by name, with the shard's keys of `shard` (a table of ready, stats,
 -- active, dead, paused, dead_order; the ones a call does not pass are nil).
-local function account_keys(shard, pending, in_flight, lock, state, seq_key)
+local function account_keys(shard, pending, lock, state, seq_key)
   return {
-    pending = pending, in_flight = in_flight, lock = lock, state = state, seq_key = seq_key,
+    pending = pending, lock = lock, state = state, seq_key = seq_key,
     ready = shard.ready, stats = shard.stats, active = shard.active, dead = shard.dead,
     paused = shard.paused, dead_order = shard.dead_order, staged = {}, any_staged = false,
   }
@@ -47,10 +49,10 @@ end
 -- The account's keys of the KEYS layout above.
 local function layout(keys)
   local shard = {
-    ready = keys[6], stats = keys[7], active = keys[8], dead = keys[9], paused = keys[10],
-    dead_order = keys[11],
+    ready = keys[5], stats = keys[6], active = keys[7], dead = keys[8], paused = keys[9],
+    dead_order = keys[10],
   }
-  return account_keys(shard, keys[1], keys[2], keys[3], keys[4], keys[5])
+  return account_keys(shard, keys[1], keys[2], keys[3], keys[4])
 end
 
 -- A field of the account's state hash to write by one HSET at the end of the call (flush); a
@@ -130,11 +132,10 @@ end
 
 -- The batch in flight as a take reply, when `token` took it; nil otherwise.
 local function held_by(c, token)
-  local taken = redis.call('HMGET', c.state, 'token', 'n')
-  if taken[1] ~= token then return nil end
-  local bodies = redis.call('LRANGE', c.in_flight, 0, -1)
-  if #bodies == 0 then return nil end
-  return handed(bodies, tonumber(taken[2]))
+  local taken = redis.call('HMGET', c.state, 'token', 'n', 'size')
+  local size = tonumber(taken[3]) or 0
+  if taken[1] ~= token or size == 0 then return nil end
+  return handed(redis.call('LRANGE', c.pending, 0, size - 1), tonumber(taken[2]))
 end
 
 -- Whether `token` owns the account and took the batch in flight, whose first event is this
@@ -150,22 +151,10 @@ local function holds(c, token, seq, attempt)
     taken[7] == '1'
 end
 
--- `count` (> 0) events in flight back to the head, first in line, in their order.
-local function give_back(c, count)
-  if count == 1 then
-    redis.call('LMOVE', c.in_flight, c.pending, 'RIGHT', 'LEFT')
-    return
-  end
-  local bodies, reversed = redis.call('LRANGE', c.in_flight, 0, -1), {}
-  for i = #bodies, 1, -1 do reversed[#reversed + 1] = bodies[i] end
-  in_chunks('LPUSH', c.pending, reversed)
-  redis.call('DEL', c.in_flight)
-end
-
--- The batch in flight (`count` events) back to the head; no one holds it now.
-local function back_to_head(c, count)
-  give_back(c, count)
+-- The batch in flight is no longer: its events, still at the head, are first in line again.
+local function back_to_head(c)
   stage(c, 'token', '')
+  stage(c, 'size', 0)
 end
 
 -- Score of an account in the ready index for the claim order; the lowest pops first.
@@ -207,13 +196,18 @@ local function drained(c, account)
 end
 
 -- A batch left in flight by an owner that died goes back to the head, first in line; more
--- than one event, and they are handed out one at a time (`redo`). `token`: the state's, when
--- the caller read it ('' or false: nothing is in flight). Returns how many went back.
-local function recover(c, token)
+-- than one event, and they are handed out one at a time (`redo`). `token` and `size`: the
+-- state's, when the caller read them (token '' or false: nothing is in flight). Returns how
+-- many went back.
+local function recover(c, token, size)
+  if token == nil then
+    local read = redis.call('HMGET', c.state, 'token', 'size')
+    token, size = read[1], read[2]
+  end
   if token == '' or token == false then return 0 end
-  local count = redis.call('LLEN', c.in_flight)
+  local count = tonumber(size) or 0
   if count == 0 then return 0 end
-  back_to_head(c, count)
+  back_to_head(c)
   redis.call('HINCRBY', c.stats, 'redelivered', count)
   if count > 1 then redis.call('HSET', c.state, 'redo', count) end
   return count
@@ -235,8 +229,8 @@ local function reready(c, account, order, rand)
   return make_ready(c, account, order, rand, backlog) and 1 or 0
 end
 
--- Move up to `k` events from the head in flight for `token` (and, from a claim, record the
--- claim id); nil when there are none, or when the account is paused (the caller releases it).
+-- Put up to `k` events of the head in flight for `token` (and, from a claim, record the claim
+-- id); nil when there are none, or when the account is paused (the caller releases it).
 -- `n`, `redo` and `held_back` (paused): the state's as the caller knows them, or nil to read.
 local function take_head(c, token, claim, k, n, redo, held_back)
   if n == nil then
@@ -245,19 +239,12 @@ local function take_head(c, token, claim, k, n, redo, held_back)
   end
   if held_back then return nil end
   if redo > 0 then k = 1 end
-  local bodies
-  if k == 1 then
-    bodies = {redis.call('LMOVE', c.pending, c.in_flight, 'LEFT', 'RIGHT')}
-    if not bodies[1] then return nil end
-  else
-    bodies = redis.call('LRANGE', c.pending, 0, k - 1)
-    if #bodies == 0 then return nil end
-    redis.call('LTRIM', c.pending, #bodies, -1)
-    in_chunks('RPUSH', c.in_flight, bodies)
-  end
+  local bodies = redis.call('LRANGE', c.pending, 0, k - 1)
+  if #bodies == 0 then return nil end
   local attempt = n + 1
   stage(c, 'n', attempt)
   stage(c, 'token', token)
+  stage(c, 'size', #bodies)
   stage(c, 'seq', string.match(bodies[1], '^{"seq":(%d+)'))
   if claim then stage(c, 'claim', claim) end
   return handed(bodies, attempt)
@@ -267,8 +254,7 @@ end
 -- `backlog`: the pending list's length when the caller knows that nothing is in flight.
 local function release(c, account, order, rand, backlog)
   if not backlog then
-    local count = redis.call('LLEN', c.in_flight)
-    if count > 0 then back_to_head(c, count) end
+    back_to_head(c)
     backlog = redis.call('LLEN', c.pending)
   end
   redis.call('DEL', c.lock)
@@ -341,18 +327,13 @@ local function forget_old_calls(c, calls)
   stage(c, 'calls', #tokens - math.max(drop, 0) + 1)
 end
 
--- The first `count` of the `size` events in flight are settled; the rest never ran and go
--- back to the head uncounted. Then nothing is in flight, and the new head has had no attempt,
--- unless it is one of a dead owner's batch (`redo` > 1): one then. Returns the head's n and
--- redo, as staged.
-local function drop_settled(c, count, size, redo)
-  if count < size then
-    redis.call('LTRIM', c.in_flight, count, -1)
-    give_back(c, size - count)
-  else
-    redis.call('DEL', c.in_flight)
-  end
-  stage(c, 'token', '')
+-- The first `count` events in flight are settled: they leave the head. The rest of the batch
+-- never ran and is first in line again, uncounted. Then nothing is in flight, and the new head
+-- has had no attempt, unless it is one of a dead owner's batch (`redo` > 1): one then.
+-- Returns the head's n and redo, as staged.
+local function drop_settled(c, count, redo)
+  redis.call('LTRIM', c.pending, count, -1)
+  back_to_head(c)
   if redo == 0 then
     stage(c, 'n', 0)
     return 0, 0
@@ -364,8 +345,8 @@ local function drop_settled(c, count, size, redo)
 end
 
 -- A settle as settle.lua names it (`s`): the account, the owner's token, the seq and attempt
--- of the first event of its batch in flight, the batch's `size`, how many of its events from
--- the first were handled (`count`; for a nack, before the one that failed), the last of those
+-- of the first event of its batch in flight, how many of its events from the first were
+-- handled (`count`; for a nack, before the one that failed), the last of those
 -- events' seq, what the owner wants next (`want_next` '1' or '0'; `k`, the most events to hand
 -- out) and its random score (`rand`, claim order random). The call's policy (`p`): the claim
 -- order, the switch margin, the best ready score elsewhere, the dead letters the shard keeps
@@ -383,7 +364,7 @@ local function ack(c, s, p)
     return replayed(c, s.token, s.seq, s.attempt, 'ack') or {'lost'}, 0
   end
   local n
-  n, redo = drop_settled(c, s.count, s.size, redo)
+  n, redo = drop_settled(c, s.count, redo)
   stage(c, 'acked', acked + s.count)
   stage(c, 'last_acked_seq', s.last_seq)
   local reply = next_step(c, s, p, n, redo, held_back)
@@ -403,16 +384,16 @@ local function nack(c, s, p)
   if not held then
     return replayed(c, s.token, s.seq, s.attempt, 'nack') or {'lost'}, 0, false
   end
-  local left, reply = s.size - s.count, nil
+  local reply
   if s.count > 0 then
-    redis.call('LTRIM', c.in_flight, s.count, -1)
+    redis.call('LTRIM', c.pending, s.count, -1)
     stage(c, 'acked', acked + s.count)
     stage(c, 'last_acked_seq', s.last_seq)
   end
   if s.entry == '' then
     -- the failed event is the new first of the batch: its attempt is counted
     if s.count > 0 then stage(c, 'n', 1) end
-    back_to_head(c, left)
+    back_to_head(c)
     reply = {'retry'}
     if s.want_next ~= '1' then reply = release(c, s.account, p.order, s.rand) end
   else
@@ -425,7 +406,7 @@ local function nack(c, s, p)
       for i = 1, #dropped, 2 do redis.call('HDEL', c.dead, dropped[i]) end
     end
     local n
-    n, redo = drop_settled(c, 1, left, redo)
+    n, redo = drop_settled(c, 1, redo)
     stage(c, 'dead', dead_count + 1)
     if p.park == '1' then
       redis.call('HSET', c.paused, s.account, 'parked')

@@ -6,9 +6,9 @@
 --       number among the call's accounts (1 for the first one's keys), account, the dead
 --       letter's id, the entry exactly as read, and the event body to queue again ('' to purge).
 -- The entries of one account come newest first: each replayed one goes to the head of the
--- pending list, so they land in seq order ahead of what is pending. A replayed account that
--- was parked is no longer paused, and it is made ready unless a consumer holds it (that one
--- takes the replayed events next). An entry no longer stored as read (replayed or purged
+-- pending list, behind a batch in flight, so they land in seq order ahead of what is pending.
+-- A replayed account that was parked is no longer paused, and it is made ready unless a
+-- consumer holds it (that one takes the replayed events next). An entry no longer stored as read (replayed or purged
 -- meanwhile, trimmed, or dead again since) is skipped, so a call sent again changes nothing.
 -- Each entry costs a few commands whatever the number of dead letters.
 -- Returns how many entries were replayed or purged.
@@ -18,7 +18,7 @@ local shard = {
 }
 local mode, order = ARGV[1], ARGV[2]
 math.randomseed(tonumber(ARGV[3]))
-local done, base, accounts = 0, {}, {}
+local done, base, accounts, bodies_of = 0, {}, {}, {}
 for i = 4, #ARGV, 5 do
   local account, id, entry = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   if redis.call('HGET', shard.dead, id) == entry then
@@ -26,12 +26,12 @@ for i = 4, #ARGV, 5 do
     redis.call('ZREM', shard.dead_order, id)
     done = done + 1
     if mode == 'replay' then
-      local at = 7 + 3 * (tonumber(ARGV[i]) - 1)
-      redis.call('LPUSH', KEYS[at], ARGV[i + 4])
       if not base[account] then
-        base[account] = at
+        base[account] = 7 + 3 * (tonumber(ARGV[i]) - 1)
         accounts[#accounts + 1] = account
+        bodies_of[account] = {}
       end
+      table.insert(bodies_of[account], ARGV[i + 4])
     end
   end
 end
@@ -42,7 +42,15 @@ if mode ~= 'replay' then
 end
 for _, account in ipairs(accounts) do
   local at = base[account]
-  local c = account_keys(shard, KEYS[at], nil, KEYS[at + 1], KEYS[at + 2])
+  local c = account_keys(shard, KEYS[at], KEYS[at + 1], KEYS[at + 2])
+  -- Behind the batch in flight, which stays first at the head until it is settled.
+  local size = tonumber(redis.call('HGET', c.state, 'size')) or 0
+  local flying = size > 0 and redis.call('LRANGE', c.pending, 0, size - 1) or {}
+  if size > 0 then redis.call('LTRIM', c.pending, size, -1) end
+  in_chunks('LPUSH', c.pending, bodies_of[account])
+  local reversed = {}
+  for i = #flying, 1, -1 do reversed[#reversed + 1] = flying[i] end
+  if size > 0 then in_chunks('LPUSH', c.pending, reversed) end
   redis.call('SADD', shard.active, account)
   if redis.call('HGET', shard.paused, account) == 'parked' then
     redis.call('HDEL', shard.paused, account)

@@ -4,5 +4,5 @@
 -- ARGV: 1 account
 -- Returns 1 when the pause was dropped, else 0. Sent again: 0, nothing changed.
 local c = layout(KEYS)
-if redis.call('EXISTS', c.pending, c.in_flight, c.lock, c.seq_key, c.state) > 0 then return 0 end
+if redis.call('EXISTS', c.pending, c.lock, c.seq_key, c.state) > 0 then return 0 end
 return redis.call('HDEL', c.paused, ARGV[1])
