@@ -3,6 +3,7 @@
 python -m bench.run            the short set (make bench, under 10 minutes; no peers)
 python -m bench.run --full     everything (make bench-full)
 python -m bench.run --only noop --only push
+python -m bench.run --full --only grid --order longest   the grid the target is set on
 """
 
 import argparse
@@ -22,8 +23,8 @@ SHARDS = (1, 16, 256)
 ON_CLUSTER = ("cluster", "cluster_work", "cluster_cost")
 
 
-def plan(full: bool) -> dict[str, list[Cell]]:
-    """Scenario name -> its cells, for the short or the full set."""
+def plan(full: bool, orders: tuple[str, ...] = ORDERS) -> dict[str, list[Cell]]:
+    """Scenario name -> its cells, for the short or the full set; the grid's for `orders`."""
     patterns = ("bursty", "uniform", "zipf", "hot") if full else ("bursty",)
     widths = (10, 50, 100, 200, 500, 1000) if full else (100, 1000)
     return {
@@ -31,7 +32,7 @@ def plan(full: bool) -> dict[str, list[Cell]]:
             _cell(scenarios.makespan, pattern, w, order, 0.1)
             for pattern in patterns
             for w in widths
-            for order in ORDERS
+            for order in orders
         ],
         "headline": [_cell(scenarios.makespan, "bursty", w, "longest", 1.0) for w in (100, 1000)],
         # The same on the local 3-master Redis Cluster.
@@ -83,9 +84,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="every scenario and cell")
     parser.add_argument("--only", action="append", help="run just these scenarios")
+    parser.add_argument(
+        "--order", choices=ORDERS, help="the grid for this CLAIM_ORDER only (its target's)"
+    )
     args = parser.parse_args()
     name = "full" if args.full else "short"
-    scenarios_to_run = plan(args.full)
+    scenarios_to_run = plan(args.full, (args.order,) if args.order else ORDERS)
     unknown = set(args.only or ()) - scenarios_to_run.keys()
     if unknown:
         known = ", ".join(scenarios_to_run)
