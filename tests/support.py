@@ -172,9 +172,8 @@ class Routed:
 
 async def in_flight(queue: Queue, account: int) -> list[bytes]:
     """The bodies of the account's batch in flight: the head of its pending list, as many as
-    its state's `size` while a token holds them."""
-    token, size = await Routed(queue).hmget(queue.keys.state(account), "token", "size")
-    count = int(size or 0) if token else 0
+    its state's `size`."""
+    count = int(await Routed(queue).hget(queue.keys.state(account), "size") or 0)
     if not count:
         return []
     return cast(list[bytes], await Routed(queue).lrange(queue.keys.pending(account), 0, count - 1))

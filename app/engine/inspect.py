@@ -44,11 +44,11 @@ async def account_state(queue: Queue, account: int) -> AccountState:
         tx.lindex(keys.pending(account), 0)
         tx.get(keys.lock(account))
         tx.pttl(keys.lock(account))
-        tx.hmget(keys.state(account), "acked", "dead", "last_acked_seq", "fence", "token", "size")
+        tx.hmget(keys.state(account), "acked", "dead", "last_acked_seq", "fence", "size")
         tx.hget(keys.paused(keys.shard_of(account)), str(account))
         length, body, held, lease_ms, state, paused = await tx.execute()
-    acked, dead, last, fenced, taker, size = state
-    flying = int(size or 0) if taker else 0  # the batch in flight: the head's first events
+    acked, dead, last, fenced, size = state
+    flying = int(size or 0)  # the batch in flight: the head's first events
     backlog = length - flying
     in_flight = None
     if flying and body is not None:
@@ -102,7 +102,7 @@ async def event_state(queue: Queue, account: int, event_id: str) -> dict[str, An
             dead,
         ) = await tx.execute()
     found: dict[str, Any] = {"account_id": account, "event_id": event_id}
-    in_flight = int(size or 0) if taker else 0
+    in_flight = int(size or 0)
     flying, pending = head[:in_flight], head[in_flight:]
     for place, body in enumerate(flying):  # the batch in flight: its first has `attempt`
         if (event := orjson.loads(body))["id"] != event_id:

@@ -123,6 +123,13 @@ local function in_chunks(command, key, values, option)
   return joined
 end
 
+-- `bodies` onto the head of the list `key`, first in line, in their order.
+local function to_head(key, bodies)
+  local reversed = {}
+  for i = #bodies, 1, -1 do reversed[#reversed + 1] = bodies[i] end
+  in_chunks('LPUSH', key, reversed)
+end
+
 -- A take reply: {'event', first body, its attempt, the batch's other bodies...}.
 local function handed(bodies, attempt)
   local reply = {'event', bodies[1], attempt}
@@ -196,15 +203,10 @@ local function drained(c, account)
 end
 
 -- A batch left in flight by an owner that died goes back to the head, first in line; more
--- than one event, and they are handed out one at a time (`redo`). `token` and `size`: the
--- state's, when the caller read them (token '' or false: nothing is in flight). Returns how
--- many went back.
-local function recover(c, token, size)
-  if token == nil then
-    local read = redis.call('HMGET', c.state, 'token', 'size')
-    token, size = read[1], read[2]
-  end
-  if token == '' or token == false then return 0 end
+-- than one event, and they are handed out one at a time (`redo`). `size`: the state's, when
+-- the caller read it (0 or false: nothing is in flight). Returns how many went back.
+local function recover(c, size)
+  if size == nil then size = redis.call('HGET', c.state, 'size') end
   local count = tonumber(size) or 0
   if count == 0 then return 0 end
   back_to_head(c)

@@ -34,11 +34,9 @@ if fence then
 end
 local flying = redis.call('LRANGE', KEYS[13], 0, -1)
 if #flying > 0 then
-  local reversed = {}
-  for i = #flying, 1, -1 do reversed[#reversed + 1] = flying[i] end
-  in_chunks('LPUSH', c.pending, reversed)
+  to_head(c.pending, flying)
   redis.call('DEL', KEYS[13])
-  recover(c, 'moved', #flying)
+  recover(c, #flying)
   moved = 1
 end
 flush(c)

@@ -44,13 +44,13 @@ for _, account in ipairs(accounts) do
   local at = base[account]
   local c = account_keys(shard, KEYS[at], KEYS[at + 1], KEYS[at + 2])
   -- Behind the batch in flight, which stays first at the head until it is settled.
-  local size = tonumber(redis.call('HGET', c.state, 'size')) or 0
-  local flying = size > 0 and redis.call('LRANGE', c.pending, 0, size - 1) or {}
-  if size > 0 then redis.call('LTRIM', c.pending, size, -1) end
+  local size, flying = tonumber(redis.call('HGET', c.state, 'size')) or 0, {}
+  if size > 0 then
+    flying = redis.call('LRANGE', c.pending, 0, size - 1)
+    redis.call('LTRIM', c.pending, size, -1)
+  end
   in_chunks('LPUSH', c.pending, bodies_of[account])
-  local reversed = {}
-  for i = #flying, 1, -1 do reversed[#reversed + 1] = flying[i] end
-  if size > 0 then in_chunks('LPUSH', c.pending, reversed) end
+  to_head(c.pending, flying)
   redis.call('SADD', shard.active, account)
   if redis.call('HGET', shard.paused, account) == 'parked' then
     redis.call('HDEL', shard.paused, account)

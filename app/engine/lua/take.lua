@@ -29,14 +29,13 @@ if token == 'claim' then
   if redis.call('GET', c.lock) ~= '1' then return {'lost'} end
   redis.call('ZREM', c.ready, account)
   redis.call('PERSIST', c.state)
-  local st = redis.call('HMGET', c.state, 'fence', 'token', 'n', 'redo', 'paused', 'calls',
-                       'size')
+  local st = redis.call('HMGET', c.state, 'fence', 'n', 'redo', 'paused', 'calls', 'size')
   token, claim = fresh_token(st[1]), ARGV[5]
-  forget_old_calls(c, st[6])
-  local back = recover(c, st[2], st[7])
-  local redo = back > 1 and back or tonumber(st[4]) or 0
-  taken = take_head(c, token, claim, tonumber(ARGV[6]), tonumber(st[3]) or 0, redo,
-                    st[5] == '1')
+  forget_old_calls(c, st[5])
+  local back = recover(c, st[6])
+  local redo = back > 1 and back or tonumber(st[3]) or 0
+  taken = take_head(c, token, claim, tonumber(ARGV[6]), tonumber(st[2]) or 0, redo,
+                    st[4] == '1')
 elseif not owns(c, token) then
   return {'lost'}
 else
