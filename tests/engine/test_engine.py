@@ -187,6 +187,26 @@ async def test_ack_switches_to_a_backlog_longer_by_the_margin(
     assert (await claim_one(queue)).account == 2
 
 
+async def test_one_settle_call_compares_with_an_account_it_released(
+    make_queue: MakeQueue,
+) -> None:
+    """The accounts of one settle call read the shard's best waiting backlog once; an account
+    the call gives back counts for the accounts settled after it: d reads an empty index and
+    goes on, b is released with 5 events waiting, and a, 3 shorter, switches."""
+    queue = make_queue(shards=1, switch_margin=1)
+    await push(queue, 2, *(f"b{i}" for i in range(6)))
+    b = await claim_one(queue)
+    await push(queue, 4, "d1", "d2", "d3")
+    d = await claim_one(queue)
+    await push(queue, 1, "a1", "a2", "a3")
+    a = await claim_one(queue)
+    assert (a.account, b.account, d.account) == (1, 2, 4)
+    steps = await asyncio.gather(queue.ack(d), queue.ack(b, want_next=False), queue.ack(a))
+    assert isinstance(steps[0], Event) and steps[0].event_id == "d2"
+    assert steps[1:] == [Step.RELEASED, Step.RELEASED]
+    assert await ready_scores(queue) == {1: -2.0, 2: -5.0}
+
+
 async def test_random_order_drains_claimed_account(make_queue: MakeQueue) -> None:
     """With `random`, a slot keeps its account until it is empty."""
     queue = make_queue(claim_order="random")

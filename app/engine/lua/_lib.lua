@@ -37,12 +37,14 @@
 local KEEP_CALLS = 32
 
 -- An account's keys by name, with the shard's keys of `shard` (a table of ready, stats,
--- active, dead, paused, dead_order; the ones a call does not pass are nil).
+-- active, dead, paused, dead_order; the ones a call does not pass are nil). `shard` itself
+-- is kept too: the accounts of one call share what it caches (best_ready).
 local function account_keys(shard, pending, lock, state, seq_key)
   return {
     pending = pending, lock = lock, state = state, seq_key = seq_key,
     ready = shard.ready, stats = shard.stats, active = shard.active, dead = shard.dead,
-    paused = shard.paused, dead_order = shard.dead_order, staged = {}, any_staged = false,
+    paused = shard.paused, dead_order = shard.dead_order, shard = shard, staged = {},
+    any_staged = false,
   }
 end
 
@@ -186,11 +188,25 @@ local function add_ready(ready, pairs, order)
   end
 end
 
+-- The best (lowest) score in the shard's ready index, nil when it is empty. Read once per
+-- call: the accounts a settle covers share it (their shard's table keeps it, false for
+-- empty), and make_ready keeps it up to date; nothing else in a settle changes the index.
+local function best_ready(c)
+  local shard = c.shard
+  if shard.best == nil then
+    shard.best = tonumber(redis.call('ZRANGE', c.ready, 0, 0, 'WITHSCORES')[2]) or false
+  end
+  return shard.best or nil
+end
+
 -- Into the shard's ready index unless an operator paused the account or a poison event
 -- parked it (it is not claimed then). Returns whether it went in.
 local function make_ready(c, account, order, rand, backlog)
   if redis.call('HEXISTS', c.paused, account) == 1 then return false end
-  add_ready(c.ready, {ready_score(c.pending, order, rand, backlog), account}, order)
+  local score = ready_score(c.pending, order, rand, backlog)
+  add_ready(c.ready, {score, account}, order)
+  local best = c.shard.best
+  if best ~= nil and (not best or tonumber(score) < best) then c.shard.best = tonumber(score) end
   return true
 end
 
@@ -280,7 +296,7 @@ local function next_step(c, s, p, n, redo, held_back)
     return release(c, s.account, p.order, s.rand, backlog)
   end
   if p.order ~= 'random' then
-    local best = tonumber(redis.call('ZRANGE', c.ready, 0, 0, 'WITHSCORES')[2])
+    local best = best_ready(c)
     local other = tonumber(p.elsewhere)
     if other and (not best or other < best) then best = other end
     local own = tonumber(ready_score(c.pending, p.order, s.rand, backlog))
