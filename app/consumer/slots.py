@@ -34,12 +34,16 @@ OUTCOME_EVENTS = {
     "lost_lease": "event_lease_lost",
 }
 LEASE_MARGIN = 0.1  # share of the lease a slot keeps in hand when it judges its own lease
-BATCH_TARGET_S = 0.02  # handler time a batch should cover: about a settle round trip under load
+BATCH_TARGET_S = 0.02  # handler time a batch covers at least: about a settle round trip under load
+# A settle's wait (from the batch's last run to the next batch's first) may cost the slot this
+# share of a batch's handler time: a batch covers the measured wait this many times over ...
+SETTLE_SHARE = 0.01
+BATCH_COVER_MAX_S = 0.5  # ... but at most this long: a handler of 0.5 s or more gets one at a time
 LAG_PROBE_S = 0.01  # how often the event loop's lateness is measured
 # Of the newest probe in the loop's lateness: it follows a load that comes at once (a drain's
 # first claim) within a few probes, as fast as the handler's average follows its runs.
 LAG_WEIGHT = 0.3
-EWMA_WEIGHT = 0.05  # of the newest claim in the moving average of claim time
+EWMA_WEIGHT = 0.05  # of the newest claim (or settle) in the moving average of claim (settle) time
 PACE_WINDOW_S = 0.1  # handler runs are pooled this long, then their mean moves the pace
 PACE_WEIGHT = 0.3  # of the newest window's mean in the moving average of handler time
 SHORTEST_RUN_S = 1e-6  # what one handler run counts at least, however fast it measured
@@ -85,12 +89,14 @@ class Slots:
         self._call = _as_async(handler, settings.concurrency)
         self._handler_timeout_s = settings.handler_timeout_seconds
         self._margin_s = settings.lease_seconds * LEASE_MARGIN
+        self._cover_max_s = min(BATCH_COVER_MAX_S, self._margin_s)
         self.stopping = asyncio.Event()
         self.tally = Tally()
         self.handler_s = 0.0  # moving average of one event's handler time (0: none measured)
         self._window = [0.0, 0, 0.0]  # handler seconds, events, and since when (monotonic)
         self.claim_s = 0.0  # moving average of a claim that found work (0: none yet)
         self.loop_lag_s = 0.0  # moving average of how late the event loop runs a callback
+        self.settle_s = 0.0  # moving average of a settle's wait (0: none measured yet)
         self._takes_batch = bool(getattr(handler, "takes_batch", False))
 
     async def drain(self, slot: int, holding: Holding, first: Event | Won) -> None:
@@ -122,6 +128,7 @@ class Slots:
             step = await self.retrying(lambda: self._queue.ack(first, want_all, handled))
             _now_holds(holding, step)
             await self._write(slot, runs, "", "lost_lease" if step is Step.LOST else "ack")
+            self._settle_took(time.time_ns() - runs[-1].finished)
             return step
         failed_event = runs[-1].event
         failed = error if isinstance(error, Failed) else None
@@ -208,6 +215,16 @@ class Slots:
         self._window = [0.0, 0, now]
         self.pace()
 
+    def _settle_took(self, elapsed_ns: int) -> None:
+        """Fold one settle's wait, from its batch's last run to the slot's next step, into its
+        moving average (the first one sets it), and pace."""
+        seconds = elapsed_ns / 1e9
+        if self.settle_s:
+            self.settle_s += (seconds - self.settle_s) * EWMA_WEIGHT
+        else:
+            self.settle_s = seconds
+        self.pace()
+
     def claim_took(self, seconds: float) -> None:
         """Fold a claim that found work into the moving average of claim time (the first one
         sets it: an average started from 0 would make claims look free for a while), and
@@ -247,12 +264,15 @@ class Slots:
             self.loop_lag_s += (max(0.0, loop.time() - asked) - self.loop_lag_s) * LAG_WEIGHT
 
     def batch_size(self) -> int:
-        """Events per batch: enough handler runs to cover BATCH_TARGET_S, so a fast handler
-        does not wait on a Redis round trip after every event, and at most BATCH_MAX. A 1 s
-        handler gets 1; a batch's handler time stays near BATCH_TARGET_S, well inside any
-        lease (LEASE_SECONDS is at least 1)."""
+        """Events per batch: enough handler runs that the settle's wait costs at most
+        SETTLE_SHARE of the batch's handler time (and to cover BATCH_TARGET_S, before a wait is
+        measured), and at most BATCH_MAX. A batch covers at most BATCH_COVER_MAX_S and a
+        tenth of the lease: a 1 s handler gets 1, and a batch stays well inside any lease.
+        The wait is what a loaded machine makes it: a few ms here gives a 0.1 s handler 2 to
+        5 events, where one at a time lost 2 to 10% of its time between events."""
         per_event = max(self.handler_s, SHORTEST_RUN_S)
-        return max(1, min(self._settings.batch_max, math.ceil(BATCH_TARGET_S / per_event)))
+        cover = min(max(BATCH_TARGET_S, self.settle_s / SETTLE_SHARE), self._cover_max_s)
+        return max(1, min(self._settings.batch_max, math.ceil(cover / per_event)))
 
     def _retry_in_s(self, event: Event, failed: Failed | None) -> float:
         """The backoff after a failed attempt, or longer when the handler asked for it (at

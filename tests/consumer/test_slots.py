@@ -261,20 +261,25 @@ async def test_a_batch_handler_gets_each_accounts_events_as_lists_and_says_how_f
     await queue.aclose()
 
 
-def test_batches_cover_about_20_ms_of_handler_time(
+def test_batches_cover_the_settles_wait_100_times_over(
     faulty: tuple[FaultyRedis, Callable[..., Settings]],
 ) -> None:
-    """The batch size follows the handler's pace: a 1 s or 0.1 s handler gets one event at a
-    time, a 5 ms one 4, a 0.5 ms one 40, a no-op one BATCH_MAX."""
+    """The batch size follows the handler's pace and the settle's measured wait: a batch
+    covers 100 times the wait (20 ms before one is measured), at most 0.5 s and a tenth of the
+    lease. A 1 s handler always gets one event at a time; a 0.1 s one 1, 2 with a 2 ms wait
+    and 5 with a 50 ms one; a no-op one BATCH_MAX."""
     client, settings = faulty
 
-    def size(handler_s: float, **overrides: object) -> int:
+    def size(handler_s: float, settle_s: float = 0.0, **overrides: object) -> int:
         config = settings(**overrides)
         slots = Slots(queue_on(client, config), noop, config, get_logger(), None)  # type: ignore[arg-type]
-        slots.handler_s = handler_s
+        slots.handler_s, slots.settle_s = handler_s, settle_s
         return slots.batch_size()
 
     assert [size(s) for s in (1.0, 0.1, 0.005, 0.0005, 0.00001)] == [1, 1, 4, 40, 50]
+    assert [size(s, 0.002) for s in (1.0, 0.1, 0.005)] == [1, 2, 40]
+    assert [size(s, 0.05) for s in (1.0, 0.5, 0.1)] == [1, 1, 5]
+    assert size(0.1, 0.05, lease_seconds=1) == 1
     assert size(0.00001, batch_max=1) == 1
     assert size(0.00001, batch_max=1000) == 1000
 
