@@ -208,31 +208,21 @@ class Slots:
         if self.handler_s and now - window[2] < PACE_WINDOW_S:
             return
         mean = max(SHORTEST_RUN_S, window[0] / window[1])
-        if self.handler_s:
-            self.handler_s += (mean - self.handler_s) * PACE_WEIGHT
-        else:
-            self.handler_s = mean
+        self.handler_s = _averaged(self.handler_s, mean, PACE_WEIGHT)
         self._window = [0.0, 0, now]
         self.pace()
 
     def _settle_took(self, elapsed_ns: int) -> None:
         """Fold one settle's wait, from its batch's last run to the slot's next step, into its
         moving average (the first one sets it), and pace."""
-        seconds = elapsed_ns / 1e9
-        if self.settle_s:
-            self.settle_s += (seconds - self.settle_s) * EWMA_WEIGHT
-        else:
-            self.settle_s = seconds
+        self.settle_s = _averaged(self.settle_s, elapsed_ns / 1e9, EWMA_WEIGHT)
         self.pace()
 
     def claim_took(self, seconds: float) -> None:
         """Fold a claim that found work into the moving average of claim time (the first one
         sets it: an average started from 0 would make claims look free for a while), and
         pace."""
-        if self.claim_s:
-            self.claim_s += (seconds - self.claim_s) * EWMA_WEIGHT
-        else:
-            self.claim_s = seconds
+        self.claim_s = _averaged(self.claim_s, seconds, EWMA_WEIGHT)
         self.pace()
 
     def pace(self) -> None:
@@ -483,6 +473,12 @@ def _as_async(
         return await asyncio.get_running_loop().run_in_executor(pool, handler, arg)  # type: ignore[arg-type]
 
     return call
+
+
+def _averaged(mean: float, sample: float, weight: float) -> float:
+    """A moving average with `sample` folded in at `weight`; the first sample (`mean` 0: none
+    yet) sets it."""
+    return mean + (sample - mean) * weight if mean else sample
 
 
 async def sleep_unless(event: asyncio.Event, seconds: float) -> bool:

@@ -231,8 +231,8 @@ def test_event_log_rotates_by_size_and_the_report_reads_it_whole(
 def test_twenty_kill_9s_leave_no_settled_event_out_of_the_proof(
     redis_url: str, consumers: Consumers, handler_s: float, slots: int
 ) -> None:
-    """Consumers with a 0.01 s handler (batches of 2), or a 0.002 s one on few slots (batches
-    of about 10), are killed -9 twenty times during a drain (each replaced at once): `evq
+    """Consumers with a 0.01 s handler (batches of up to 10), or a 0.002 s one on few slots
+    (batches of up to 50), are killed -9 twenty times during a drain (each replaced at once): `evq
     report` finds every event settled, 0 lost and 0 violations, counting the attempts whose
     outcome line a kill cut off from their settling line and Redis."""
     env = {**os.environ, "REDIS_URL": redis_url, "EVENT_LOG": str(consumers.event_log)}
