@@ -204,7 +204,7 @@ def soak(minutes: float, rate: float, seed: int) -> dict[str, Any]:
         settings = Settings(_env_file=None, redis_url=b.server.url)
         proof = servers.engine(
             settings,
-            lambda queue: resolve(logged, lambda a, e: inspect.event_state(queue, a, e)),
+            lambda queue: resolve(logged, lambda a, e, s: inspect.event_state(queue, a, e, s)),
         )
         attempts = proof.attempts
     settled = {a.event_id for a in attempts if a.outcome in ("ack", "dead")}

@@ -340,7 +340,7 @@ def _from_redis(settings: Settings, logged: Run) -> tuple[Run, int | None]:
 
     async def main() -> tuple[Run, int | None]:
         async with open_queue(settings) as queue:
-            resolved = await resolve(logged, lambda a, e: event_state(queue, a, e))
+            resolved = await resolve(logged, lambda a, e, s: event_state(queue, a, e, s))
             if logged.id_prefix is None:
                 return resolved, None
             return resolved, await inspect.waiting(queue, logged.id_prefix)

@@ -70,13 +70,18 @@ async def account_state(queue: Queue, account: int) -> AccountState:
     )
 
 
-async def event_state(queue: Queue, account: int, event_id: str) -> dict[str, Any] | None:
+async def event_state(
+    queue: Queue, account: int, event_id: str, seq: int | None = None
+) -> dict[str, Any] | None:
     """Where one event is: `pending` at `position` (1 runs next; None beyond the first
     LOOKUP_DEPTH events of the head, the batch in flight included, which are all a lookup
     reads), `in_flight` (attempt, and the
     owner's token and lease while one holds it), `dead` (its error), or `acked`. None when
     evq does not know it: never accepted, or settled and forgotten (its id outlived the
-    dedupe window, or its dead letter was purged). One transaction of bounded cost."""
+    dedupe window, or its dead letter was purged). With its `seq`, when the caller knows it
+    (a settling line of the event log says it), an event whose id is forgotten is still found
+    acked while its account's last acked seq is there to compare. One transaction of
+    bounded cost."""
     keys = queue.keys
     shard = keys.shard_of(account)
     bucket = queue.dedupe_bucket()
@@ -127,8 +132,10 @@ async def event_state(queue: Queue, account: int, event_id: str) -> dict[str, An
                 "position": position,
                 "replays": event.get("r", 0),
             }
-    seq = seen or seen_legacy or seen_before or seen_before_legacy
-    return _elsewhere(found, dead, seq, last, len(head) == LOOKUP_DEPTH)
+    known = seen or seen_legacy or seen_before or seen_before_legacy
+    if known is None and seq is not None:
+        known = b"%d" % seq
+    return _elsewhere(found, dead, known, last, len(head) == LOOKUP_DEPTH)
 
 
 def _elsewhere(

@@ -175,7 +175,7 @@ def _attempt(record: dict[str, Any]) -> Attempt | None:
 
 
 async def resolve(
-    run: Run, state_of: Callable[[int, str], Awaitable[dict[str, Any] | None]]
+    run: Run, state_of: Callable[[int, str, int], Awaitable[dict[str, Any] | None]]
 ) -> Run:
     """`run` with the attempts whose outcome line is missing (their consumer died between
     the settle and that line) counted as Redis has them: an ack or a dead-lettering that
@@ -189,7 +189,7 @@ async def resolve(
     for a in run.settling:
         if (a.account, a.seq, a.attempt) in logged or latest[(a.account, a.seq)] > a.attempt:
             continue
-        state = await state_of(a.account, a.event_id)
+        state = await state_of(a.account, a.event_id, a.seq)
         now = {"acked": "ack", "dead": "dead"}.get(state["state"]) if state else None
         if now is not None and now == a.outcome:
             found.append(a)

@@ -180,6 +180,28 @@ async def test_event_lookup_follows_an_event_through_its_states(make_queue: Make
     assert await event_state(queue, 6, "a") is None
 
 
+async def test_a_forgotten_event_is_found_acked_by_its_seq(make_queue: MakeQueue) -> None:
+    """Once an acked event's id has left the dedupe window, the lookup does not know it; with
+    its seq (a settling line of the event log has it) it is acked while the account's last
+    acked seq has reached it, and not before."""
+    queue = make_queue()
+    seq_a, seq_b = await push(queue, 5, "a", "b")
+    first = await claim_one(queue)
+    assert isinstance(await queue.ack(first, count=1), Event)
+    for shard in range(queue.keys.shards):
+        for bucket in (queue.dedupe_bucket(), queue.dedupe_bucket() - 1):
+            await Routed(queue).delete(queue.keys.ids(shard, bucket))
+    assert await event_state(queue, 5, "a") is None
+    assert await event_state(queue, 5, "a", seq_a) == {
+        "account_id": 5,
+        "event_id": "a",
+        "state": "acked",
+        "seq": seq_a,
+    }
+    state = await event_state(queue, 5, "b", seq_b)
+    assert state is not None and state["state"] == "in_flight"
+
+
 async def test_dead_letters_of_the_old_layout_are_moved_and_replayed(
     make_queue: MakeQueue,
 ) -> None:

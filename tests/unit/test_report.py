@@ -234,7 +234,7 @@ async def test_a_settle_whose_outcome_line_is_missing_is_resolved_from_redis(
     path = write_log(tmp_path, [*settling, attempt(2, 1, 3, 4, attempt=2)], accepted=3)
     states = {"r1-1-1": "acked", "r1-1-2": "pending", "r1-2-1": "acked"}
 
-    async def state_of(account: int, event_id: str) -> dict[str, object]:
+    async def state_of(account: int, event_id: str, seq: int) -> dict[str, object]:
         return {"state": states[event_id]}
 
     run = await resolve(read_log([path], latest_run=True), state_of)
