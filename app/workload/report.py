@@ -175,12 +175,14 @@ def _attempt(record: dict[str, Any]) -> Attempt | None:
 
 
 async def resolve(
-    run: Run, state_of: Callable[[int, str, int], Awaitable[dict[str, Any] | None]]
+    run: Run, state_of: Callable[[int, str, int | None], Awaitable[dict[str, Any] | None]]
 ) -> Run:
     """`run` with the attempts whose outcome line is missing (their consumer died between
     the settle and that line) counted as Redis has them: an ack or a dead-lettering that
     landed. An attempt of which a later attempt was logged did not settle its event and is
-    left out; so is one Redis still holds the event of (it will be handed out again)."""
+    left out; so is one Redis still holds the event of (it will be handed out again).
+    `state_of` gets the attempt's seq too, unless it is a replay (whose seq the account's
+    acks passed long before it ran)."""
     logged = {(a.account, a.seq, a.attempt) for a in run.attempts}
     latest: dict[tuple[int, int], int] = {}
     for a in (*run.attempts, *run.settling):
@@ -189,7 +191,7 @@ async def resolve(
     for a in run.settling:
         if (a.account, a.seq, a.attempt) in logged or latest[(a.account, a.seq)] > a.attempt:
             continue
-        state = await state_of(a.account, a.event_id, a.seq)
+        state = await state_of(a.account, a.event_id, None if a.replay else a.seq)
         now = {"acked": "ack", "dead": "dead"}.get(state["state"]) if state else None
         if now is not None and now == a.outcome:
             found.append(a)

@@ -223,22 +223,27 @@ async def test_a_settle_whose_outcome_line_is_missing_is_resolved_from_redis(
     tmp_path: Path,
 ) -> None:
     """An attempt logged as settling with no outcome line counts as Redis has it: acked when
-    its ack landed, not when Redis still holds the event or a later attempt ran."""
+    its ack landed, not when Redis still holds the event or a later attempt ran. The lookup
+    gets the attempt's seq, except for a replay's."""
     settling = [
         {**attempt(1, 1, 0, 1), "settling": "ack"},  # acked in Redis: resolved
         {**attempt(1, 2, 1, 2), "settling": "ack"},  # still pending in Redis: not settled
         {**attempt(2, 1, 0, 1), "settling": "ack"},  # attempt 2 ran after it: not settled
+        {**attempt(3, 1, 0, 1), "settling": "ack", "replay": 1},  # a replay, still pending
     ]
     for line in settling:
         del line["outcome"]
-    path = write_log(tmp_path, [*settling, attempt(2, 1, 3, 4, attempt=2)], accepted=3)
-    states = {"r1-1-1": "acked", "r1-1-2": "pending", "r1-2-1": "acked"}
+    path = write_log(tmp_path, [*settling, attempt(2, 1, 3, 4, attempt=2)], accepted=4)
+    states = {"r1-1-1": "acked", "r1-1-2": "pending", "r1-2-1": "acked", "r1-3-1": "pending"}
+    asked: dict[str, int | None] = {}
 
-    async def state_of(account: int, event_id: str, seq: int) -> dict[str, object]:
+    async def state_of(account: int, event_id: str, seq: int | None) -> dict[str, object]:
+        asked[event_id] = seq
         return {"state": states[event_id]}
 
     run = await resolve(read_log([path], latest_run=True), state_of)
-    found = summarize(run, waiting=1)
+    assert asked == {"r1-1-1": 1, "r1-1-2": 2, "r1-3-1": None}
+    found = summarize(run, waiting=2)
     assert (found.acked, found.resolved, found.lost, found.order_violations) == (2, 1, 0, 0)
     assert "resolved          1" in render(found)
 
