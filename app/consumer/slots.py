@@ -236,13 +236,15 @@ class Slots:
     def _adapt_margin(self) -> None:
         """With CLAIM_ORDER=longest, a slot gives its account up for one with a longer backlog
         only when the difference is worth the claim it costs: SWITCH_MARGIN events, as many
-        handler runs as one claim takes, or SWITCH_BATCHES batches, whichever is more (a no-op
-        handler would otherwise switch after almost every batch, paying a claim each time for
-        nothing)."""
+        handler runs as one claim takes, or as many as cover SWITCH_BATCHES round trips
+        (BATCH_TARGET_S each), whichever is more (a no-op handler would otherwise switch after
+        almost every batch, paying a claim each time for nothing). Not the batch size itself:
+        batches that cover a long settle wait would make a 0.1 s handler keep an account while
+        one 10 events longer waits."""
         if self._settings.claim_order != "longest" or not self.handler_s:
             return  # nothing measured yet: SWITCH_MARGIN as set
         runs = self.claim_s / self.handler_s
-        worth = max(math.ceil(runs), SWITCH_BATCHES * self._queue.batch_size)
+        worth = max(math.ceil(runs), SWITCH_BATCHES * self._runs_in(BATCH_TARGET_S))
         self._queue.switch_margin = max(self._settings.switch_margin, min(MAX_SWITCH_MARGIN, worth))
 
     async def meter_loop(self, done: asyncio.Event) -> None:
@@ -260,9 +262,13 @@ class Slots:
         tenth of the lease: a 1 s handler gets 1, and a batch stays well inside any lease.
         The wait is what a loaded machine makes it: a few ms here gives a 0.1 s handler 2 to
         5 events, where one at a time lost 2 to 10% of its time between events."""
-        per_event = max(self.handler_s, SHORTEST_RUN_S)
         cover = min(max(BATCH_TARGET_S, self.settle_s / SETTLE_SHARE), self._cover_max_s)
-        return max(1, min(self._settings.batch_max, math.ceil(cover / per_event)))
+        return self._runs_in(cover)
+
+    def _runs_in(self, cover_s: float) -> int:
+        """How many handler runs cover `cover_s`: at least 1, at most BATCH_MAX."""
+        per_event = max(self.handler_s, SHORTEST_RUN_S)
+        return max(1, min(self._settings.batch_max, math.ceil(cover_s / per_event)))
 
     def _retry_in_s(self, event: Event, failed: Failed | None) -> float:
         """The backoff after a failed attempt, or longer when the handler asked for it (at

@@ -284,6 +284,26 @@ def test_batches_cover_the_settles_wait_100_times_over(
     assert size(0.00001, batch_max=1000) == 1000
 
 
+def test_the_switch_margin_follows_the_claims_cost_not_the_batch_size(
+    faulty: tuple[FaultyRedis, Callable[..., Settings]],
+) -> None:
+    """A 0.1 s handler handed 5 events per batch still switches for SWITCH_MARGIN more events;
+    a 1 ms one for as many as cover two 20 ms round trips (40), or a claim's time in runs."""
+    client, settings = faulty
+    config = settings()
+    queue = queue_on(client, config)
+    slots = Slots(queue, noop, config, get_logger(), None)  # type: ignore[arg-type]
+
+    def margin(handler_s: float, settle_s: float, claim_s: float) -> tuple[int, int]:
+        slots.handler_s, slots.settle_s, slots.claim_s = handler_s, settle_s, claim_s
+        slots.pace()
+        return queue.batch_size, queue.switch_margin
+
+    assert margin(0.1, 0.05, 0.005) == (5, 3)
+    assert margin(0.001, 0.002, 0.005) == (50, 40)
+    assert margin(0.001, 0.002, 0.1) == (50, 100)
+
+
 async def test_a_refused_nack_logs_no_ack_for_the_events_handled_before_the_failure(
     faulty: tuple[FaultyRedis, Callable[..., Settings]],
 ) -> None:
