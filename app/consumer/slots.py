@@ -214,9 +214,9 @@ class Slots:
 
     def _settle_took(self, elapsed_ns: int) -> None:
         """Fold one settle's wait, from its batch's last run to the slot's next step, into its
-        moving average (the first one sets it), and pace."""
+        moving average (the first one sets it). Not paced here, once per batch: the handler's
+        next pooled measurement paces with it, within PACE_WINDOW_S."""
         self.settle_s = _averaged(self.settle_s, elapsed_ns / 1e9, EWMA_WEIGHT)
-        self.pace()
 
     def claim_took(self, seconds: float) -> None:
         """Fold a claim that found work into the moving average of claim time (the first one

@@ -75,13 +75,12 @@ async def event_state(
 ) -> dict[str, Any] | None:
     """Where one event is: `pending` at `position` (1 runs next; None beyond the first
     LOOKUP_DEPTH events of the head, the batch in flight included, which are all a lookup
-    reads), `in_flight` (attempt, and the
-    owner's token and lease while one holds it), `dead` (its error), or `acked`. None when
-    evq does not know it: never accepted, or settled and forgotten (its id outlived the
-    dedupe window, or its dead letter was purged). With its `seq`, when the caller knows it
-    (a settling line of the event log says it), an event whose id is forgotten is still found
-    acked while its account's last acked seq is there to compare. One transaction of
-    bounded cost."""
+    reads), `in_flight` (attempt, and the owner's token and lease while one holds it), `dead`
+    (its error), or `acked`. None when evq does not know it: never accepted, or settled and
+    forgotten (its id outlived the dedupe window, or its dead letter was purged). With its
+    `seq`, when the caller knows it (a settling line of the event log says it), an event whose
+    id is forgotten is still found acked while its account's last acked seq is there to
+    compare. One transaction of bounded cost."""
     keys = queue.keys
     shard = keys.shard_of(account)
     bucket = queue.dedupe_bucket()

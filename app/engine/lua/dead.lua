@@ -8,8 +8,9 @@
 -- The entries of one account come newest first: each replayed one goes to the head of the
 -- pending list, behind a batch in flight, so they land in seq order ahead of what is pending.
 -- A replayed account that was parked is no longer paused, and it is made ready unless a
--- consumer holds it (that one takes the replayed events next). An entry no longer stored as read (replayed or purged
--- meanwhile, trimmed, or dead again since) is skipped, so a call sent again changes nothing.
+-- consumer holds it (that one takes the replayed events next). An entry no longer stored as
+-- read (replayed or purged meanwhile, trimmed, or dead again since) is skipped, so a call
+-- sent again changes nothing.
 -- Each entry costs a few commands whatever the number of dead letters.
 -- Returns how many entries were replayed or purged.
 local shard = {
