@@ -69,12 +69,28 @@ def answers(url: str) -> bool:
         return False
 
 
-def pings(port: int, password: str | None = None) -> bool:
-    """Whether a Redis on `port` answers PING (not while it loads its data)."""
-    # No retries: redis-py's default backs off for about a second before it says no.
-    client = sync_redis.Redis(
+def _asking_once(port: int, password: str | None) -> sync_redis.Redis:
+    """A client on `port` with no retries: redis-py's default backs off for about a second
+    before it says no."""
+    return sync_redis.Redis(
         port=port, password=password, socket_timeout=1, retry=Retry(NoBackoff(), 0)
     )
+
+
+def serving_pid(port: int, password: str | None = None) -> int | None:
+    """The process id of the Redis that answers on `port`, or None if none answers."""
+    client = _asking_once(port, password)
+    try:
+        return int(client.info("server")["process_id"])
+    except sync_redis.RedisError:
+        return None
+    finally:
+        client.close()
+
+
+def pings(port: int, password: str | None = None) -> bool:
+    """Whether a Redis on `port` answers PING (not while it loads its data)."""
+    client = _asking_once(port, password)
     try:
         return bool(client.ping())
     except (sync_redis.ConnectionError, sync_redis.BusyLoadingError, sync_redis.TimeoutError):
@@ -101,12 +117,27 @@ class RedisServer:
     process: subprocess.Popen[bytes] | None = None
     options: tuple[str, ...] = ()  # more redis-server options
     password: str | None = None
+    _started: bool = field(default=False, init=False, repr=False)
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
+        """Start the server and wait until it answers. A first start whose port was taken since
+        `free_port` looked (by another test worker's server, say) moves to another free port;
+        a restart keeps its port, which its clients know."""
+        first = not self._started
+        for _ in range(5 if first else 1):
+            if self._launch():
+                self._started = True
+                return
+            if first:
+                self.port = free_port()
+        raise RuntimeError(f"redis-server on port {self.port} did not start")
+
+    def _launch(self) -> bool:
+        """Run redis-server on `self.port`; whether it is the one that answers there."""
         binary = redis_binary()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
@@ -114,11 +145,20 @@ class RedisServer:
         args += ["--appendfsync", "always"] if self.appendonly else []
         args += ["--maxmemory-policy", "noeviction", "--lazyfree-lazy-expire", "yes", *self.options]
         args += ["--requirepass", self.password] if self.password else []
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+        process = self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL)
         try:
-            wait_for(lambda: pings(self.port, self.password), 10, f"redis-server on {self.port}")
-        except AssertionError as exc:
-            raise RuntimeError(f"redis-server on port {self.port} did not start") from exc
+            wait_for(
+                lambda: process.poll() is not None or pings(self.port, self.password),
+                10,
+                f"redis-server on {self.port}",
+            )
+        except AssertionError:
+            self.stop()
+            return False
+        if process.poll() is None and serving_pid(self.port, self.password) == process.pid:
+            return True
+        self.stop()
+        return False
 
     def stop(self) -> None:
         if self.process is not None:
