@@ -3,7 +3,8 @@ the reaper and signals.
 
 One event's trip, and the function that does each step:
 
-1. claim: `Consumer._claimer` asks `Queue.claim` for as many accounts as slots are idle. It
+1. claim: `Consumer._claimer` asks `Queue.claim` for as many accounts as slots are idle, at
+   most a claim round of them while handlers outlast claims (`Slots.claim_round`). It
    reads the top of every shard's ready index, then sends one MULTI per shard (INCR+EXPIRE
    lock, fence INCR, the take script): one round trip per master for all the accounts won.
 2. take: the take script in that MULTI hands back each won account's head event with its
@@ -187,7 +188,7 @@ class Consumer:
         lease_until = started + self._settings.lease_seconds
         block_s = self._settings.claim_block_s
         try:
-            claimed = await self._queue.claim(self._idle, block_s)
+            claimed = await self._queue.claim(self._slots.claim_round(self._idle), block_s)
             if claimed:  # a claim that found nothing waited for work: not its cost
                 self._slots.claim_took(time.monotonic() - started)
             return claimed, lease_until

@@ -49,6 +49,7 @@ PACE_WEIGHT = 0.3  # of the newest window's mean in the moving average of handle
 SHORTEST_RUN_S = 1e-6  # what one handler run counts at least, however fast it measured
 MAX_SWITCH_MARGIN = 1000  # events of backlog: beyond this a switch always pays
 SWITCH_BATCHES = 2  # a switch must gain at least this many batches of backlog
+CLAIM_ROUND = 64  # accounts a claim asks for at most, while a handler run outlasts a claim
 
 
 class HandlerTimeout(Exception):
@@ -254,6 +255,18 @@ class Slots:
             asked = loop.time() + LAG_PROBE_S
             await asyncio.sleep(LAG_PROBE_S)
             self.loop_lag_s += (max(0.0, loop.time() - asked) - self.loop_lag_s) * LAG_WEIGHT
+
+    def claim_round(self, idle: int) -> int:
+        """How many accounts the next claim asks for, of `idle` slots. While a handler run
+        outlasts a claim (or none is measured yet), at most CLAIM_ROUND, best first: those start
+        sooner, and the next claim ranks the rest with the events that arrived meanwhile. At a
+        drain's start, when every account shows one event, one claim for every idle slot would
+        hand them out by arrival and leave a long account behind one that ends at once. While
+        claims are the slower part (a no-op handler), every idle slot at once: then the drain
+        waits for the claims' throughput."""
+        if self.handler_s and self.handler_s < self.claim_s:
+            return idle
+        return min(idle, CLAIM_ROUND)
 
     def batch_size(self) -> int:
         """Events per batch: enough handler runs that the settle's wait costs at most

@@ -330,3 +330,21 @@ async def test_a_refused_nack_logs_no_ack_for_the_events_handled_before_the_fail
     assert not refused & acked_first, "an event of the refused nack was logged acked"
     assert_all_acked_once_in_order(config.event_log, 6)
     await queue.aclose()
+
+
+def test_claims_take_at_most_a_round_while_handlers_outlast_them(
+    faulty: tuple[FaultyRedis, Callable[..., Settings]],
+) -> None:
+    """With nothing measured, or a handler run longer than a claim, a claim asks for at most
+    CLAIM_ROUND accounts; with a handler faster than a claim, for every idle slot."""
+    client, settings = faulty
+    config = settings()
+    slots = Slots(queue_on(client, config), noop, config, get_logger(), None)  # type: ignore[arg-type]
+
+    def asked(idle: int, handler_s: float, claim_s: float) -> int:
+        slots.handler_s, slots.claim_s = handler_s, claim_s
+        return slots.claim_round(idle)
+
+    assert [asked(idle, 0.0, 0.0) for idle in (500, 64, 10)] == [64, 64, 10]
+    assert [asked(500, handler_s, 0.005) for handler_s in (1.0, 0.1, 0.005)] == [64, 64, 64]
+    assert [asked(500, handler_s, 0.005) for handler_s in (0.001, 0.00001)] == [500, 500]
