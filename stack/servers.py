@@ -146,15 +146,12 @@ class RedisServer:
         args += ["--maxmemory-policy", "noeviction", "--lazyfree-lazy-expire", "yes", *self.options]
         args += ["--requirepass", self.password] if self.password else []
         process = self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL)
-        try:
+        with contextlib.suppress(AssertionError):  # not up within 10 s: judged below
             wait_for(
                 lambda: process.poll() is not None or pings(self.port, self.password),
                 10,
                 f"redis-server on {self.port}",
             )
-        except AssertionError:
-            self.stop()
-            return False
         if process.poll() is None and serving_pid(self.port, self.password) == process.pid:
             return True
         self.stop()
