@@ -3,9 +3,12 @@ cluster port blocks, polling, and a connection killer for fault runs."""
 
 import asyncio
 import contextlib
+import fcntl
+import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -28,6 +31,7 @@ INSTALL_HINT = (
 )
 NODES = 6  # the local cluster: 3 masters and 3 replicas
 BUS_OFFSET = 10_000  # Redis Cluster's bus listens on port + 10000
+_BLOCKS_HELD: list[int] = []  # lock files of the cluster port blocks this process took
 
 
 def free_port() -> int:
@@ -39,17 +43,36 @@ def free_port() -> int:
 
 
 def free_block(first: int = 21_000, last: int = 29_000) -> int:
-    """A base port whose NODES ports and their bus ports are all free right now."""
+    """A base port whose NODES ports and their bus ports are all free right now, reserved for
+    this process until it exits: two test workers looking at once never pick the same block."""
     for base in range(first, last, NODES):
+        lock = _reserved(base)
+        if lock is None:
+            continue
         ports = [base + i for i in range(NODES)] + [base + i + BUS_OFFSET for i in range(NODES)]
         try:
             for port in ports:
                 with socket.socket() as s:
                     s.bind(("127.0.0.1", port))
         except OSError:
+            os.close(lock)
             continue
+        _BLOCKS_HELD.append(lock)
         return base
     raise RuntimeError("no free block of cluster ports")
+
+
+def _reserved(base: int) -> int | None:
+    """An exclusive lock on the block at `base` (a lock file in the temp dir), or None when a
+    process holds it already, this one included. The lock goes with the process."""
+    path = Path(tempfile.gettempdir()) / f"evq-cluster-block-{base}.lock"
+    lock = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(lock)
+        return None
+    return lock
 
 
 def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:

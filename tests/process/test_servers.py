@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from stack.servers import RedisServer, running, serving_pid
+from stack.servers import RedisServer, free_block, running, serving_pid
 
 
 def test_a_server_whose_port_was_taken_moves_to_another(tmp_path: Path) -> None:
@@ -33,3 +33,9 @@ def test_a_restart_keeps_its_port_or_fails(tmp_path: Path) -> None:
             assert squatter.port == port
             with pytest.raises(RuntimeError, match=f"port {port} did not start"):
                 server.start()
+
+
+def test_a_cluster_port_block_is_handed_out_once() -> None:
+    """Two looks for a free block of cluster ports, as two test workers make them at once, get
+    two blocks: the first stays reserved while its cluster starts."""
+    assert free_block() != free_block()
