@@ -4,11 +4,12 @@ the reaper and signals.
 One event's trip, and the function that does each step:
 
 1. claim: `Consumer._claimer` asks `Queue.claim` for as many accounts as slots are idle, at
-   most a claim round of them while handlers outlast claims (`Slots.claim_round`). It
-   reads the top of every shard's ready index, then sends one MULTI per shard (INCR+EXPIRE
+   most a claim round of them while handlers outlast claims (`Slots.claim_round`), and
+   meanwhile keeps a few claimed ahead for the next slots to free up (`Slots.claims_ahead`).
+   It reads the top of every shard's ready index, then sends one MULTI per shard (INCR+EXPIRE
    lock, fence INCR, the take script): one round trip per master for all the accounts won.
 2. take: the take script in that MULTI hands back each won account's head event with its
-   attempt and fencing token; `Consumer._run_slot` gives it to an idle slot.
+   attempt and fencing token; `Consumer._run_slot` gives it to the next idle slot.
 3. handle: `Slots._handle` runs the handler (`Slots._run_handler`: on the loop, or in the
    thread pool for a sync handler), bounded by HANDLER_TIMEOUT_SECONDS.
 4. settle: `Slots._settling` logs the attempt as settling, then `Queue.ack` or `Queue.nack`
@@ -77,8 +78,9 @@ class Consumer:
         self._queue = queue
         self._settings = settings
         self._log = log
-        self._claims: asyncio.Queue[tuple[Event | Won, float] | None] = asyncio.Queue()
-        self._idle = 0
+        self._claims: asyncio.Queue[tuple[Event | Won, Holding] | None] = asyncio.Queue()
+        self._idle = 0  # idle slots no claim was handed to yet; below 0: claims waiting
+        self._waiting: set[Holding] = set()  # claimed, no slot took it yet
         self._wake = asyncio.Event()
         self._slots = slots
         self._tally = slots.tally
@@ -143,11 +145,14 @@ class Consumer:
     async def _claimer(self, burst: bool) -> None:
         pauses = backoff()
         while not self._stopping.is_set():
-            if self._idle == 0:
+            # Ahead only while the latest claim or look left accounts waiting: claimed as the
+            # ready index runs dry, they would wait here while other consumers' slots idle.
+            wanted = self._idle + (self._slots.claims_ahead() if self._queue.best_elsewhere else 0)
+            if wanted <= 0:
                 await self._look()
                 continue
             try:
-                claimed, lease_until = await self._claim()
+                claimed, lease_until = await self._claim(wanted)
                 drained = not claimed and burst and await self._all_done()
             except TRANSIENT:
                 # A popped account whose claim never ran is nobody's: sweep now, not later.
@@ -163,7 +168,9 @@ class Consumer:
             pauses = backoff()
             for item in claimed:
                 self._idle -= 1
-                self._claims.put_nowait((item, lease_until))
+                holding = Holding(item.account, item.token, lease_until)
+                self._waiting.add(holding)
+                self._claims.put_nowait((item, holding))
             if drained:
                 self._log.info("burst_drained")
                 self._stopping.set()
@@ -182,13 +189,13 @@ class Consumer:
         except TRANSIENT:
             self._tally.faults += 1
 
-    async def _claim(self) -> tuple[list[Event | Won], float]:
-        """Claim for the idle slots; the lease of what it won ends `lease_until` at the latest."""
+    async def _claim(self, wanted: int) -> tuple[list[Event | Won], float]:
+        """Claim for `wanted` slots; the lease of what it won ends `lease_until` at the latest."""
         started = time.monotonic()
         lease_until = started + self._settings.lease_seconds
         block_s = self._settings.claim_block_s
         try:
-            claimed = await self._queue.claim(self._slots.claim_round(self._idle), block_s)
+            claimed = await self._queue.claim(self._slots.claim_round(wanted), block_s)
             if claimed:  # a claim that found nothing waited for work: not its cost
                 self._slots.claim_took(time.monotonic() - started)
             return claimed, lease_until
@@ -212,16 +219,24 @@ class Consumer:
             claimed = await self._claims.get()
             if claimed is None:
                 return
-            item, lease_until = claimed
-            holding = Holding(item.account, item.token, lease_until)
+            item, holding = claimed
+            self._waiting.discard(holding)
             self._held[slot] = holding
             try:
+                if isinstance(item, Event) and (
+                    self._stopping.is_set() or not self._slots.lease_good(holding.lease_until)
+                ):
+                    # Overtaken while it waited: the event goes back to the head, not run.
+                    holding.event = item
+                    await self._slots.give_up(holding)
+                    continue
                 await self._slots.drain(slot, holding, item)
             except Exception:
                 self._failed("slot_failed", slot=slot, account=holding.account)
                 await self._slots.give_up(holding)
             finally:
                 self._held.pop(slot, None)
+                self._slots.freed()
 
     def _failed(self, what: str, **context: Any) -> None:
         """Log an unexpected error with its traceback; MAX_FAILURES of them within
@@ -290,6 +305,7 @@ class Consumer:
                 for h in held[:HELD_SHOWN]
             ],
             held_not_shown=max(0, len(held) - HELD_SHOWN),
+            claimed_ahead=len(self._waiting),
             settled=self._tally.settled,
             lease_losses=self._tally.lease_losses,
             redis_faults=self._tally.faults,
@@ -298,12 +314,12 @@ class Consumer:
         )
 
     async def _renew_held(self) -> None:
-        held = list(self._held.values())
+        held = [*self._held.values(), *self._waiting]
         if not held:
             return
         sent = time.monotonic()
         renewed = await self._queue.renew([(h.account, h.token) for h in held])
-        still_held = {id(h) for h in self._held.values()}
+        still_held = {id(h) for h in (*self._held.values(), *self._waiting)}
         for holding, ok in zip(held, renewed, strict=True):
             if ok:
                 holding.lease_until = sent + self._settings.lease_seconds

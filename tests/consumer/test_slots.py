@@ -348,3 +348,24 @@ def test_claims_take_at_most_a_round_while_handlers_outlast_them(
     assert [asked(idle, 0.0, 0.0) for idle in (500, 64, 10)] == [64, 64, 10]
     assert [asked(500, handler_s, 0.005) for handler_s in (1.0, 0.1, 0.005)] == [64, 64, 64]
     assert [asked(500, handler_s, 0.005) for handler_s in (0.001, 0.00001)] == [500, 500]
+
+
+def test_accounts_are_claimed_ahead_for_the_slots_that_free_up_within_a_handler_run(
+    faulty: tuple[FaultyRedis, Callable[..., Settings]],
+) -> None:
+    """None while nothing is measured or claims are the slower part; 1 before slots were seen
+    freeing up; else as many as free up in a handler run (or in AHEAD_COVER claims, when
+    longer), at most CLAIM_ROUND."""
+    client, settings = faulty
+    config = settings()
+    slots = Slots(queue_on(client, config), noop, config, get_logger(), None)  # type: ignore[arg-type]
+
+    def ahead(handler_s: float, claim_s: float, free_every_s: float) -> int:
+        slots.handler_s, slots.claim_s, slots.free_every_s = handler_s, claim_s, free_every_s
+        return slots.claims_ahead()
+
+    assert [ahead(0.0, 0.005, 0.01), ahead(0.001, 0.005, 0.01)] == [0, 0]
+    assert ahead(0.1, 0.005, 0.0) == 1
+    assert [ahead(0.1, 0.005, every) for every in (0.2, 0.01, 0.0001)] == [1, 10, 64]
+    assert ahead(0.01, 0.02, 0.01) == 0
+    assert ahead(0.03, 0.02, 0.01) == 4

@@ -22,6 +22,7 @@ from tests.process.helpers import (
     graceful_stop,
     in_flight,
     live_consumers,
+    locks,
     push,
     push_workload,
     wait_burst,
@@ -183,6 +184,21 @@ def test_dedupe_across_processes(redis_url: str, consumers: Consumers) -> None:
     consumers.start(burst=True)
     wait_burst(consumers.procs)
     assert_all_acked_once_in_order(consumers.event_log, 2)
+
+
+def test_an_account_claimed_ahead_keeps_its_lease_while_it_waits_for_a_slot(
+    redis_url: str, consumers: Consumers
+) -> None:
+    """One slot with a 0.4 s handler holds a second account claimed ahead, and renews it: it
+    waits about 2 s for the slot, twice the lease, and then runs without losing its lease or
+    charging its first event a second attempt."""
+    push(redis_url, [NewEvent(a, f"a{a}-{i}") for a in (1, 2, 3) for i in range(5)])
+    consumers.start(burst=True, concurrency=1, process_seconds=0.4, lease_seconds=1)
+    wait_for(lambda: locks(redis_url) == 2, 10, "an account claimed ahead of the one slot")
+    wait_burst(consumers.procs)
+    found = assert_all_acked_once_in_order(consumers.event_log, 15)
+    assert all(a.attempt == 1 for a in found)
+    assert counter(redis_url, "redelivered") == 0
 
 
 @pytest.mark.parametrize("handler", ["app.handlers:reference", "tests.support:sleeping"])
