@@ -31,7 +31,6 @@ INSTALL_HINT = (
 )
 NODES = 6  # the local cluster: 3 masters and 3 replicas
 BUS_OFFSET = 10_000  # Redis Cluster's bus listens on port + 10000
-_BLOCKS_HELD: list[int] = []  # lock files of the cluster port blocks this process took
 
 
 def free_port() -> int:
@@ -57,8 +56,7 @@ def free_block(first: int = 21_000, last: int = 29_000) -> int:
         except OSError:
             os.close(lock)
             continue
-        _BLOCKS_HELD.append(lock)
-        return base
+        return base  # the lock stays open, and held, until this process exits
     raise RuntimeError("no free block of cluster ports")
 
 

@@ -223,13 +223,6 @@ class Consumer:
             self._waiting.discard(holding)
             self._held[slot] = holding
             try:
-                if isinstance(item, Event) and (
-                    self._stopping.is_set() or not self._slots.lease_good(holding.lease_until)
-                ):
-                    # Overtaken while it waited: the event goes back to the head, not run.
-                    holding.event = item
-                    await self._slots.give_up(holding)
-                    continue
                 await self._slots.drain(slot, holding, item)
             except Exception:
                 self._failed("slot_failed", slot=slot, account=holding.account)

@@ -104,8 +104,15 @@ class Slots:
         self._takes_batch = bool(getattr(handler, "takes_batch", False))
 
     async def drain(self, slot: int, holding: Holding, first: Event | Won) -> None:
-        """Handle the held account's batches until it is released, drained or lost."""
-        step = first if isinstance(first, Event) else await self._release(holding)
+        """Handle the held account's batches until it is released, drained or lost. A claim
+        that cannot run goes back unrun (its batch at the head, no attempt counted): one whose
+        take did not run (`Won`), or one that waited for the slot past its lease or until a
+        stop."""
+        event = first if isinstance(first, Event) else None
+        step: Next | None = event
+        if event is None or self.stopping.is_set() or not self.lease_good(holding.lease_until):
+            holding.event = event
+            step = await self._release(holding)
         while isinstance(step, Event):
             holding.event, holding.ran = step, False
             step = await self._handle(slot, holding, step)
@@ -267,9 +274,13 @@ class Slots:
         hand them out by arrival and leave a long account behind one that ends at once. While
         claims are the slower part (a no-op handler), every idle slot at once: then the drain
         waits for the claims' throughput."""
-        if self.handler_s and self.handler_s < self.claim_s:
+        if self._claims_lead():
             return idle
         return min(idle, CLAIM_ROUND)
+
+    def _claims_lead(self) -> bool:
+        """Whether a claim takes longer than a handler run, as measured (no: none measured)."""
+        return 0 < self.handler_s < self.claim_s
 
     def freed(self) -> None:
         """A slot is done with its account: fold the time since the last one into the moving
@@ -287,7 +298,7 @@ class Slots:
         up starts its next account at once, where it waited 2-6 ms for a claim (at W = 100
         here, a few percent of the drain). None while claims are the slower part (a no-op
         handler): there an account claimed ahead would wait, not a slot."""
-        if not self.handler_s or self.handler_s < self.claim_s:
+        if not self.handler_s or self._claims_lead():
             return 0
         if not self.free_every_s:
             return 1
