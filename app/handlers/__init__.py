@@ -110,7 +110,7 @@ def reference(settings: Settings) -> Handler:
 
 def http(settings: Settings) -> Handler:
     """POST each event to DELIVERY_URL, signed per Standard Webhooks (docs/delivery.md)."""
-    from app.handlers.delivery import HttpDelivery  # noqa: PLC0415 (aiohttp only when used)
+    from app.handlers.delivery import HttpDelivery  # noqa: PLC0415 (its client only when used)
 
     return HttpDelivery(settings)
 

@@ -24,11 +24,11 @@ import hmac
 import time
 from email.utils import parsedate_to_datetime
 
-import aiohttp
 import orjson
 
 from app.engine import Event
 from app.handlers import Delivery, Failed, HandlerUnusable
+from app.handlers.http_client import Broken, Client, Unreachable
 from app.settings import Settings
 
 RESPONSE_BYTES = 256  # of an answer kept in the event log and a dead letter's error
@@ -50,8 +50,8 @@ class HttpDelivery:
         self._per_account = "{account_id}" in self._url
         self._keys = settings.delivery_keys
         self._timeout_s = settings.delivery_timeout_s
-        self._connections = settings.delivery_max_connections or settings.concurrency
-        self._session: aiohttp.ClientSession | None = None
+        connections = settings.delivery_max_connections or settings.concurrency
+        self._client = Client(connections, self._timeout_s, RESPONSE_BYTES)
         self._up: dict[tuple[str, int], asyncio.Event] = {}  # per receiver: accepting?
         self._probes: set[asyncio.Task[None]] = set()
 
@@ -72,34 +72,31 @@ class HttpDelivery:
         )
         started = time.perf_counter()
         try:
-            async with self._open().post(
-                url, data=body, headers=self.headers(event, body), allow_redirects=False
-            ) as answer:
-                head = await answer.content.read(RESPONSE_BYTES)
-                status, retry_after = answer.status, answer.headers.get("Retry-After")
+            answer = await self._client.post(url, self.headers(event, body), body)
         except TimeoutError:
             delivery = Delivery("timeout", time.perf_counter() - started)
             raise Failed(
                 f"timeout: no answer within {self._timeout_s:g} s (DELIVERY_TIMEOUT_SECONDS)",
                 delivery=delivery,
             ) from None
-        except aiohttp.ClientError as exc:
-            up = None  # refused: nothing reached the receiver, wait until it accepts again
-            if isinstance(exc, aiohttp.ClientConnectorError):
-                up = self._down(exc.host, exc.port or 0).wait
+        except (Unreachable, Broken) as exc:
+            # unreachable: nothing reached the receiver, wait until it accepts again
+            up = self._down(exc.host, exc.port).wait if isinstance(exc, Unreachable) else None
             raise Failed(
-                f"connection: {type(exc).__name__}: {exc}",
+                f"connection: {exc}",
                 retry_when=up,
                 delivery=Delivery("connection", time.perf_counter() - started),
             ) from None
-        text = head.decode(errors="replace")
+        except ValueError as exc:  # an event id that cannot travel in a header
+            raise Failed(str(exc), permanent=True) from None
+        status, text = answer.status, answer.head.decode(errors="replace")
         delivery = Delivery(f"{status // 100}xx", time.perf_counter() - started, status, text)
         if 200 <= status < 300:
             return delivery
         raise Failed(
             f"HTTP {status} in {delivery.latency_s * 1000:.0f} ms: {text}",
             permanent=400 <= status < 500 and status not in RETRYABLE,
-            retry_after_s=retry_after_s(retry_after),
+            retry_after_s=retry_after_s(answer.retry_after),
             delivery=delivery,
         )
 
@@ -121,16 +118,6 @@ class HttpDelivery:
             headers["webhook-signature"] = sign(self._keys, event.event_id, timestamp, body)
         return headers
 
-    def _open(self) -> aiohttp.ClientSession:
-        """The pooled client, made on first use (it belongs to the running loop)."""
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, limit_per_host=self._connections),
-                timeout=aiohttp.ClientTimeout(total=self._timeout_s),
-                skip_auto_headers=("Accept-Encoding",),
-            )
-        return self._session
-
     def _down(self, host: str, port: int) -> asyncio.Event:
         """The event set once `host:port` accepts connections again; the first refusal of an
         outage starts a probe, every later one waits for the same."""
@@ -145,9 +132,7 @@ class HttpDelivery:
     async def aclose(self) -> None:
         for probe in self._probes:
             probe.cancel()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        self._client.close()
 
 
 def sign(keys: list[bytes], message_id: str, timestamp: str, body: bytes) -> str:

@@ -187,6 +187,16 @@ def test_a_410_dead_letters_at_once(
     assert counter(redis_url, "dead") == 1
 
 
+def test_an_event_id_that_cannot_be_a_header_is_dead_lettered_at_once(
+    redis_url: str, consumers: Consumers, receiver: ReceiverProcess
+) -> None:
+    push(redis_url, [NewEvent(5, "a"), NewEvent(5, "b\r\nx-evil: 1"), NewEvent(5, "c")])
+    wait_burst([consumers.start(burst=True, **delivering(receiver))], timeout=30)
+    assert [line["headers"]["webhook-id"] for line in receiver.lines()] == ["a", "c"]
+    (letter,) = dead_letters(redis_url)
+    assert letter["attempts"] == 1 and "line break" in letter["error"]
+
+
 def test_a_hanging_receiver_is_timed_out(
     redis_url: str, consumers: Consumers, receiver: ReceiverProcess
 ) -> None:
