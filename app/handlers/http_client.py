@@ -15,6 +15,7 @@ What a request can end in:
 A connection that gives any of the last three is closed, never reused. One that was idle in
 the pool and is found closed by the server as the request goes out (before a byte of the
 answer came) is replaced by a new one once: servers close idle keep-alive connections at will.
+The client closes those idle for longer than `keep_idle_s` itself.
 """
 
 import asyncio
@@ -22,6 +23,7 @@ import base64
 import collections
 import functools
 import ssl
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
@@ -29,6 +31,7 @@ from urllib.parse import unquote, urlsplit
 import httptools
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
+KEEP_IDLE_S = 15.0  # how long an idle connection is kept for reuse (aiohttp's default too)
 
 
 class Unreachable(Exception):
@@ -86,7 +89,6 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
         self.closed = False
-        self.reused = False
         self._answer: asyncio.Future[tuple[Answer, bool]] | None = None
         self._head = bytearray()
         self._retry_after: str | None = None
@@ -162,27 +164,47 @@ class _Connection(asyncio.Protocol):
 
 class _Pool:
     """The connections to one origin: at most `limit` at once, the idle ones kept for reuse
-    (the most recently used first: it is the least likely to have been closed by the server)."""
+    (the most recently used first: it is the least likely to have been closed by the server)
+    for `keep_idle_s` at most."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, keep_idle_s: float) -> None:
         self.slots = asyncio.Semaphore(limit)
-        self.idle: collections.deque[_Connection] = collections.deque()
+        self.idle: collections.deque[tuple[float, _Connection]] = collections.deque()
+        self._keep_idle_s = keep_idle_s
 
     def reusable(self) -> _Connection | None:
+        self._expire()
         while self.idle:
-            connection = self.idle.pop()
+            _, connection = self.idle.pop()
             if not connection.closed:
-                connection.reused = True
                 return connection
         return None
+
+    def put(self, connection: _Connection) -> None:
+        self.idle.append((time.monotonic(), connection))
+        self._expire()
+
+    def _expire(self) -> None:
+        """Close the connections idle for longer than `keep_idle_s` (the oldest are first)."""
+        oldest = time.monotonic() - self._keep_idle_s
+        while self.idle and self.idle[0][0] < oldest:
+            self.idle.popleft()[1].abort()
+
+    def close(self) -> None:
+        while self.idle:
+            self.idle.pop()[1].abort()
 
 
 class Client:
     """POSTs to any number of origins, `connections` at most to each, each request (the wait
-    for a connection included) timed out after `timeout_s`."""
+    for a connection included) timed out after `timeout_s`; the first `keep_bytes` of each
+    answer's body are kept."""
 
-    def __init__(self, connections: int, timeout_s: float, keep_bytes: int) -> None:
+    def __init__(
+        self, connections: int, timeout_s: float, keep_bytes: int, keep_idle_s: float = KEEP_IDLE_S
+    ) -> None:
         self._connections = connections
+        self._keep_idle_s = keep_idle_s
         self._timeout_s = timeout_s
         self._keep_bytes = keep_bytes
         self._pools: dict[tuple[str, str, int], _Pool] = {}
@@ -202,7 +224,7 @@ class Client:
         key = (origin.scheme, origin.host, origin.port)
         pool = self._pools.get(key)
         if pool is None:
-            pool = self._pools[key] = _Pool(self._connections)
+            pool = self._pools[key] = _Pool(self._connections, self._keep_idle_s)
         async with asyncio.timeout(self._timeout_s), pool.slots:
             connection = pool.reusable()
             if connection is not None:
@@ -224,7 +246,7 @@ class Client:
             connection.abort()
             raise
         if keep_alive and not connection.closed:
-            pool.idle.append(connection)
+            pool.put(connection)
         else:
             connection.abort()
         return answer
@@ -252,5 +274,4 @@ class Client:
     def close(self) -> None:
         """Close every idle connection (one in use is closed as its request ends)."""
         for pool in self._pools.values():
-            while pool.idle:
-                pool.idle.pop().abort()
+            pool.close()

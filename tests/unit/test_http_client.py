@@ -132,6 +132,17 @@ async def test_a_connection_the_server_closes_is_not_reused(client: Client) -> N
     assert server.connections == 3
 
 
+async def test_a_connection_idle_for_longer_than_keep_idle_s_is_closed_not_reused() -> None:
+    client = Client(connections=4, timeout_s=2, keep_bytes=16, keep_idle_s=0.1)
+    async with serving(constant(OK)) as (server, url):
+        await client.post(url, {}, b"")
+        await client.post(url, {}, b"")
+        await asyncio.sleep(0.2)
+        await client.post(url, {}, b"")
+    client.close()
+    assert server.connections == 2
+
+
 async def test_an_answer_without_a_length_runs_until_the_connection_closes(
     client: Client,
 ) -> None:
