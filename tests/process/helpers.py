@@ -60,20 +60,6 @@ def held(url: str) -> int:
     return engine(url, count)
 
 
-def locks(url: str) -> int:
-    """How many account locks Redis holds."""
-
-    async def count(queue: Queue) -> int:
-        return sum(
-            [
-                len([key async for key in m.scan_iter(match="{evq:*}:lock:*")])
-                for m in queue.nodes.masters()
-            ]
-        )
-
-    return engine(url, count)
-
-
 def dead_letters(url: str) -> list[dict[str, Any]]:
     """Every shard's dead letters."""
     return engine(url, dead_letter_page)[1]

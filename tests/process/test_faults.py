@@ -22,7 +22,6 @@ from tests.process.helpers import (
     graceful_stop,
     in_flight,
     live_consumers,
-    locks,
     push,
     push_workload,
     wait_burst,
@@ -194,7 +193,7 @@ def test_an_account_claimed_ahead_keeps_its_lease_while_it_waits_for_a_slot(
     charging its first event a second attempt."""
     push(redis_url, [NewEvent(a, f"a{a}-{i}") for a in (1, 2, 3) for i in range(5)])
     consumers.start(burst=True, concurrency=1, process_seconds=0.4, lease_seconds=1)
-    wait_for(lambda: locks(redis_url) == 2, 10, "an account claimed ahead of the one slot")
+    wait_for(lambda: len(in_flight(redis_url)) == 2, 10, "an account claimed ahead of the one slot")
     wait_burst(consumers.procs)
     found = assert_all_acked_once_in_order(consumers.event_log, 15)
     assert all(a.attempt == 1 for a in found)
